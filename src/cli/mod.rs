@@ -1,0 +1,80 @@
+//! Command-line definitions and the mapping from errors to exit codes.
+
+mod luks_cmd;
+
+use clap::{Parser, Subcommand};
+
+use luks_agent::luks::LuksError;
+
+/// Success.
+pub const EXIT_OK: u8 = 0;
+/// Usage error or invalid argument.
+pub const EXIT_USAGE: u8 = 1;
+/// No keyslot matches the passphrase.
+pub const EXIT_WRONG_PASSPHRASE: u8 = 2;
+/// Out of memory.
+pub const EXIT_NO_MEMORY: u8 = 3;
+/// Device unusable: not LUKS, damaged or invalid header, I/O error,
+/// unsupported feature, too small.
+pub const EXIT_DEVICE: u8 = 4;
+/// Refused: would destroy a header or data, last keyslot, no free keyslot.
+pub const EXIT_REFUSED: u8 = 5;
+
+const EXIT_CODES_HELP: &str = "\
+Exit codes:
+  0  success
+  1  usage error or invalid argument (including unreadable key files)
+  2  no keyslot matches the passphrase
+  3  out of memory
+  4  device unusable: not LUKS, invalid or damaged header, I/O error,
+     unsupported feature, device too small
+  5  refused: the device already holds a LUKS header, the keyslot is the
+     last one, or no keyslot is free
+
+Key material is read only from --key-file PATH or --key-file - (stdin),
+never from the command line.";
+
+/// luks-agent: LUKS volumes for OpenStack compute nodes, without cryptsetup.
+#[derive(Parser, Debug)]
+#[command(name = "luks-agent", version, about, after_help = EXIT_CODES_HELP)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Read, unlock, format and manage keyslots of LUKS1/LUKS2 headers.
+    #[command(subcommand, after_help = EXIT_CODES_HELP)]
+    Luks(luks_cmd::LuksCommand),
+}
+
+/// Runs a parsed command; `Ok` carries the exit code.
+pub fn run(cli: Cli) -> anyhow::Result<u8> {
+    match cli.command {
+        Command::Luks(cmd) => luks_cmd::run(cmd),
+    }
+}
+
+/// Usage errors raised by command handlers (bad combinations of options,
+/// unreadable key files).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
+/// The documented exit code for an error chain.
+pub fn exit_code(err: &anyhow::Error) -> u8 {
+    if err.downcast_ref::<UsageError>().is_some() {
+        return EXIT_USAGE;
+    }
+    match err.downcast_ref::<LuksError>() {
+        Some(LuksError::WrongPassphrase { .. }) => EXIT_WRONG_PASSPHRASE,
+        Some(LuksError::Refused { .. }) => EXIT_REFUSED,
+        Some(LuksError::InvalidArgument { .. }) => EXIT_USAGE,
+        Some(LuksError::Kdf { source, .. }) if source.to_string().contains("memory") => {
+            EXIT_NO_MEMORY
+        }
+        Some(_) => EXIT_DEVICE,
+        None => EXIT_DEVICE,
+    }
+}

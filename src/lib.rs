@@ -1,0 +1,7 @@
+//! luks-agent: attaches LUKS-encrypted OpenStack volumes on compute nodes
+//! without cryptsetup. This crate holds the layers the binary is built
+//! from; see DESIGN.md for how data flows between them.
+
+pub mod blockdev;
+pub mod luks;
+pub mod secret;

@@ -1,0 +1,277 @@
+//! Password-based key derivation for keyslots (PBKDF2, Argon2i, Argon2id),
+//! the limits that keep a hostile header from exhausting the host, and the
+//! benchmarks that pick cryptsetup-strength parameters.
+
+use std::time::{Duration, Instant};
+
+use super::hash::HashAlg;
+use crate::secret::SecretBytes;
+
+/// Argon2 variant named by a LUKS2 keyslot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Argon2Variant {
+    /// `argon2i`.
+    Argon2i,
+    /// `argon2id`.
+    Argon2id,
+}
+
+impl Argon2Variant {
+    /// The name as the LUKS2 JSON spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Argon2Variant::Argon2i => "argon2i",
+            Argon2Variant::Argon2id => "argon2id",
+        }
+    }
+}
+
+/// A keyslot's KDF and its cost parameters (salt kept separately).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kdf {
+    /// PBKDF2-HMAC.
+    Pbkdf2 {
+        /// Underlying hash.
+        hash: HashAlg,
+        /// Iteration count.
+        iterations: u32,
+    },
+    /// Argon2 (version 0x13).
+    Argon2 {
+        /// i or id.
+        variant: Argon2Variant,
+        /// Passes over memory.
+        time: u32,
+        /// Memory in KiB.
+        memory_kib: u32,
+        /// Lanes.
+        parallel: u32,
+    },
+}
+
+/// Upper bounds on the work a header may ask for before we even try its
+/// passphrase. The defaults are cryptsetup's own maxima; a smaller memory
+/// bound can come from configuration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KdfLimits {
+    /// Largest accepted PBKDF2 iteration count.
+    pub max_pbkdf2_iterations: u32,
+    /// Largest accepted Argon2 memory cost in KiB.
+    pub max_argon2_memory_kib: u32,
+    /// Largest accepted Argon2 time cost.
+    pub max_argon2_time: u32,
+    /// Largest accepted Argon2 lane count.
+    pub max_argon2_parallel: u32,
+}
+
+impl Default for KdfLimits {
+    fn default() -> Self {
+        KdfLimits {
+            max_pbkdf2_iterations: u32::MAX,
+            max_argon2_memory_kib: 4 * 1024 * 1024,
+            max_argon2_time: u32::MAX,
+            max_argon2_parallel: 16,
+        }
+    }
+}
+
+/// Why a KDF could not run.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum KdfError {
+    /// The parameters are outside the accepted limits or invalid for the
+    /// algorithm.
+    #[error("KDF parameters refused: {0}")]
+    Refused(String),
+}
+
+impl Kdf {
+    /// Checks the parameters against `limits` and the algorithms' rules.
+    pub fn check(&self, limits: &KdfLimits) -> Result<(), KdfError> {
+        match *self {
+            Kdf::Pbkdf2 { iterations, .. } => {
+                if iterations == 0 {
+                    return Err(KdfError::Refused("pbkdf2 iterations are 0".into()));
+                }
+                if iterations > limits.max_pbkdf2_iterations {
+                    return Err(KdfError::Refused(format!(
+                        "pbkdf2 iterations {iterations} exceed the limit {}",
+                        limits.max_pbkdf2_iterations
+                    )));
+                }
+            }
+            Kdf::Argon2 {
+                time,
+                memory_kib,
+                parallel,
+                ..
+            } => {
+                if time == 0 || parallel == 0 || memory_kib < 8 * parallel {
+                    return Err(KdfError::Refused(format!(
+                        "argon2 parameters time={time} memory={memory_kib} parallel={parallel} are invalid"
+                    )));
+                }
+                if memory_kib > limits.max_argon2_memory_kib
+                    || time > limits.max_argon2_time
+                    || parallel > limits.max_argon2_parallel
+                {
+                    return Err(KdfError::Refused(format!(
+                        "argon2 parameters time={time} memory={memory_kib} KiB parallel={parallel} exceed the limits \
+                         (time {}, memory {} KiB, parallel {})",
+                        limits.max_argon2_time,
+                        limits.max_argon2_memory_kib,
+                        limits.max_argon2_parallel
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Derives `out_len` bytes from `password` and `salt`.
+    pub fn derive(
+        &self,
+        password: &[u8],
+        salt: &[u8],
+        out_len: usize,
+    ) -> Result<SecretBytes, KdfError> {
+        let mut out = SecretBytes::zeroed(out_len);
+        match *self {
+            Kdf::Pbkdf2 { hash, iterations } => {
+                hash.pbkdf2(password, salt, iterations, out.expose_mut())
+            }
+            Kdf::Argon2 {
+                variant,
+                time,
+                memory_kib,
+                parallel,
+            } => {
+                let params = argon2::Params::new(memory_kib, time, parallel, Some(out_len))
+                    .map_err(|e| KdfError::Refused(format!("argon2: {e}")))?;
+                let algorithm = match variant {
+                    Argon2Variant::Argon2i => argon2::Algorithm::Argon2i,
+                    Argon2Variant::Argon2id => argon2::Algorithm::Argon2id,
+                };
+                argon2::Argon2::new(algorithm, argon2::Version::V0x13, params)
+                    .hash_password_into(password, salt, out.expose_mut())
+                    .map_err(|e| KdfError::Refused(format!("argon2: {e}")))?;
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// PBKDF2 iterations that take about `target` on this machine, never fewer
+/// than `min` (cryptsetup's benchmark, in the same spirit).
+pub fn benchmark_pbkdf2(hash: HashAlg, key_len: usize, target: Duration, min: u32) -> u32 {
+    let mut out = vec![0u8; key_len];
+    let mut iterations: u32 = 1000;
+    loop {
+        let start = Instant::now();
+        hash.pbkdf2(b"benchmark passphrase", &[0u8; 32], iterations, &mut out);
+        let took = start.elapsed();
+        if took >= Duration::from_millis(50) || iterations >= u32::MAX / 2 {
+            let per_sec = f64::from(iterations) / took.as_secs_f64().max(1e-9);
+            let want = per_sec * target.as_secs_f64();
+            return (want.min(f64::from(u32::MAX)) as u32).max(min);
+        }
+        iterations = iterations.saturating_mul(4);
+    }
+}
+
+/// Argon2 parameters that take about `target` with at most `max_memory_kib`
+/// of memory and `parallel` lanes: memory first (as cryptsetup does), then
+/// time cost, never below time 4 and 32 MiB.
+pub fn benchmark_argon2(
+    variant: Argon2Variant,
+    key_len: usize,
+    target: Duration,
+    max_memory_kib: u32,
+    parallel: u32,
+) -> Result<Kdf, KdfError> {
+    const MIN_MEMORY_KIB: u32 = 32 * 1024;
+    const MIN_TIME: u32 = 4;
+    let memory = max_memory_kib.max(MIN_MEMORY_KIB);
+    let probe = Kdf::Argon2 {
+        variant,
+        time: 1,
+        memory_kib: memory,
+        parallel,
+    };
+    let start = Instant::now();
+    probe.derive(b"benchmark passphrase", &[0u8; 32], key_len)?;
+    let one_pass = start.elapsed().as_secs_f64().max(1e-6);
+    let passes = target.as_secs_f64() / one_pass;
+    let (time, memory_kib) = if passes >= f64::from(MIN_TIME) {
+        (passes.min(f64::from(u32::MAX)) as u32, memory)
+    } else {
+        let scaled = f64::from(memory) * passes / f64::from(MIN_TIME);
+        (MIN_TIME, (scaled as u32).clamp(MIN_MEMORY_KIB, memory))
+    };
+    Ok(Kdf::Argon2 {
+        variant,
+        time,
+        memory_kib,
+        parallel,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn argon2id_rfc9106_shape() {
+        // Argon2id with the parameters cryptsetup's tests use is deterministic.
+        let kdf = Kdf::Argon2 {
+            variant: Argon2Variant::Argon2id,
+            time: 4,
+            memory_kib: 32,
+            parallel: 1,
+        };
+        let a = kdf.derive(b"pw", b"saltsaltsaltsalt", 32).unwrap();
+        let b = kdf.derive(b"pw", b"saltsaltsaltsalt", 32).unwrap();
+        assert_eq!(a.expose(), b.expose());
+        let c = kdf.derive(b"px", b"saltsaltsaltsalt", 32).unwrap();
+        assert_ne!(a.expose(), c.expose());
+    }
+
+    #[test]
+    fn limits_refuse_hostile_costs() {
+        let limits = KdfLimits::default();
+        let huge = Kdf::Argon2 {
+            variant: Argon2Variant::Argon2id,
+            time: 4,
+            memory_kib: u32::MAX,
+            parallel: 4,
+        };
+        assert!(huge.check(&limits).is_err());
+        assert!(
+            Kdf::Pbkdf2 {
+                hash: HashAlg::Sha256,
+                iterations: 0
+            }
+            .check(&limits)
+            .is_err()
+        );
+        let tight = KdfLimits {
+            max_pbkdf2_iterations: 10,
+            ..limits
+        };
+        assert!(
+            Kdf::Pbkdf2 {
+                hash: HashAlg::Sha256,
+                iterations: 11
+            }
+            .check(&tight)
+            .is_err()
+        );
+        assert!(
+            Kdf::Pbkdf2 {
+                hash: HashAlg::Sha256,
+                iterations: 10
+            }
+            .check(&tight)
+            .is_ok()
+        );
+    }
+}

@@ -1,0 +1,26 @@
+//! The `luks-agent` command: parses arguments, runs one command, and turns
+//! its outcome into the exit codes documented in `--help` and the README.
+
+mod cli;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let args = match cli::Cli::try_parse() {
+        Ok(a) => a,
+        Err(e) => {
+            let code = if e.use_stderr() { cli::EXIT_USAGE } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    match cli::run(args) {
+        Ok(code) => ExitCode::from(code),
+        Err(err) => {
+            eprintln!("luks-agent: {err:#}");
+            ExitCode::from(cli::exit_code(&err))
+        }
+    }
+}

@@ -1,0 +1,271 @@
+//! Key material containers: fixed-size, memory-locked where the OS allows,
+//! zeroized on drop, and never printed.
+//!
+//! Every byte of a passphrase or volume key in this crate lives in a
+//! [`SecretBytes`]. The buffer is allocated once at its final size (a `Vec`
+//! that grows would leave stale copies behind in freed memory), locked with
+//! `mlock(2)` so it is not swapped out, and wiped before it is freed.
+
+use std::fmt;
+use std::io::Read;
+
+use zeroize::Zeroize;
+
+/// Largest passphrase accepted from a key file or stdin. cryptsetup's own
+/// default is 8 MiB; passphrases handed to us are hex keys of a few dozen
+/// bytes, so anything beyond this bound is a mistake, not a key.
+pub const MAX_PASSPHRASE_LEN: usize = 64 * 1024;
+
+/// A heap buffer of secret bytes that is locked in memory and zeroized on
+/// drop. `Debug` prints only the length.
+pub struct SecretBytes {
+    buf: Box<[u8]>,
+    locked: bool,
+}
+
+impl SecretBytes {
+    /// A zero-filled secret of `len` bytes, locked in memory when possible.
+    pub fn zeroed(len: usize) -> Self {
+        let buf = vec![0u8; len].into_boxed_slice();
+        let locked = lock_memory(&buf);
+        SecretBytes { buf, locked }
+    }
+
+    /// Copies `bytes` into a new locked buffer. The caller remains
+    /// responsible for wiping its own copy.
+    pub fn from_slice(bytes: &[u8]) -> Self {
+        let mut s = Self::zeroed(bytes.len());
+        s.buf.copy_from_slice(bytes);
+        s
+    }
+
+    /// A secret filled from the operating system's random number generator.
+    pub fn random(len: usize) -> Result<Self, getrandom::Error> {
+        let mut s = Self::zeroed(len);
+        getrandom::fill(&mut s.buf)?;
+        Ok(s)
+    }
+
+    /// Reads a whole stream (a key file or stdin) as a secret, without
+    /// stripping anything, the way `cryptsetup --key-file` does. Returns
+    /// `Ok(None)` when the input exceeds `MAX_PASSPHRASE_LEN`.
+    pub fn read_all(mut reader: impl Read) -> std::io::Result<Option<Self>> {
+        let mut staging = Self::zeroed(MAX_PASSPHRASE_LEN + 1);
+        let mut filled = 0;
+        loop {
+            if filled == staging.buf.len() {
+                return Ok(None);
+            }
+            match reader.read(&mut staging.buf[filled..]) {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(Some(Self::from_slice(&staging.buf[..filled])))
+    }
+
+    /// The secret bytes.
+    pub fn expose(&self) -> &[u8] {
+        &self.buf
+    }
+
+    /// The secret bytes, writable (used to fill a buffer in place).
+    pub fn expose_mut(&mut self) -> &mut [u8] {
+        &mut self.buf
+    }
+
+    /// Number of bytes.
+    pub fn len(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// True when the secret holds no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.buf.is_empty()
+    }
+
+    /// Whether `mlock` succeeded for this buffer.
+    pub fn is_locked(&self) -> bool {
+        self.locked
+    }
+
+    /// Lowercase hex of the bytes, itself a secret. This is how os-brick and
+    /// nova turn a key manager's symmetric key into a LUKS passphrase.
+    pub fn to_hex(&self) -> SecretBytes {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let mut out = Self::zeroed(self.buf.len() * 2);
+        for (i, b) in self.buf.iter().enumerate() {
+            out.buf[2 * i] = DIGITS[usize::from(b >> 4)];
+            out.buf[2 * i + 1] = DIGITS[usize::from(b & 0x0f)];
+        }
+        out
+    }
+}
+
+impl Drop for SecretBytes {
+    fn drop(&mut self) {
+        self.buf.zeroize();
+        if self.locked {
+            unlock_memory(&self.buf);
+        }
+    }
+}
+
+impl Clone for SecretBytes {
+    fn clone(&self) -> Self {
+        Self::from_slice(&self.buf)
+    }
+}
+
+impl fmt::Debug for SecretBytes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SecretBytes([REDACTED; {} bytes])", self.buf.len())
+    }
+}
+
+/// A LUKS passphrase (for volumes attached from a key manager: the hex of
+/// the key).
+#[derive(Clone)]
+pub struct Passphrase(SecretBytes);
+
+impl Passphrase {
+    /// Wraps secret bytes as a passphrase.
+    pub fn new(bytes: SecretBytes) -> Self {
+        Passphrase(bytes)
+    }
+
+    /// Copies a byte slice into a passphrase (tests and fixed inputs).
+    pub fn from_slice(bytes: &[u8]) -> Self {
+        Passphrase(SecretBytes::from_slice(bytes))
+    }
+
+    /// The passphrase bytes.
+    pub fn expose(&self) -> &[u8] {
+        self.0.expose()
+    }
+
+    /// True when the passphrase is the lowercase hex form of a key of at
+    /// least 128 bits: the only shape for which the minimal KDF is safe,
+    /// because the entropy is then that of the key manager's random key.
+    pub fn is_high_entropy_hex(&self) -> bool {
+        let p = self.expose();
+        p.len() >= 32
+            && p.len() % 2 == 0
+            && p.iter().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'))
+    }
+}
+
+impl fmt::Debug for Passphrase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Passphrase([REDACTED])")
+    }
+}
+
+/// The master key of a LUKS volume: what dm-crypt or QEMU encrypts data with.
+#[derive(Clone)]
+pub struct VolumeKey(SecretBytes);
+
+impl VolumeKey {
+    /// Wraps secret bytes as a volume key.
+    pub fn new(bytes: SecretBytes) -> Self {
+        VolumeKey(bytes)
+    }
+
+    /// The key bytes.
+    pub fn expose(&self) -> &[u8] {
+        self.0.expose()
+    }
+
+    /// Key length in bytes.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// True for an empty key (never valid).
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Lowercase hex of the key, for `--dump-volume-key` only.
+    pub fn to_hex(&self) -> SecretBytes {
+        self.0.to_hex()
+    }
+}
+
+impl fmt::Debug for VolumeKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "VolumeKey([REDACTED; {} bytes])", self.len())
+    }
+}
+
+fn lock_memory(buf: &[u8]) -> bool {
+    if buf.is_empty() {
+        return false;
+    }
+    // SAFETY: mlock only reads the address range, which is a live allocation
+    // of exactly `buf.len()` bytes owned by the caller.
+    unsafe { libc::mlock(buf.as_ptr().cast(), buf.len()) == 0 }
+}
+
+fn unlock_memory(buf: &[u8]) {
+    // SAFETY: the range is the same live allocation that was locked; munlock
+    // does not touch its contents.
+    unsafe {
+        libc::munlock(buf.as_ptr().cast(), buf.len());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_never_shows_bytes() {
+        let s = SecretBytes::from_slice(b"topsecret");
+        let p = Passphrase::from_slice(b"topsecret");
+        let k = VolumeKey::new(SecretBytes::from_slice(&[0xab; 32]));
+        for text in [format!("{s:?}"), format!("{p:?}"), format!("{k:?}")] {
+            assert!(!text.contains("topsecret"), "{text}");
+            assert!(!text.contains("ab"), "{text}");
+            assert!(text.contains("REDACTED"), "{text}");
+        }
+    }
+
+    #[test]
+    fn hex_matches_os_brick() {
+        // os-brick: binascii.hexlify(key).decode('utf-8')
+        let k = SecretBytes::from_slice(&[0x00, 0x0f, 0xa5, 0xff]);
+        assert_eq!(k.to_hex().expose(), b"000fa5ff");
+    }
+
+    #[test]
+    fn read_all_keeps_newlines_and_bounds_size() {
+        let s = SecretBytes::read_all(&b"abc\n"[..]).unwrap().unwrap();
+        assert_eq!(s.expose(), b"abc\n");
+        let big = vec![b'x'; MAX_PASSPHRASE_LEN + 1];
+        assert!(SecretBytes::read_all(&big[..]).unwrap().is_none());
+        let max = vec![b'x'; MAX_PASSPHRASE_LEN];
+        assert_eq!(
+            SecretBytes::read_all(&max[..]).unwrap().unwrap().len(),
+            MAX_PASSPHRASE_LEN
+        );
+    }
+
+    #[test]
+    fn high_entropy_hex_shape() {
+        assert!(Passphrase::from_slice(&[b'a'; 64]).is_high_entropy_hex());
+        assert!(!Passphrase::from_slice(&[b'a'; 30]).is_high_entropy_hex());
+        assert!(!Passphrase::from_slice(&[b'A'; 64]).is_high_entropy_hex());
+        assert!(
+            !Passphrase::from_slice(b"correct horse battery staple 1234").is_high_entropy_hex()
+        );
+    }
+
+    #[test]
+    fn small_secrets_are_locked() {
+        // RLIMIT_MEMLOCK is at least 64 KiB on Linux, so a small key locks.
+        assert!(SecretBytes::zeroed(64).is_locked());
+    }
+}
