@@ -39,3 +39,56 @@ pub fn size_of(file: &File) -> io::Result<u64> {
         Ok(meta.len())
     }
 }
+
+/// `BLKZEROOUT` from `<linux/fs.h>`: `_IO(0x12, 127)`.
+const BLKZEROOUT: libc::c_ulong = 0x127f;
+
+/// Makes `len` bytes at `offset` read as zeros, letting the kernel do it
+/// cheaply where it can: `BLKZEROOUT` on a block device (write-zeroes or
+/// unmap on the device, else the kernel writes zeros itself),
+/// `FALLOC_FL_ZERO_RANGE` on a file. Falls back to writing zeros.
+pub fn zero_range(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    if len == 0 {
+        return Ok(());
+    }
+    let fd = file.as_raw_fd();
+    let is_block = file.metadata()?.file_type().is_block_device();
+    let done = if is_block {
+        let range: [u64; 2] = [offset, len];
+        // SAFETY: BLKZEROOUT reads a `[u64; 2]` (start, length) from the
+        // pointer, which points to a live local array of that type.
+        unsafe { libc::ioctl(fd, BLKZEROOUT, range.as_ptr()) == 0 }
+    } else {
+        let (Ok(off), Ok(n)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+            return Err(io::Error::from(io::ErrorKind::InvalidInput));
+        };
+        // SAFETY: fallocate only takes integers; `fd` is open for the
+        // lifetime of `file`.
+        unsafe {
+            libc::fallocate(
+                fd,
+                libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+                off,
+                n,
+            ) == 0
+        }
+    };
+    if done {
+        return Ok(());
+    }
+    write_zeros(file, offset, len)
+}
+
+fn write_zeros(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    const CHUNK: u64 = 1 << 20;
+    let buf = vec![0u8; CHUNK.min(len) as usize];
+    let mut done = 0;
+    while done < len {
+        let n = CHUNK.min(len - done) as usize;
+        file.write_all_at(&buf[..n], offset + done)?;
+        done += n as u64;
+    }
+    Ok(())
+}

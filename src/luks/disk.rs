@@ -19,6 +19,19 @@ pub trait Disk {
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
     /// Makes written data durable.
     fn sync(&self) -> io::Result<()>;
+    /// Makes a range read as zeros. The default writes zeros; devices that
+    /// can do it cheaper (files, block devices with write-zeroes) override.
+    fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        const CHUNK: u64 = 1 << 20;
+        let buf = vec![0u8; CHUNK.min(len) as usize];
+        let mut done = 0;
+        while done < len {
+            let n = CHUNK.min(len - done) as usize;
+            self.write_at(&buf[..n], offset + done)?;
+            done += n as u64;
+        }
+        Ok(())
+    }
 }
 
 /// A file or block device.
@@ -52,6 +65,9 @@ impl Disk for FileDisk {
     }
     fn sync(&self) -> io::Result<()> {
         self.file.sync_data()
+    }
+    fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        crate::blockdev::zero_range(&self.file, offset, len)
     }
 }
 

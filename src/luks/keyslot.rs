@@ -149,23 +149,15 @@ pub fn wipe_random(disk: &dyn Disk, offset: u64, len: u64) -> Result<(), LuksErr
     Ok(())
 }
 
-/// Overwrites `len` bytes at `offset` with zeros.
+/// Makes `len` bytes at `offset` read as zeros.
 pub fn wipe_zero(disk: &dyn Disk, offset: u64, len: u64) -> Result<(), LuksError> {
-    const CHUNK: u64 = 1 << 20;
-    let buf = vec![0u8; CHUNK.min(len) as usize];
-    let mut done = 0;
-    while done < len {
-        let n = CHUNK.min(len - done) as usize;
-        disk.write_at(&buf[..n], offset + done).map_err(|e| {
-            io_err(
-                disk.name(),
-                format!("zeroing header area at offset {}", offset + done),
-                e,
-            )
-        })?;
-        done += n as u64;
-    }
-    Ok(())
+    disk.zero_range(offset, len).map_err(|e| {
+        io_err(
+            disk.name(),
+            format!("zeroing {len} bytes at offset {offset}"),
+            e,
+        )
+    })
 }
 
 /// PBKDF2 digest of a candidate volume key compared in constant time.

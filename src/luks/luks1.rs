@@ -454,6 +454,13 @@ impl Luks1Header {
             .map_err(|e| io_err(disk.name(), "flushing keyslot wipe", e))
     }
 
+    /// (offset, length) in bytes of the eight keyslot areas.
+    pub fn keyslot_areas(&self) -> Vec<(u64, u64)> {
+        (0..KEYSLOTS)
+            .map(|i| (self.area(i).offset, self.area(i).material_len()))
+            .collect()
+    }
+
     /// First inactive slot.
     pub fn free_slot(&self) -> Option<usize> {
         self.keyslots.iter().position(|s| !s.active)

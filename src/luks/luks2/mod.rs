@@ -372,6 +372,19 @@ impl Luks2Header {
     /// flush. Whichever write a crash interrupts, the other copy is valid
     /// and the reader picks the newest valid one.
     pub fn write(&mut self, disk: &dyn Disk) -> Result<(), LuksError> {
+        self.write_copies(disk, true)
+    }
+
+    /// Writes both copies of a header that replaces no valid one (format),
+    /// with a single flush: a crash before it leaves no valid header, which
+    /// is what an interrupted format must leave.
+    pub fn write_new(&mut self, disk: &dyn Disk) -> Result<(), LuksError> {
+        self.write_copies(disk, false)?;
+        disk.sync()
+            .map_err(|e| io_err(disk.name(), "flushing the LUKS2 header", e))
+    }
+
+    fn write_copies(&mut self, disk: &dyn Disk, flush_each: bool) -> Result<(), LuksError> {
         let device = disk.name();
         let text = self.meta.to_text();
         let json_room = self.binary.hdr_size as usize - BINARY_LEN;
@@ -392,8 +405,10 @@ impl Luks2Header {
             let copy = self.serialize(&text, offset, &magic, &salt);
             disk.write_at(&copy, offset)
                 .map_err(|e| io_err(device, format!("writing the LUKS2 header at {offset}"), e))?;
-            disk.sync()
-                .map_err(|e| io_err(device, "flushing the LUKS2 header", e))?;
+            if flush_each {
+                disk.sync()
+                    .map_err(|e| io_err(device, "flushing the LUKS2 header", e))?;
+            }
         }
         self.copies_valid = (true, true);
         Ok(())
@@ -525,6 +540,7 @@ impl Luks2Header {
             salt: keyslot::random_bytes(device, SALT_LEN)?,
             priority: 1,
         };
+        keyslot::wipe_random(disk, ks.area_offset, ks.area_size)?;
         keyslot::store_area(disk, &ks.kdf, &ks.salt, &Self::area(&ks), passphrase, key)?;
         disk.sync()
             .map_err(|e| io_err(device, "flushing keyslot material", e))?;
