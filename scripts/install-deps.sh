@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Installs what the test suite needs on Debian 12, idempotently: the
+# reference tools the tests compare against (cryptsetup, QEMU's LUKS
+# driver) and cargo-fuzz. Safe to run again; installs only what is missing.
+set -euo pipefail
+
+need_apt=()
+command -v cryptsetup >/dev/null 2>&1 || need_apt+=(cryptsetup-bin)
+command -v qemu-img >/dev/null 2>&1 || need_apt+=(qemu-utils)
+command -v qemu-io >/dev/null 2>&1 || need_apt+=(qemu-utils)
+command -v losetup >/dev/null 2>&1 || need_apt+=(mount)
+command -v c++ >/dev/null 2>&1 || need_apt+=(g++)
+command -v cc >/dev/null 2>&1 || need_apt+=(gcc)
+
+if [ ${#need_apt[@]} -gt 0 ]; then
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "install-deps: need root to install: ${need_apt[*]}" >&2
+        exit 1
+    fi
+    echo "install-deps: installing ${need_apt[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+fi
+
+if ! cargo fuzz --help >/dev/null 2>&1; then
+    echo "install-deps: installing cargo-fuzz"
+    cargo install cargo-fuzz --locked --quiet
+fi
+
+echo "install-deps: cryptsetup $(cryptsetup --version | awk '{print $2}'), $(qemu-img --version | head -n1)"
