@@ -8,6 +8,9 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
+/// Arguments, stdin, expected exit code.
+type Case<'a> = (Vec<&'a str>, Option<&'a [u8]>, i32);
+
 const BIN: &str = env!("CARGO_BIN_EXE_luks-agent");
 
 struct Fixture {
@@ -141,7 +144,7 @@ fn no_command_prints_passphrases_or_the_volume_key() {
 
         let missing = fx.path("missing");
         let small = fx.image("small.img", 4096);
-        let cases: Vec<(Vec<&str>, Option<&[u8]>, i32)> = vec![
+        let cases: Vec<Case> = vec![
             (
                 vec!["luks", "test-passphrase", "--key-file", s(&key), s(&img)],
                 None,

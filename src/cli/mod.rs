@@ -5,6 +5,7 @@ mod luks_cmd;
 use clap::{Parser, Subcommand};
 
 use luks_agent::luks::LuksError;
+use luks_agent::luks::kdf::KdfError;
 
 /// Success.
 pub const EXIT_OK: u8 = 0;
@@ -71,9 +72,10 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
         Some(LuksError::WrongPassphrase { .. }) => EXIT_WRONG_PASSPHRASE,
         Some(LuksError::Refused { .. }) => EXIT_REFUSED,
         Some(LuksError::InvalidArgument { .. }) => EXIT_USAGE,
-        Some(LuksError::Kdf { source, .. }) if source.to_string().contains("memory") => {
-            EXIT_NO_MEMORY
-        }
+        Some(LuksError::Kdf {
+            source: KdfError::Memory { .. },
+            ..
+        }) => EXIT_NO_MEMORY,
         Some(_) => EXIT_DEVICE,
         None => EXIT_DEVICE,
     }

@@ -82,6 +82,15 @@ pub enum KdfError {
     /// algorithm.
     #[error("KDF parameters refused: {0}")]
     Refused(String),
+    /// Argon2 would need more memory than the limit allows or the machine
+    /// has available.
+    #[error("argon2 needs {needed_kib} KiB of memory, more than the {limit_kib} KiB allowed")]
+    Memory {
+        /// Memory cost of the keyslot.
+        needed_kib: u32,
+        /// The limit it exceeds.
+        limit_kib: u64,
+    },
 }
 
 impl Kdf {
@@ -110,10 +119,14 @@ impl Kdf {
                         "argon2 parameters time={time} memory={memory_kib} parallel={parallel} are invalid"
                     )));
                 }
-                if memory_kib > limits.max_argon2_memory_kib
-                    || time > limits.max_argon2_time
-                    || parallel > limits.max_argon2_parallel
-                {
+                let available = available_memory_kib();
+                if memory_kib > limits.max_argon2_memory_kib || u64::from(memory_kib) > available {
+                    return Err(KdfError::Memory {
+                        needed_kib: memory_kib,
+                        limit_kib: u64::from(limits.max_argon2_memory_kib).min(available),
+                    });
+                }
+                if time > limits.max_argon2_time || parallel > limits.max_argon2_parallel {
                     return Err(KdfError::Refused(format!(
                         "argon2 parameters time={time} memory={memory_kib} KiB parallel={parallel} exceed the limits \
                          (time {}, memory {} KiB, parallel {})",
@@ -158,6 +171,19 @@ impl Kdf {
         }
         Ok(out)
     }
+}
+
+/// Memory the kernel reports as available (`MemAvailable`), so that a
+/// memory-hard KDF fails with an error instead of waking the OOM killer.
+fn available_memory_kib() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find_map(|l| l.strip_prefix("MemAvailable:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(u64::MAX)
 }
 
 /// PBKDF2 iterations that take about `target` on this machine, never fewer
