@@ -61,13 +61,14 @@ pub enum LuksError {
         /// Device path.
         device: String,
     },
-    /// A keyslot's KDF parameters were refused before running.
-    #[error("{device}: keyslot {slot}")]
+    /// KDF parameters (of a keyslot or of the volume key digest) were
+    /// refused before running.
+    #[error("{device}: {what}")]
     Kdf {
         /// Device path.
         device: String,
-        /// Keyslot number.
-        slot: u32,
+        /// Which keyslot or digest.
+        what: String,
         /// Why.
         #[source]
         source: KdfError,

@@ -54,14 +54,15 @@ pub fn open_area(
     passphrase: &[u8],
 ) -> Result<VolumeKey, LuksError> {
     let device = disk.name();
+    let what = || format!("keyslot {slot}");
     kdf.check(limits).map_err(|source| LuksError::Kdf {
         device: device.into(),
-        slot,
+        what: what(),
         source,
     })?;
-    let len = usize::try_from(area.material_len()).map_err(|_| {
-        super::error::invalid(device, 0, format!("keyslot {slot} area is too large"))
-    })?;
+    // AF material is at most 512 bytes x 4000 stripes (checked by the
+    // header parsers), so this length always fits.
+    let len = area.material_len() as usize;
     let mut material = SecretBytes::zeroed(len);
     disk.read_at(material.expose_mut(), area.offset)
         .map_err(|e| {
@@ -75,7 +76,7 @@ pub fn open_area(
         .derive(passphrase, salt, area.cipher.key_bytes)
         .map_err(|source| LuksError::Kdf {
             device: device.into(),
-            slot,
+            what: what(),
             source,
         })?;
     area.cipher
@@ -104,7 +105,7 @@ pub fn store_area(
         .derive(passphrase, salt, area.cipher.key_bytes)
         .map_err(|source| LuksError::Kdf {
             device: device.into(),
-            slot: u32::MAX,
+            what: "new keyslot".into(),
             source,
         })?;
     let split = af::split(key.expose(), area.stripes, area.af_hash).map_err(random)?;

@@ -290,6 +290,18 @@ impl Luks1Header {
         only_slot: Option<u32>,
         limits: &KdfLimits,
     ) -> Result<(u32, VolumeKey), LuksError> {
+        // The digest costs as much as a keyslot: a hostile header must not
+        // get around the limits through it.
+        Kdf::Pbkdf2 {
+            hash: self.hash,
+            iterations: self.mk_digest_iter,
+        }
+        .check(limits)
+        .map_err(|source| LuksError::Kdf {
+            device: disk.name().into(),
+            what: "volume key digest".into(),
+            source,
+        })?;
         for i in 0..KEYSLOTS {
             if !self.keyslots[i].active || only_slot.is_some_and(|s| s as usize != i) {
                 continue;

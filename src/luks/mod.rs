@@ -270,7 +270,7 @@ impl Header {
             .map_err(|e| error::io_err(device, "reading the header", e))?;
         let version = (have >= 8 && first[..6] == luks1::MAGIC)
             .then(|| u16::from_be_bytes([first[6], first[7]]));
-        match version {
+        let header = match version {
             Some(1) => {
                 if have < luks1::PHDR_LEN {
                     return Err(LuksError::TooSmall {
@@ -292,12 +292,28 @@ impl Header {
                 Ok(Header::Luks1(h))
             }
             Some(2) | None => Luks2Header::read(disk).map(Header::Luks2),
-            Some(v) => Err(error::invalid(
-                device,
-                0,
-                format!("unknown LUKS version {v}"),
-            )),
+            // A damaged version field of a LUKS2 primary: the checksummed
+            // secondary copy still says what the volume is.
+            Some(v) => {
+                Luks2Header::read(disk)
+                    .map(Header::Luks2)
+                    .map_err(|_| LuksError::Unsupported {
+                        device: device.into(),
+                        what: format!("LUKS version {v}"),
+                    })
+            }
+        }?;
+        // A device shorter than its own data offset has been truncated; a
+        // header backup (exactly the data offset long) is still accepted.
+        if size < header.data_offset() {
+            return Err(LuksError::TooSmall {
+                device: device.into(),
+                what: "header, keyslots and the data offset they declare".into(),
+                needed: header.data_offset(),
+                size,
+            });
         }
+        Ok(header)
     }
 
     /// Format version.
@@ -474,7 +490,11 @@ impl Header {
         if check.volume_key.expose() != key.expose() {
             return Err(LuksError::InvalidHeader {
                 device: device.into(),
-                version: 0,
+                version: if reread.version() == LuksVersion::Luks1 {
+                    1
+                } else {
+                    2
+                },
                 reason: format!("keyslot {slot} did not verify after writing"),
             });
         }

@@ -328,6 +328,20 @@ impl Luks2Header {
             })
             .collect();
         order.sort_by_key(|(id, k)| (std::cmp::Reverse(k.priority), **id));
+        // Digests cost as much as a keyslot: a hostile header must not get
+        // around the limits through them.
+        for (id, d) in &self.meta.digests {
+            Kdf::Pbkdf2 {
+                hash: d.hash,
+                iterations: d.iterations,
+            }
+            .check(limits)
+            .map_err(|source| LuksError::Kdf {
+                device: disk.name().into(),
+                what: format!("digest {id}"),
+                source,
+            })?;
+        }
         let size = disk
             .size()
             .map_err(|e| io_err(disk.name(), "reading the device size", e))?;
