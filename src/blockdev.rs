@@ -92,3 +92,31 @@ fn write_zeros(file: &File, offset: u64, len: u64) -> io::Result<()> {
     }
     Ok(())
 }
+
+/// `BLKPBSZGET` from `<linux/fs.h>`: `_IO(0x12, 123)`.
+const BLKPBSZGET: libc::c_ulong = 0x127b;
+
+/// The LUKS2 encryption sector size cryptsetup picks for a new volume when
+/// none is given: 4096 for an image file; for a block device its physical
+/// block size when that is a power of two from 512 to 4096, else 512.
+pub fn default_encryption_sector_size(file: &File) -> u32 {
+    use std::os::fd::AsRawFd;
+    let Ok(meta) = file.metadata() else {
+        return 512;
+    };
+    if meta.file_type().is_file() {
+        return 4096;
+    }
+    if !meta.file_type().is_block_device() {
+        return 512;
+    }
+    let mut size: libc::c_uint = 0;
+    // SAFETY: BLKPBSZGET writes one `unsigned int` through the pointer,
+    // which points to a live local of that type.
+    let ok =
+        unsafe { libc::ioctl(file.as_raw_fd(), BLKPBSZGET, &mut size as *mut libc::c_uint) == 0 };
+    match size {
+        512 | 1024 | 2048 | 4096 if ok => size,
+        _ => 512,
+    }
+}

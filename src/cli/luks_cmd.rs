@@ -96,8 +96,9 @@ pub struct FormatArgs {
     /// Cipher specification.
     #[arg(long, default_value = "aes-xts-plain64")]
     cipher: String,
-    /// Volume key size in bits (XTS: 256 = AES-128-XTS, 512 = AES-256-XTS).
-    #[arg(long, default_value_t = 256)]
+    /// Volume key size in bits (XTS: 256 = AES-128-XTS, 512 = AES-256-XTS;
+    /// the default is cryptsetup's).
+    #[arg(long, default_value_t = 512)]
     key_size: usize,
     /// Hash for PBKDF2, AF and the key digest.
     #[arg(long, default_value = "sha256")]
@@ -110,9 +111,10 @@ pub struct FormatArgs {
     /// Volume UUID (default: random).
     #[arg(long)]
     uuid: Option<Uuid>,
-    /// LUKS2 encryption sector size.
-    #[arg(long, default_value_t = 512)]
-    sector_size: u32,
+    /// LUKS2 encryption sector size (default as cryptsetup: 4096 for image
+    /// files, the physical block size for block devices).
+    #[arg(long)]
+    sector_size: Option<u32>,
     /// LUKS2 metadata (header) size in bytes.
     #[arg(long = "luks2-metadata-size", value_name = "BYTES")]
     metadata_size: Option<u64>,
@@ -320,7 +322,9 @@ fn format(a: FormatArgs) -> anyhow::Result<u8> {
         kdf,
         keyslot: a.key_slot,
         uuid: a.uuid,
-        sector_size: a.sector_size,
+        sector_size: a
+            .sector_size
+            .unwrap_or_else(|| blockdev::default_encryption_sector_size(disk.file())),
         metadata_size: a.metadata_size,
         keyslots_size: a.keyslots_size,
         key_id: a.key_id,

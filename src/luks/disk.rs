@@ -48,6 +48,11 @@ impl FileDisk {
             name: name.into(),
         }
     }
+
+    /// The open file.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
 }
 
 impl Disk for FileDisk {
