@@ -3,5 +3,7 @@
 //! from; see DESIGN.md for how data flows between them.
 
 pub mod blockdev;
+pub mod config;
+pub mod keymgr;
 pub mod luks;
 pub mod secret;

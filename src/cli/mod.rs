@@ -1,9 +1,12 @@
 //! Command-line definitions and the mapping from errors to exit codes.
 
+mod keys_cmd;
 mod luks_cmd;
 
 use clap::{Parser, Subcommand};
 
+use luks_agent::config;
+use luks_agent::keymgr::KeyError;
 use luks_agent::luks::LuksError;
 use luks_agent::luks::kdf::KdfError;
 
@@ -20,6 +23,14 @@ pub const EXIT_NO_MEMORY: u8 = 3;
 pub const EXIT_DEVICE: u8 = 4;
 /// Refused: would destroy a header or data, last keyslot, no free keyslot.
 pub const EXIT_REFUSED: u8 = 5;
+/// The key manager has no such key.
+pub const EXIT_KEY_NOT_FOUND: u8 = 6;
+/// The key manager refused the credentials or access to the key.
+pub const EXIT_KEY_ACCESS: u8 = 7;
+/// The key manager is unavailable or timed out (after retries).
+pub const EXIT_KEY_UNAVAILABLE: u8 = 8;
+/// The key manager answered nonsense or the key cannot be a volume key.
+pub const EXIT_KEY_INVALID: u8 = 9;
 
 const EXIT_CODES_HELP: &str = "\
 Exit codes:
@@ -31,6 +42,10 @@ Exit codes:
      unsupported feature, device too small
   5  refused: the device already holds a LUKS header, the keyslot is the
      last one, or no keyslot is free
+  6  the key manager has no such key
+  7  the key manager refused the credentials or access to the key
+  8  the key manager is unavailable or timed out (after bounded retries)
+  9  the key manager answered nonsense, or the key cannot be a volume key
 
 Key material is read only from --key-file PATH or --key-file - (stdin),
 never from the command line.";
@@ -39,6 +54,9 @@ never from the command line.";
 #[derive(Parser, Debug)]
 #[command(name = "luks-agent", version, about, after_help = EXIT_CODES_HELP)]
 pub struct Cli {
+    /// Configuration file.
+    #[arg(long, global = true, value_name = "PATH")]
+    config: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -48,12 +66,23 @@ enum Command {
     /// Read, unlock, format and manage keyslots of LUKS1/LUKS2 headers.
     #[command(subcommand, after_help = EXIT_CODES_HELP)]
     Luks(luks_cmd::LuksCommand),
+    /// Manage the local key store and check keys of the key manager.
+    #[command(subcommand, after_help = EXIT_CODES_HELP)]
+    Keys(keys_cmd::KeysCommand),
 }
 
 /// Runs a parsed command; `Ok` carries the exit code.
 pub fn run(cli: Cli) -> anyhow::Result<u8> {
     match cli.command {
         Command::Luks(cmd) => luks_cmd::run(cmd),
+        Command::Keys(cmd) => {
+            let (path, explicit) = match &cli.config {
+                Some(p) => (p.clone(), true),
+                None => (std::path::PathBuf::from(config::DEFAULT_PATH), false),
+            };
+            let cfg = config::Config::load(&path, explicit)?;
+            keys_cmd::run(cmd, &cfg)
+        }
     }
 }
 
@@ -65,8 +94,13 @@ pub struct UsageError(pub String);
 
 /// The documented exit code for an error chain.
 pub fn exit_code(err: &anyhow::Error) -> u8 {
-    if err.downcast_ref::<UsageError>().is_some() {
+    if err.downcast_ref::<UsageError>().is_some()
+        || err.downcast_ref::<config::ConfigError>().is_some()
+    {
         return EXIT_USAGE;
+    }
+    if let Some(e) = err.downcast_ref::<KeyError>() {
+        return keys_cmd::exit_code(e);
     }
     match err.downcast_ref::<LuksError>() {
         Some(LuksError::WrongPassphrase { .. }) => EXIT_WRONG_PASSPHRASE,

@@ -1,0 +1,166 @@
+//! `luks-agent keys ...`: the local key store and key manager checks.
+
+use std::path::{Path, PathBuf};
+
+use clap::{Args, Subcommand};
+
+use luks_agent::config::Config;
+use luks_agent::keymgr::{KeyError, KeyId, RequestAuth, SecretKind, SecretString};
+
+use super::{EXIT_OK, UsageError};
+
+#[derive(Subcommand, Debug)]
+pub enum KeysCommand {
+    /// Create a random key in the local key store and print its id.
+    Create(CreateArgs),
+    /// List the keys of the local key store (ids and sizes, never keys).
+    List,
+    /// Delete a key from the local key store.
+    Delete(KeyIdArg),
+    /// Fetch a key from the configured key manager and say whether it can
+    /// open a volume. Prints metadata only, unless --reveal.
+    Fetch(FetchArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct CreateArgs {
+    /// Key size in bits.
+    #[arg(long, default_value_t = 256)]
+    bits: usize,
+}
+
+#[derive(Args, Debug)]
+pub struct KeyIdArg {
+    /// Key id (UUID or secret href).
+    #[arg(long)]
+    key_id: String,
+}
+
+#[derive(Args, Debug)]
+pub struct FetchArgs {
+    /// Key id (UUID, secret href, or the legacy all-zero id).
+    #[arg(long)]
+    key_id: String,
+    /// Only check: print nothing but the verdict line.
+    #[arg(long)]
+    check: bool,
+    /// Also print the LUKS passphrase derived from the key. Anyone who sees
+    /// it can open the volume.
+    #[arg(long)]
+    reveal: bool,
+    /// File holding a user's Keystone token to fetch with (instead of the
+    /// agent's own credentials); `-` for stdin.
+    #[arg(long, value_name = "PATH")]
+    token_file: Option<PathBuf>,
+    /// File holding a service token to send along with --token-file.
+    #[arg(long, value_name = "PATH", requires = "token_file")]
+    service_token_file: Option<PathBuf>,
+}
+
+pub fn run(cmd: KeysCommand, config: &Config) -> anyhow::Result<u8> {
+    match cmd {
+        KeysCommand::Create(a) => {
+            let id = config.local_store().create(a.bits)?;
+            println!("{id}");
+            Ok(EXIT_OK)
+        }
+        KeysCommand::List => {
+            for k in config.local_store().list()? {
+                println!("{}\t{} bits", k.id, k.bits);
+            }
+            Ok(EXIT_OK)
+        }
+        KeysCommand::Delete(a) => {
+            let id = KeyId::new(&a.key_id)?;
+            config.local_store().delete(&id)?;
+            eprintln!("deleted key {id}");
+            Ok(EXIT_OK)
+        }
+        KeysCommand::Fetch(a) => fetch(a, config),
+    }
+}
+
+fn read_token(path: &Path) -> anyhow::Result<SecretString> {
+    let shown = path.display();
+    let token = if path == Path::new("-") {
+        SecretString::from_reader(std::io::stdin().lock())
+    } else {
+        let f = std::fs::File::open(path)
+            .map_err(|e| UsageError(format!("cannot open token file {shown}: {e}")))?;
+        SecretString::from_reader(f)
+    }
+    .map_err(|e| UsageError(format!("cannot read token file {shown}: {e}")))?
+    .ok_or_else(|| UsageError(format!("token file {shown} is too large")))?;
+    if token.expose().is_empty() {
+        return Err(UsageError(format!("token file {shown} is empty")).into());
+    }
+    Ok(token)
+}
+
+fn fetch(a: FetchArgs, config: &Config) -> anyhow::Result<u8> {
+    let id = KeyId::new(&a.key_id)?;
+    let auth = match &a.token_file {
+        None => RequestAuth::Service,
+        Some(path) => RequestAuth::UserToken {
+            token: read_token(path)?,
+            service_token: a
+                .service_token_file
+                .as_deref()
+                .map(read_token)
+                .transpose()?,
+        },
+    };
+    let manager = config.key_manager()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let started = std::time::Instant::now();
+    let key = runtime.block_on(manager.fetch(&id, &auth))?;
+    let elapsed = started.elapsed();
+    if !a.check {
+        println!("key id:      {id}");
+        println!("key manager: {}", manager.describe());
+        println!(
+            "kind:        {}",
+            match key.kind() {
+                SecretKind::Symmetric => "symmetric (passphrase = lowercase hex of the key)",
+                SecretKind::Passphrase => "passphrase (used as is)",
+            }
+        );
+        println!("size:        {} bits", key.bits());
+        println!(
+            "kdf policy:  {}",
+            if key.is_high_entropy() {
+                "high-entropy (pbkdf2, 1000 iterations)"
+            } else {
+                "strong"
+            }
+        );
+        println!("fetched in:  {:.1} ms", elapsed.as_secs_f64() * 1000.0);
+    }
+    println!("usable: yes");
+    if a.reveal {
+        eprintln!(
+            "WARNING: printing the volume passphrase; anyone who sees it can open the volume"
+        );
+        let pass = key.passphrase();
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        out.write_all(b"passphrase: ")?;
+        out.write_all(pass.expose())?;
+        out.write_all(b"\n")?;
+    }
+    Ok(EXIT_OK)
+}
+
+/// Exit code for key manager errors.
+pub fn exit_code(e: &KeyError) -> u8 {
+    match e {
+        KeyError::InvalidKeyId { .. } | KeyError::Config(_) => super::EXIT_USAGE,
+        KeyError::NotFound { .. } => super::EXIT_KEY_NOT_FOUND,
+        KeyError::Forbidden { .. } | KeyError::Unauthenticated { .. } => super::EXIT_KEY_ACCESS,
+        KeyError::Unavailable { .. } | KeyError::TimedOut { .. } => super::EXIT_KEY_UNAVAILABLE,
+        KeyError::Protocol { .. } | KeyError::InvalidKeyMaterial { .. } => super::EXIT_KEY_INVALID,
+        KeyError::Local { .. } => super::EXIT_DEVICE,
+    }
+}

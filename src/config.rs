@@ -1,0 +1,332 @@
+//! The TOML configuration file (`/etc/luks-agent/agent.toml`). Unknown
+//! fields are errors; a file holding secrets must be readable by root only.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::keymgr::barbican::{Barbican, BarbicanConfig};
+use crate::keymgr::fixed::WithFixedKey;
+use crate::keymgr::http::{self, HttpConfig};
+use crate::keymgr::keystone::{Keystone, KeystoneConfig};
+use crate::keymgr::local::{self, LocalKeyStore};
+use crate::keymgr::{KeyError, KeyManager, SecretString};
+
+/// Default location of the configuration file.
+pub const DEFAULT_PATH: &str = "/etc/luks-agent/agent.toml";
+/// Default state directory.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/luks-agent/state";
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from(DEFAULT_STATE_DIR)
+}
+fn default_key_dir() -> PathBuf {
+    PathBuf::from(local::DEFAULT_DIR)
+}
+
+/// The whole file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Where the agent keeps its state (formatted markers).
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    /// Where volume keys come from.
+    #[serde(default)]
+    pub key_manager: KeyManagerConfig,
+    /// Limits on the cost of LUKS key derivation.
+    #[serde(default)]
+    pub kdf: KdfConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            state_dir: default_state_dir(),
+            key_manager: KeyManagerConfig::default(),
+            kdf: KdfConfig::default(),
+        }
+    }
+}
+
+/// Which backend serves keys.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Backend {
+    /// The local key store (the default for machines without a cloud).
+    #[default]
+    Local,
+    /// Barbican, authenticated through Keystone.
+    Barbican,
+}
+
+/// The `[key_manager]` section.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyManagerConfig {
+    /// `local` or `barbican`.
+    #[serde(default)]
+    pub backend: Backend,
+    /// nova's legacy ConfKeyManager key (hex) for key id
+    /// 00000000-0000-0000-0000-000000000000.
+    #[serde(default)]
+    pub fixed_key: Option<SecretString>,
+    /// Local key store settings.
+    #[serde(default)]
+    pub local: LocalConfig,
+    /// Barbican settings.
+    #[serde(default)]
+    pub barbican: BarbicanConfig,
+    /// Keystone credentials of the agent.
+    #[serde(default)]
+    pub keystone: Option<KeystoneConfig>,
+    /// Timeouts, retries and TLS.
+    #[serde(default)]
+    pub http: HttpConfig,
+}
+
+/// The `[key_manager.local]` section.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalConfig {
+    /// Directory of key files.
+    #[serde(default = "default_key_dir")]
+    pub dir: PathBuf,
+}
+
+impl Default for LocalConfig {
+    fn default() -> Self {
+        LocalConfig {
+            dir: default_key_dir(),
+        }
+    }
+}
+
+fn default_max_argon2_memory_kib() -> u32 {
+    1024 * 1024
+}
+
+/// The `[kdf]` section.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KdfConfig {
+    /// Largest Argon2 memory cost, in KiB, for keyslots we create with the
+    /// strong policy and for headers we open (cryptsetup's default is
+    /// 1 GiB; headers may ask for up to 4 GiB).
+    #[serde(default = "default_max_argon2_memory_kib")]
+    pub max_argon2_memory_kib: u32,
+}
+
+impl Default for KdfConfig {
+    fn default() -> Self {
+        KdfConfig {
+            max_argon2_memory_kib: default_max_argon2_memory_kib(),
+        }
+    }
+}
+
+/// Why the configuration cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}")]
+    Read {
+        /// File.
+        path: String,
+        /// OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Not valid TOML or not our schema. Only the message and line are
+    /// kept: a snippet of the file could show a secret.
+    #[error("{path}: line {line}: {message}")]
+    Parse {
+        /// File.
+        path: String,
+        /// 1-based line.
+        line: usize,
+        /// What is wrong.
+        message: String,
+    },
+    /// Secrets in a file others can read.
+    #[error("{path} holds secrets ({what}) but is {problem}; make it owned by root with mode 0600")]
+    Exposed {
+        /// File.
+        path: String,
+        /// Which secrets.
+        what: String,
+        /// Owner or mode problem.
+        problem: String,
+    },
+}
+
+impl Config {
+    /// Loads `path`; a missing file at the default location means defaults.
+    pub fn load(path: &Path, explicit: bool) -> Result<Config, ConfigError> {
+        let shown = path.display().to_string();
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => zeroize::Zeroizing::new(t),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {
+                return Ok(Config::default());
+            }
+            Err(source) => {
+                return Err(ConfigError::Read {
+                    path: shown,
+                    source,
+                });
+            }
+        };
+        let cfg: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: shown.clone(),
+            line: e
+                .span()
+                .map(|s| {
+                    text.as_bytes()[..s.start.min(text.len())]
+                        .iter()
+                        .filter(|b| **b == b'\n')
+                        .count()
+                        + 1
+                })
+                .unwrap_or(0),
+            message: e.message().to_string(),
+        })?;
+        let secrets = cfg.secret_names();
+        if !secrets.is_empty() {
+            let meta = std::fs::metadata(path).map_err(|source| ConfigError::Read {
+                path: shown.clone(),
+                source,
+            })?;
+            let problem = if meta.uid() != 0 {
+                Some(format!("owned by uid {}", meta.uid()))
+            } else if meta.mode() & 0o077 != 0 {
+                Some(format!("mode {:o}", meta.mode() & 0o777))
+            } else {
+                None
+            };
+            if let Some(problem) = problem {
+                return Err(ConfigError::Exposed {
+                    path: shown,
+                    what: secrets.join(", "),
+                    problem,
+                });
+            }
+        }
+        Ok(cfg)
+    }
+
+    fn secret_names(&self) -> Vec<&'static str> {
+        let km = &self.key_manager;
+        let mut v = vec![];
+        if km.fixed_key.is_some() {
+            v.push("fixed_key");
+        }
+        if let Some(ks) = &km.keystone {
+            if ks.password.is_some() {
+                v.push("keystone password");
+            }
+            if ks.application_credential_secret.is_some() {
+                v.push("application credential secret");
+            }
+        }
+        v
+    }
+
+    /// The local key store this configuration names.
+    pub fn local_store(&self) -> LocalKeyStore {
+        LocalKeyStore::new(&self.key_manager.local.dir, &self.state_dir)
+    }
+
+    /// The configured key manager, with the legacy fixed key in front when
+    /// one is set.
+    pub fn key_manager(&self) -> Result<Box<dyn KeyManager>, KeyError> {
+        let km = &self.key_manager;
+        let inner: Box<dyn KeyManager> = match km.backend {
+            Backend::Local => Box::new(self.local_store()),
+            Backend::Barbican => {
+                let client = http::build_client(&km.http)?;
+                let keystone = km
+                    .keystone
+                    .clone()
+                    .map(|k| Keystone::new(k, km.http.clone(), client.clone()))
+                    .transpose()?;
+                Box::new(Barbican::new(
+                    km.barbican.clone(),
+                    km.http.clone(),
+                    client,
+                    keystone,
+                    &self.state_dir,
+                )?)
+            }
+        };
+        match &km.fixed_key {
+            Some(hex) => Ok(Box::new(WithFixedKey::new(hex.expose(), inner)?)),
+            None => Ok(inner),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn write(dir: &Path, name: &str, text: &str, mode: u32) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::File::create(&p)
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+        p
+    }
+
+    #[test]
+    fn unknown_fields_are_errors_without_echoing_the_file() {
+        let d = tempfile::tempdir().unwrap();
+        let p = write(
+            d.path(),
+            "a.toml",
+            "[key_manager]\nfixed_kee = \"00112233445566778899aabbccddeeff\"\n",
+            0o600,
+        );
+        let e = Config::load(&p, true).unwrap_err().to_string();
+        assert!(e.contains("line 2") && e.contains("fixed_kee"), "{e}");
+        assert!(!e.contains("00112233"), "{e}");
+    }
+
+    #[test]
+    fn secrets_in_readable_files_are_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let text = "[key_manager]\nfixed_key = \"00112233445566778899aabbccddeeff\"\n";
+        let p = write(d.path(), "b.toml", text, 0o644);
+        let e = Config::load(&p, true);
+        // Only meaningful when the test runs as root (the file is then
+        // root-owned and only the mode is wrong).
+        assert!(matches!(e, Err(ConfigError::Exposed { .. })), "{e:?}");
+        let p = write(d.path(), "c.toml", text, 0o600);
+        if nix_is_root() {
+            assert!(Config::load(&p, true).is_ok());
+        }
+        let p = write(
+            d.path(),
+            "d.toml",
+            "[key_manager]\nbackend = \"local\"\n",
+            0o644,
+        );
+        assert!(Config::load(&p, true).is_ok(), "no secrets: any mode");
+    }
+
+    fn nix_is_root() -> bool {
+        // SAFETY: geteuid has no preconditions.
+        unsafe { libc::geteuid() == 0 }
+    }
+
+    #[test]
+    fn missing_default_file_means_defaults() {
+        let cfg = Config::load(Path::new("/nonexistent/luks-agent.toml"), false).unwrap();
+        assert_eq!(cfg.key_manager.backend, Backend::Local);
+        assert!(Config::load(Path::new("/nonexistent/luks-agent.toml"), true).is_err());
+    }
+}

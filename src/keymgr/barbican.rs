@@ -1,0 +1,545 @@
+//! Barbican: secret metadata and payload over its REST API, authenticated
+//! with the agent's Keystone session or a caller's token, with the
+//! formatted marker kept as secret user metadata where policy allows.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::http::{self, Budget, HttpConfig};
+use super::keystone::Keystone;
+use super::marker::LocalMarkers;
+use super::{BoxFuture, Key, KeyError, KeyId, KeyManager, RequestAuth, SecretKind, SecretString};
+use crate::secret::SecretBytes;
+
+/// Metadata key under which the formatted marker is stored.
+pub const MARKER_KEY: &str = "luks-agent-formatted";
+/// Largest payload or metadata body we read; a volume key is bytes long.
+const MAX_BODY: usize = 64 * 1024;
+
+/// The `[key_manager.barbican]` section.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BarbicanConfig {
+    /// Barbican endpoint without `/v1`; from the Keystone catalog
+    /// (service type `key-manager`) when unset.
+    #[serde(default)]
+    pub endpoint: Option<String>,
+}
+
+/// A Barbican client.
+pub struct Barbican {
+    cfg: BarbicanConfig,
+    http: HttpConfig,
+    client: reqwest::Client,
+    keystone: Option<Keystone>,
+    discovered: tokio::sync::Mutex<Option<String>>,
+    markers: LocalMarkers,
+    metadata_refused: AtomicBool,
+}
+
+enum Auth {
+    Headers {
+        token: SecretString,
+        service_token: Option<SecretString>,
+        is_service: bool,
+    },
+}
+
+/// One Barbican API request.
+struct ApiRequest<'a> {
+    method: reqwest::Method,
+    path: &'a str,
+    accept: &'a str,
+    body: Option<&'a Value>,
+}
+
+struct Answer {
+    status: u16,
+    content_type: String,
+    body: SecretBytes,
+}
+
+impl Barbican {
+    /// A client; `keystone` is needed for service credentials and catalog
+    /// lookup, optional when an endpoint is configured and callers pass
+    /// tokens.
+    pub fn new(
+        cfg: BarbicanConfig,
+        http: HttpConfig,
+        client: reqwest::Client,
+        keystone: Option<Keystone>,
+        state_dir: &Path,
+    ) -> Result<Barbican, KeyError> {
+        if cfg.endpoint.is_none() && keystone.is_none() {
+            return Err(KeyError::Config(
+                "barbican needs an endpoint or a [key_manager.keystone] section".into(),
+            ));
+        }
+        Ok(Barbican {
+            cfg,
+            http,
+            client,
+            keystone,
+            discovered: tokio::sync::Mutex::new(None),
+            markers: LocalMarkers::new(state_dir),
+            metadata_refused: AtomicBool::new(false),
+        })
+    }
+
+    /// Keystone session (for metrics and tests).
+    pub fn keystone(&self) -> Option<&Keystone> {
+        self.keystone.as_ref()
+    }
+
+    fn endpoint_label(&self) -> String {
+        self.cfg
+            .endpoint
+            .clone()
+            .unwrap_or_else(|| "barbican (from catalog)".into())
+    }
+
+    async fn auth(
+        &self,
+        req: &RequestAuth,
+        key_id: &str,
+        budget: &Budget,
+    ) -> Result<(Auth, Option<Value>), KeyError> {
+        match req {
+            RequestAuth::Service => {
+                let ks = self.keystone.as_ref().ok_or_else(|| {
+                    KeyError::Config(
+                        "no caller token and no [key_manager.keystone] credentials".into(),
+                    )
+                })?;
+                let (token, catalog) = ks.token(key_id, budget).await?;
+                Ok((
+                    Auth::Headers {
+                        token,
+                        service_token: None,
+                        is_service: true,
+                    },
+                    Some(catalog),
+                ))
+            }
+            RequestAuth::UserToken {
+                token,
+                service_token,
+            } => {
+                let service_token = match (service_token, &self.keystone) {
+                    (Some(s), _) => Some(s.clone()),
+                    (None, Some(ks)) if ks.sends_service_token() => {
+                        Some(ks.token(key_id, budget).await?.0)
+                    }
+                    _ => None,
+                };
+                Ok((
+                    Auth::Headers {
+                        token: token.clone(),
+                        service_token,
+                        is_service: false,
+                    },
+                    None,
+                ))
+            }
+        }
+    }
+
+    async fn endpoint(
+        &self,
+        auth: &Auth,
+        catalog: Option<Value>,
+        key_id: &str,
+        budget: &Budget,
+    ) -> Result<String, KeyError> {
+        if let Some(e) = &self.cfg.endpoint {
+            return Ok(e.trim_end_matches('/').to_string());
+        }
+        let mut cached = self.discovered.lock().await;
+        if let Some(e) = cached.as_ref() {
+            return Ok(e.clone());
+        }
+        let ks = self
+            .keystone
+            .as_ref()
+            .ok_or_else(|| KeyError::Config("no Barbican endpoint configured".into()))?;
+        let catalog = match (catalog, auth) {
+            (Some(c), _) => c,
+            (None, Auth::Headers { token, .. }) => ks.catalog_for(token, key_id, budget).await?,
+        };
+        let url = ks
+            .endpoint_from_catalog(&catalog, "key-manager")
+            .ok_or_else(|| {
+                KeyError::Config(format!(
+                    "no key-manager endpoint in the catalog of {}",
+                    ks.auth_url()
+                ))
+            })?;
+        let url = url
+            .trim_end_matches('/')
+            .trim_end_matches("/v1")
+            .to_string();
+        *cached = Some(url.clone());
+        Ok(url)
+    }
+
+    /// One API call with authentication, re-authenticating once on 401
+    /// when using the agent's own credentials.
+    async fn call(
+        &self,
+        req: &RequestAuth,
+        key_id: &str,
+        api: ApiRequest<'_>,
+        budget: &Budget,
+    ) -> Result<(Answer, String), KeyError> {
+        let ApiRequest {
+            method,
+            path,
+            accept,
+            body,
+        } = api;
+        for round in 0..2 {
+            let (auth, catalog) = self.auth(req, key_id, budget).await?;
+            let base = self.endpoint(&auth, catalog, key_id, budget).await?;
+            let url = format!("{base}{path}");
+            let Auth::Headers {
+                token,
+                service_token,
+                is_service,
+            } = &auth;
+            let resp = http::send(&self.http, budget, || {
+                let mut rb = self
+                    .client
+                    .request(method.clone(), &url)
+                    .header("X-Auth-Token", token.expose())
+                    .header("Accept", accept);
+                if let Some(s) = service_token {
+                    rb = rb.header("X-Service-Token", s.expose());
+                }
+                if let Some(b) = body {
+                    rb = rb.json(b);
+                }
+                rb
+            })
+            .await
+            .map_err(|f| f.into_key_error(key_id, &base))?;
+            let status = resp.status().as_u16();
+            if status == 401 && *is_service && round == 0 {
+                if let Some(ks) = &self.keystone {
+                    ks.invalidate().await;
+                    continue;
+                }
+            }
+            let content_type = resp
+                .headers()
+                .get(reqwest::header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase();
+            let body = read_capped(resp, key_id, &base, status, budget).await?;
+            return Ok((
+                Answer {
+                    status,
+                    content_type,
+                    body,
+                },
+                base,
+            ));
+        }
+        unreachable!("the loop returns or continues once")
+    }
+
+    fn status_error(&self, a: &Answer, key_id: &str, endpoint: &str, what: &str) -> KeyError {
+        let (key_id, endpoint, status) = (key_id.to_string(), endpoint.to_string(), a.status);
+        match a.status {
+            401 => KeyError::Unauthenticated {
+                key_id,
+                endpoint,
+                status,
+                reason: "the token was refused".into(),
+            },
+            403 => KeyError::Forbidden {
+                key_id,
+                endpoint,
+                status,
+            },
+            404 => KeyError::NotFound {
+                key_id,
+                endpoint,
+                status,
+            },
+            _ => KeyError::Protocol {
+                key_id,
+                endpoint,
+                status,
+                reason: format!("unexpected status for {what}"),
+            },
+        }
+    }
+
+    async fn fetch_key(&self, id: &KeyId, auth: &RequestAuth) -> Result<Key, KeyError> {
+        let budget = &Budget::start(&self.http);
+        let uuid = id.uuid()?.hyphenated().to_string();
+        let key_id = id.as_str();
+        let meta_path = format!("/v1/secrets/{uuid}");
+        let (meta, base) = self
+            .call(
+                auth,
+                key_id,
+                ApiRequest {
+                    method: reqwest::Method::GET,
+                    path: &meta_path,
+                    accept: "application/json",
+                    body: None,
+                },
+                budget,
+            )
+            .await?;
+        if meta.status != 200 {
+            return Err(self.status_error(&meta, key_id, &base, "secret metadata"));
+        }
+        let protocol = |status: u16, reason: String| KeyError::Protocol {
+            key_id: key_id.into(),
+            endpoint: base.clone(),
+            status,
+            reason,
+        };
+        let meta_json: Value = serde_json::from_slice(meta.body.expose())
+            .map_err(|e| protocol(meta.status, format!("secret metadata is not JSON: {e}")))?;
+        if let Some(state) = meta_json["status"].as_str() {
+            if state != "ACTIVE" {
+                return Err(KeyError::InvalidKeyMaterial {
+                    key_id: key_id.into(),
+                    reason: format!("secret status is {state}"),
+                });
+            }
+        }
+        let kind = match meta_json["secret_type"].as_str() {
+            Some("passphrase") => SecretKind::Passphrase,
+            Some("symmetric") | Some("opaque") | None => SecretKind::Symmetric,
+            Some(other) => {
+                return Err(KeyError::InvalidKeyMaterial {
+                    key_id: key_id.into(),
+                    reason: format!("secret type '{other}' cannot be a volume key"),
+                });
+            }
+        };
+        let accept = meta_json["content_types"]["default"]
+            .as_str()
+            .unwrap_or("application/octet-stream")
+            .to_string();
+        if accept.is_empty()
+            || accept.len() > 128
+            || !accept.bytes().all(|b| b.is_ascii_graphic() || b == b' ')
+        {
+            return Err(protocol(
+                meta.status,
+                "secret metadata names no usable content type".into(),
+            ));
+        }
+        let (payload, base) = self
+            .call(
+                auth,
+                key_id,
+                ApiRequest {
+                    method: reqwest::Method::GET,
+                    path: &format!("{meta_path}/payload"),
+                    accept: &accept,
+                    body: None,
+                },
+                budget,
+            )
+            .await?;
+        if payload.status != 200 {
+            return Err(self.status_error(&payload, key_id, &base, "the secret payload"));
+        }
+        let wanted = accept
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
+        if !payload.content_type.is_empty() && payload.content_type != wanted {
+            return Err(protocol(
+                payload.status,
+                format!(
+                    "payload content type '{}' instead of '{wanted}'",
+                    payload.content_type
+                ),
+            ));
+        }
+        let key = Key::new(id.clone(), kind, payload.body)?;
+        if let Some(bits) = meta_json["bit_length"].as_u64() {
+            if key.kind() == &SecretKind::Symmetric && bits != key.bits() as u64 {
+                return Err(KeyError::InvalidKeyMaterial {
+                    key_id: key_id.into(),
+                    reason: format!("payload has {} bits but the secret says {bits}", key.bits()),
+                });
+            }
+        }
+        Ok(key)
+    }
+
+    async fn marker_get(&self, id: &KeyId, auth: &RequestAuth) -> Result<bool, KeyError> {
+        if self.markers.is_marked(id)? {
+            return Ok(true);
+        }
+        let budget = &Budget::start(&self.http);
+        let uuid = id.uuid()?.hyphenated().to_string();
+        let (a, base) = self
+            .call(
+                auth,
+                id.as_str(),
+                ApiRequest {
+                    method: reqwest::Method::GET,
+                    path: &format!("/v1/secrets/{uuid}/metadata"),
+                    accept: "application/json",
+                    body: None,
+                },
+                budget,
+            )
+            .await?;
+        match a.status {
+            200 => {
+                let v: Value =
+                    serde_json::from_slice(a.body.expose()).map_err(|e| KeyError::Protocol {
+                        key_id: id.to_string(),
+                        endpoint: base.clone(),
+                        status: 200,
+                        reason: format!("secret metadata is not JSON: {e}"),
+                    })?;
+                Ok(v["metadata"].get(MARKER_KEY).is_some())
+            }
+            403 => {
+                self.note_metadata_refused(&base);
+                Ok(false)
+            }
+            _ => Err(self.status_error(&a, id.as_str(), &base, "secret metadata")),
+        }
+    }
+
+    async fn marker_set(&self, id: &KeyId, auth: &RequestAuth) -> Result<(), KeyError> {
+        // Locally first: it cannot be refused by policy, and a crash between
+        // the two still leaves one marker.
+        self.markers.mark(id)?;
+        if self.metadata_refused.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let budget = &Budget::start(&self.http);
+        let uuid = id.uuid()?.hyphenated().to_string();
+        let when = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+        let body = serde_json::json!({"key": MARKER_KEY, "value": when});
+        let (a, base) = self
+            .call(
+                auth,
+                id.as_str(),
+                ApiRequest {
+                    method: reqwest::Method::POST,
+                    path: &format!("/v1/secrets/{uuid}/metadata"),
+                    accept: "application/json",
+                    body: Some(&body),
+                },
+                budget,
+            )
+            .await?;
+        match a.status {
+            200 | 201 | 409 => Ok(()),
+            403 => {
+                self.note_metadata_refused(&base);
+                Ok(())
+            }
+            _ => Err(self.status_error(&a, id.as_str(), &base, "writing secret metadata")),
+        }
+    }
+
+    fn note_metadata_refused(&self, endpoint: &str) {
+        if !self.metadata_refused.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                endpoint,
+                "Barbican policy does not allow secret metadata; formatted markers are kept in the local state directory only"
+            );
+        }
+    }
+}
+
+async fn read_capped(
+    mut resp: reqwest::Response,
+    key_id: &str,
+    endpoint: &str,
+    status: u16,
+    budget: &Budget,
+) -> Result<SecretBytes, KeyError> {
+    let (started, deadline) = (budget.started, budget.deadline);
+    let mut buf = SecretBytes::zeroed(MAX_BODY);
+    let mut len = 0;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let chunk = match tokio::time::timeout(left, resp.chunk()).await {
+            Err(_) => {
+                return Err(KeyError::TimedOut {
+                    key_id: key_id.into(),
+                    endpoint: endpoint.into(),
+                    after: started.elapsed(),
+                });
+            }
+            Ok(Err(e)) => {
+                return Err(KeyError::Unavailable {
+                    key_id: key_id.into(),
+                    endpoint: endpoint.into(),
+                    attempts: 1,
+                    last: format!("reading the body: {e}"),
+                });
+            }
+            Ok(Ok(None)) => break,
+            Ok(Ok(Some(c))) => c,
+        };
+        if len + chunk.len() > MAX_BODY {
+            return Err(KeyError::Protocol {
+                key_id: key_id.into(),
+                endpoint: endpoint.into(),
+                status,
+                reason: format!("response body larger than {MAX_BODY} bytes"),
+            });
+        }
+        buf.expose_mut()[len..len + chunk.len()].copy_from_slice(&chunk);
+        len += chunk.len();
+    }
+    Ok(SecretBytes::from_slice(&buf.expose()[..len]))
+}
+
+impl KeyManager for Barbican {
+    fn describe(&self) -> String {
+        format!("barbican {}", self.endpoint_label())
+    }
+
+    fn fetch<'a>(
+        &'a self,
+        id: &'a KeyId,
+        auth: &'a RequestAuth,
+    ) -> BoxFuture<'a, Result<Key, KeyError>> {
+        Box::pin(self.fetch_key(id, auth))
+    }
+
+    fn is_marked_formatted<'a>(
+        &'a self,
+        id: &'a KeyId,
+        auth: &'a RequestAuth,
+    ) -> BoxFuture<'a, Result<bool, KeyError>> {
+        Box::pin(self.marker_get(id, auth))
+    }
+
+    fn mark_formatted<'a>(
+        &'a self,
+        id: &'a KeyId,
+        auth: &'a RequestAuth,
+    ) -> BoxFuture<'a, Result<(), KeyError>> {
+        Box::pin(self.marker_set(id, auth))
+    }
+}

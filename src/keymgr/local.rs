@@ -1,0 +1,211 @@
+//! The built-in local key store: one 0600 file of raw key bytes per key in
+//! a 0700 directory, named by the key's UUID. For machines without a cloud
+//! and for demos; operators manage it with `luks-agent keys`.
+
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use super::marker::LocalMarkers;
+use super::{BoxFuture, Key, KeyError, KeyId, KeyManager, RequestAuth, SecretKind};
+use crate::secret::SecretBytes;
+
+/// Default directory of the store.
+pub const DEFAULT_DIR: &str = "/var/lib/luks-agent/keys";
+
+/// A key directory.
+#[derive(Clone, Debug)]
+pub struct LocalKeyStore {
+    dir: PathBuf,
+    markers: LocalMarkers,
+}
+
+/// One stored key, for listings (never the bytes).
+#[derive(Clone, Debug)]
+pub struct StoredKey {
+    /// Key id.
+    pub id: String,
+    /// Size in bits.
+    pub bits: u64,
+}
+
+impl LocalKeyStore {
+    /// A store in `dir`, markers under `state_dir`.
+    pub fn new(dir: &Path, state_dir: &Path) -> Self {
+        LocalKeyStore {
+            dir: dir.to_path_buf(),
+            markers: LocalMarkers::new(state_dir),
+        }
+    }
+
+    fn local_err(id: &str, op: &str, path: &Path, source: std::io::Error) -> KeyError {
+        KeyError::Local {
+            key_id: id.into(),
+            op: op.into(),
+            path: path.display().to_string(),
+            source,
+        }
+    }
+
+    fn path_of(&self, id: &KeyId) -> Result<PathBuf, KeyError> {
+        Ok(self.dir.join(id.uuid()?.hyphenated().to_string()))
+    }
+
+    /// Creates a random key of `bits` bits and returns its id. The file is
+    /// created with `O_EXCL` and mode 0600 and written once: the key never
+    /// exists in a temporary file or with wider permissions.
+    pub fn create(&self, bits: usize) -> Result<KeyId, KeyError> {
+        if bits % 8 != 0
+            || !(super::MIN_SYMMETRIC_BYTES * 8..=super::MAX_SYMMETRIC_BYTES * 8).contains(&bits)
+        {
+            return Err(KeyError::Config(format!(
+                "key size {bits} bits; choose 128 to 512 in whole bytes"
+            )));
+        }
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.dir)
+            .map_err(|e| Self::local_err("-", "creating key directory", &self.dir, e))?;
+        self.check_dir()?;
+        let id = KeyId::new(&uuid::Uuid::new_v4().hyphenated().to_string())?;
+        let key = SecretBytes::random(bits / 8)
+            .map_err(|_| KeyError::Config("system random number generator failed".into()))?;
+        let path = self.path_of(&id)?;
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| Self::local_err(id.as_str(), "creating key file", &path, e))?;
+        f.write_all(key.expose())
+            .and_then(|_| f.sync_all())
+            .map_err(|e| Self::local_err(id.as_str(), "writing key file", &path, e))?;
+        Ok(id)
+    }
+
+    /// The stored keys.
+    pub fn list(&self) -> Result<Vec<StoredKey>, KeyError> {
+        let entries = match fs::read_dir(&self.dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
+            Err(e) => return Err(Self::local_err("-", "listing key directory", &self.dir, e)),
+        };
+        let mut keys = vec![];
+        for entry in entries {
+            let entry =
+                entry.map_err(|e| Self::local_err("-", "listing key directory", &self.dir, e))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if uuid::Uuid::parse_str(&name).is_err() {
+                continue;
+            }
+            let meta = entry
+                .metadata()
+                .map_err(|e| Self::local_err(&name, "reading", &entry.path(), e))?;
+            keys.push(StoredKey {
+                id: name,
+                bits: meta.len() * 8,
+            });
+        }
+        keys.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(keys)
+    }
+
+    /// Deletes a key: overwritten with zeros, flushed, then unlinked.
+    pub fn delete(&self, id: &KeyId) -> Result<(), KeyError> {
+        let path = self.path_of(id)?;
+        let f = OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => KeyError::NotFound {
+                    key_id: id.to_string(),
+                    endpoint: self.describe(),
+                    status: 0,
+                },
+                _ => Self::local_err(id.as_str(), "opening key file", &path, e),
+            })?;
+        let len = f.metadata().map(|m| m.len()).unwrap_or(0) as usize;
+        std::os::unix::fs::FileExt::write_all_at(&f, &vec![0u8; len], 0)
+            .and_then(|_| f.sync_all())
+            .and_then(|_| fs::remove_file(&path))
+            .map_err(|e| Self::local_err(id.as_str(), "deleting key file", &path, e))
+    }
+
+    /// Refuses a key directory that others can read or enter.
+    fn check_dir(&self) -> Result<(), KeyError> {
+        let meta = fs::metadata(&self.dir)
+            .map_err(|e| Self::local_err("-", "checking key directory", &self.dir, e))?;
+        if meta.permissions().mode() & 0o077 != 0 {
+            return Err(KeyError::Config(format!(
+                "key directory {} is accessible to group or others (mode {:o}); it must be 0700",
+                self.dir.display(),
+                meta.permissions().mode() & 0o777
+            )));
+        }
+        Ok(())
+    }
+
+    fn read(&self, id: &KeyId) -> Result<Key, KeyError> {
+        let path = self.path_of(id)?;
+        let f = match fs::File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(KeyError::NotFound {
+                    key_id: id.to_string(),
+                    endpoint: self.describe(),
+                    status: 0,
+                });
+            }
+            Err(e) => return Err(Self::local_err(id.as_str(), "opening key file", &path, e)),
+        };
+        let meta = f
+            .metadata()
+            .map_err(|e| Self::local_err(id.as_str(), "reading key file", &path, e))?;
+        if meta.mode() & 0o077 != 0 {
+            return Err(KeyError::Config(format!(
+                "key file {} is accessible to group or others (mode {:o}); it must be 0600",
+                path.display(),
+                meta.mode() & 0o777
+            )));
+        }
+        let bytes = SecretBytes::read_all(f)
+            .map_err(|e| Self::local_err(id.as_str(), "reading key file", &path, e))?
+            .ok_or_else(|| KeyError::InvalidKeyMaterial {
+                key_id: id.to_string(),
+                reason: "key file is too large".into(),
+            })?;
+        Key::new(id.clone(), SecretKind::Symmetric, bytes)
+    }
+}
+
+impl KeyManager for LocalKeyStore {
+    fn describe(&self) -> String {
+        format!("local key store {}", self.dir.display())
+    }
+
+    fn fetch<'a>(
+        &'a self,
+        id: &'a KeyId,
+        _auth: &'a RequestAuth,
+    ) -> BoxFuture<'a, Result<Key, KeyError>> {
+        Box::pin(async move { self.read(id) })
+    }
+
+    fn is_marked_formatted<'a>(
+        &'a self,
+        id: &'a KeyId,
+        _auth: &'a RequestAuth,
+    ) -> BoxFuture<'a, Result<bool, KeyError>> {
+        Box::pin(async move { self.markers.is_marked(id) })
+    }
+
+    fn mark_formatted<'a>(
+        &'a self,
+        id: &'a KeyId,
+        _auth: &'a RequestAuth,
+    ) -> BoxFuture<'a, Result<(), KeyError>> {
+        Box::pin(async move { self.markers.mark(id) })
+    }
+}
