@@ -15,6 +15,10 @@ use luks_agent::keymgr::{KeyError, KeyId, KeyManager, RequestAuth, SecretKind, S
 
 const SECRET: &str = "6f1c1f1e-0000-4000-8000-00000000abcd";
 
+/// What a test server answers to its n-th request for a path (`None`:
+/// accept and never answer).
+type Script = dyn Fn(usize, &str) -> Option<Reply> + Send + Sync;
+
 /// One scripted answer: status, content type, body.
 #[derive(Clone)]
 struct Reply {
@@ -353,7 +357,7 @@ fn client_errors_are_typed_and_never_retried() {
 
 #[test]
 fn nonsense_answers_are_protocol_errors() {
-    let cases: Vec<Box<dyn Fn(usize, &str) -> Option<Reply> + Send + Sync>> = vec![
+    let cases: Vec<Box<Script>> = vec![
         Box::new(|_, _| Some(reply(200, "application/json", "<html>not json</html>"))),
         Box::new(|_, path| {
             Some(if path.ends_with("/payload") {
