@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs on Debian 12, idempotently: the
 # reference tools the tests compare against (cryptsetup, QEMU's LUKS
-# driver) and cargo-fuzz. Safe to run again; installs only what is missing.
+# driver), a venv with Keystone and Barbican, and cargo-fuzz. Safe to run again; installs only what is missing.
 set -euo pipefail
+cd "$(dirname "$0")/.."
 
 need_apt=()
 command -v cryptsetup >/dev/null 2>&1 || need_apt+=(cryptsetup-bin)
@@ -11,6 +12,7 @@ command -v qemu-io >/dev/null 2>&1 || need_apt+=(qemu-utils)
 command -v losetup >/dev/null 2>&1 || need_apt+=(mount)
 command -v c++ >/dev/null 2>&1 || need_apt+=(g++)
 command -v cc >/dev/null 2>&1 || need_apt+=(gcc)
+python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_apt+=(python3-venv)
 
 if [ ${#need_apt[@]} -gt 0 ]; then
     if [ "$(id -u)" -ne 0 ]; then
@@ -26,5 +28,8 @@ if ! cargo fuzz --help >/dev/null 2>&1; then
     echo "install-deps: installing cargo-fuzz"
     cargo install cargo-fuzz --locked --quiet
 fi
+
+# Keystone and Barbican (pinned) for the key manager tests; idempotent.
+python3 tests/harness/openstack.py install
 
 echo "install-deps: cryptsetup $(cryptsetup --version | awk '{print $2}'), $(qemu-img --version | head -n1)"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The full test suite: installs what it needs, then runs every tier.
 #   unit   - cargo test --lib (no root, no tools)
-#   host   - tests/ against real cryptsetup and qemu-img/qemu-io on files
+#   host   - tests/ against real cryptsetup and qemu-img/qemu-io on files,
+#            and real Keystone + Barbican on 127.0.0.1 (tests/harness)
 #   fuzz   - a short bounded cargo-fuzz run of every target
 # A tier that cannot run fails the suite; nothing is skipped silently.
 # FUZZ_SECONDS (default 30) sets the fuzzing time per target.
@@ -9,6 +10,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/install-deps.sh
+
+# The key manager tests start a shared Keystone + Barbican here; make sure
+# it is fresh now and gone when the suite ends, however it ends.
+cloud=target/test-cloud
+stop_cloud() { python3 tests/harness/openstack.py stop --state "$cloud" >/dev/null 2>&1 || true; }
+stop_cloud
+trap stop_cloud EXIT
 
 echo "== lint"
 cargo fmt --all -- --check
