@@ -12,6 +12,7 @@ command -v qemu-io >/dev/null 2>&1 || need_apt+=(qemu-utils)
 command -v losetup >/dev/null 2>&1 || need_apt+=(mount)
 command -v c++ >/dev/null 2>&1 || need_apt+=(g++)
 command -v cc >/dev/null 2>&1 || need_apt+=(gcc)
+command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_apt+=(python3-venv)
 
 if [ ${#need_apt[@]} -gt 0 ]; then
