@@ -324,6 +324,14 @@ mod tests {
     }
 
     #[test]
+    fn the_packaged_example_parses() {
+        let text = include_str!("../packaging/agent.toml");
+        let cfg: Config = toml::from_str(text).unwrap();
+        assert_eq!(cfg.key_manager.backend, Backend::Local);
+        assert_eq!(cfg.key_manager.http.deadline_ms, 30000);
+    }
+
+    #[test]
     fn missing_default_file_means_defaults() {
         let cfg = Config::load(Path::new("/nonexistent/luks-agent.toml"), false).unwrap();
         assert_eq!(cfg.key_manager.backend, Backend::Local);

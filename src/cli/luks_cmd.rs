@@ -10,6 +10,7 @@ use clap::{Args, Subcommand, ValueEnum};
 use uuid::Uuid;
 
 use luks_agent::blockdev;
+use luks_agent::config::Config;
 use luks_agent::luks::{
     self, Argon2Variant, CipherSpec, FileDisk, FormatOptions, HashAlg, Header, Kdf, KdfKind,
     KdfLimits, KdfPolicy, LuksError, LuksVersion,
@@ -77,7 +78,8 @@ struct KdfArgs {
     /// Fixed iteration count (Argon2: time cost) instead of a benchmark.
     #[arg(long, value_name = "N")]
     pbkdf_force_iterations: Option<u32>,
-    /// Argon2 memory cost in KiB (with a benchmark: the upper bound).
+    /// Argon2 memory cost in KiB (with a benchmark: the upper bound;
+    /// default `[kdf] max_argon2_memory_kib` of the configuration, 1 GiB).
     #[arg(long, value_name = "KIB")]
     pbkdf_memory: Option<u32>,
     /// Argon2 lanes.
@@ -187,13 +189,13 @@ pub struct RemoveKeyArgs {
     device: PathBuf,
 }
 
-pub fn run(cmd: LuksCommand) -> anyhow::Result<u8> {
+pub fn run(cmd: LuksCommand, config: &Config) -> anyhow::Result<u8> {
     match cmd {
-        LuksCommand::Format(a) => format(a),
+        LuksCommand::Format(a) => format(a, config),
         LuksCommand::Dump(a) => dump(a),
         LuksCommand::TestPassphrase(a) => test_passphrase(a),
-        LuksCommand::AddKey(a) => add_key(a, false),
-        LuksCommand::ChangeKey(a) => add_key(a, true),
+        LuksCommand::AddKey(a) => add_key(a, false, config),
+        LuksCommand::ChangeKey(a) => add_key(a, true, config),
         LuksCommand::RemoveKey(a) => remove_key(a),
     }
 }
@@ -233,7 +235,12 @@ fn open_disk(path: &Path, writable: bool) -> anyhow::Result<FileDisk> {
     Ok(FileDisk::new(file, name))
 }
 
-fn kdf_policy(args: &KdfArgs, version: LuksVersion, hash: HashAlg) -> anyhow::Result<KdfPolicy> {
+fn kdf_policy(
+    args: &KdfArgs,
+    version: LuksVersion,
+    hash: HashAlg,
+    memory_cap_kib: u32,
+) -> anyhow::Result<KdfPolicy> {
     let explicit = args.pbkdf.is_some()
         || args.pbkdf_force_iterations.is_some()
         || args.pbkdf_memory.is_some()
@@ -261,7 +268,7 @@ fn kdf_policy(args: &KdfArgs, version: LuksVersion, hash: HashAlg) -> anyhow::Re
         PbkdfArg::Argon2i => KdfKind::Argon2(Argon2Variant::Argon2i),
     };
     let parallel = args.pbkdf_parallel.unwrap_or_else(luks::default_parallel);
-    let memory = args.pbkdf_memory.unwrap_or(1024 * 1024);
+    let memory = args.pbkdf_memory.unwrap_or(memory_cap_kib);
     Ok(match (args.pbkdf_force_iterations, kind) {
         (Some(iterations), KdfKind::Pbkdf2(hash)) => {
             KdfPolicy::Fixed(Kdf::Pbkdf2 { hash, iterations })
@@ -281,7 +288,7 @@ fn kdf_policy(args: &KdfArgs, version: LuksVersion, hash: HashAlg) -> anyhow::Re
     })
 }
 
-fn format(a: FormatArgs) -> anyhow::Result<u8> {
+fn format(a: FormatArgs, config: &Config) -> anyhow::Result<u8> {
     let version = match a.luks_type {
         TypeArg::Luks1 => LuksVersion::Luks1,
         TypeArg::Luks2 => LuksVersion::Luks2,
@@ -298,7 +305,7 @@ fn format(a: FormatArgs) -> anyhow::Result<u8> {
     let cipher =
         CipherSpec::parse(&a.cipher, a.key_size / 8).map_err(|e| UsageError(e.to_string()))?;
     let passphrase = read_passphrase(&a.key.key_file)?;
-    let kdf = kdf_policy(&a.kdf, version, hash)?;
+    let kdf = kdf_policy(&a.kdf, version, hash, config.kdf.max_argon2_memory_kib)?;
     let disk = open_disk(&a.device, true)?;
     if !a.force {
         match Header::read(&disk) {
@@ -399,7 +406,7 @@ fn hash_of(header: &Header) -> HashAlg {
     }
 }
 
-fn add_key(a: AddKeyArgs, remove_old: bool) -> anyhow::Result<u8> {
+fn add_key(a: AddKeyArgs, remove_old: bool, config: &Config) -> anyhow::Result<u8> {
     if a.key.key_file == Path::new("-") && a.new_key_file == Path::new("-") {
         return Err(
             UsageError("only one of --key-file and --new-key-file can be stdin".into()).into(),
@@ -411,7 +418,12 @@ fn add_key(a: AddKeyArgs, remove_old: bool) -> anyhow::Result<u8> {
     let mut header = Header::read(&disk)?;
     let limits = KdfLimits::default();
     let unlocked = header.unlock(&disk, &old, None, &limits)?;
-    let policy = kdf_policy(&a.kdf, header.version(), hash_of(&header))?;
+    let policy = kdf_policy(
+        &a.kdf,
+        header.version(),
+        hash_of(&header),
+        config.kdf.max_argon2_memory_kib,
+    )?;
     let slot = header
         .add_keyslot(
             &disk,

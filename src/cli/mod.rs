@@ -73,16 +73,14 @@ enum Command {
 
 /// Runs a parsed command; `Ok` carries the exit code.
 pub fn run(cli: Cli) -> anyhow::Result<u8> {
+    let (path, explicit) = match &cli.config {
+        Some(p) => (p.clone(), true),
+        None => (std::path::PathBuf::from(config::DEFAULT_PATH), false),
+    };
+    let cfg = config::Config::load(&path, explicit)?;
     match cli.command {
-        Command::Luks(cmd) => luks_cmd::run(cmd),
-        Command::Keys(cmd) => {
-            let (path, explicit) = match &cli.config {
-                Some(p) => (p.clone(), true),
-                None => (std::path::PathBuf::from(config::DEFAULT_PATH), false),
-            };
-            let cfg = config::Config::load(&path, explicit)?;
-            keys_cmd::run(cmd, &cfg)
-        }
+        Command::Luks(cmd) => luks_cmd::run(cmd, &cfg),
+        Command::Keys(cmd) => keys_cmd::run(cmd, &cfg),
     }
 }
 
