@@ -4,6 +4,8 @@
 
 pub mod blockdev;
 pub mod config;
+pub mod dm;
 pub mod keymgr;
 pub mod luks;
 pub mod secret;
+pub mod volume;

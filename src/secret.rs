@@ -152,7 +152,7 @@ impl Passphrase {
     pub fn is_high_entropy_hex(&self) -> bool {
         let p = self.expose();
         p.len() >= 32
-            && p.len() % 2 == 0
+            && p.len().is_multiple_of(2)
             && p.iter().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'))
     }
 }

@@ -422,10 +422,10 @@ fn format_survives_every_interruption(layout: &Layout) {
             match header.unlock(&disk, &old_passphrase(), None, &limits()) {
                 Ok(u) => {
                     opened += 1;
-                    if let Some(key) = &key {
-                        if u.volume_key.expose() != key.as_slice() {
-                            failures.push(format!("{what}: opened to a different volume key"));
-                        }
+                    if let Some(key) = &key
+                        && u.volume_key.expose() != key.as_slice()
+                    {
+                        failures.push(format!("{what}: opened to a different volume key"));
                     }
                 }
                 Err(e) => failures.push(format!(

@@ -295,7 +295,7 @@ fn format(a: FormatArgs, config: &Config) -> anyhow::Result<u8> {
     };
     let hash = HashAlg::parse(&a.hash)
         .ok_or_else(|| UsageError(format!("unsupported hash '{}'", a.hash)))?;
-    if a.key_size % 8 != 0 {
+    if !a.key_size.is_multiple_of(8) {
         return Err(UsageError(format!(
             "key size {} is not a whole number of bytes",
             a.key_size

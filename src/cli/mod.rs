@@ -2,6 +2,7 @@
 
 mod keys_cmd;
 mod luks_cmd;
+mod volume_cmd;
 
 use clap::{Parser, Subcommand};
 
@@ -9,6 +10,7 @@ use luks_agent::config;
 use luks_agent::keymgr::KeyError;
 use luks_agent::luks::LuksError;
 use luks_agent::luks::kdf::KdfError;
+use luks_agent::volume::VolumeError;
 
 /// Success.
 pub const EXIT_OK: u8 = 0;
@@ -66,6 +68,16 @@ enum Command {
     /// Read, unlock, format and manage keyslots of LUKS1/LUKS2 headers.
     #[command(subcommand, after_help = EXIT_CODES_HELP)]
     Luks(luks_cmd::LuksCommand),
+    /// Attach an encrypted volume: fetch its key, format on first use,
+    /// open a dm-crypt mapping; prints the device to use.
+    #[command(after_help = EXIT_CODES_HELP)]
+    Attach(volume_cmd::VolumeArgs),
+    /// Detach an encrypted volume: remove its mapping, restore the device
+    /// path.
+    #[command(after_help = EXIT_CODES_HELP)]
+    Detach(volume_cmd::VolumeArgs),
+    /// List dm-crypt mappings (ours and cryptsetup's).
+    Status(volume_cmd::StatusArgs),
     /// Manage the local key store and check keys of the key manager.
     #[command(subcommand, after_help = EXIT_CODES_HELP)]
     Keys(keys_cmd::KeysCommand),
@@ -81,6 +93,9 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
     match cli.command {
         Command::Luks(cmd) => luks_cmd::run(cmd, &cfg),
         Command::Keys(cmd) => keys_cmd::run(cmd, &cfg),
+        Command::Attach(a) => volume_cmd::attach(a, &cfg),
+        Command::Detach(a) => volume_cmd::detach(a, &cfg),
+        Command::Status(a) => volume_cmd::status(a),
     }
 }
 
@@ -99,6 +114,18 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
     }
     if let Some(e) = err.downcast_ref::<KeyError>() {
         return keys_cmd::exit_code(e);
+    }
+    if let Some(e) = err.downcast_ref::<VolumeError>() {
+        return match e {
+            VolumeError::Key { source, .. } => keys_cmd::exit_code(source),
+            VolumeError::Spec { .. } | VolumeError::Unsupported { .. } => EXIT_USAGE,
+            VolumeError::Luks {
+                source: LuksError::WrongPassphrase { .. },
+                ..
+            } => EXIT_WRONG_PASSPHRASE,
+            VolumeError::FormatRefused { .. } => EXIT_REFUSED,
+            _ => EXIT_DEVICE,
+        };
     }
     match err.downcast_ref::<LuksError>() {
         Some(LuksError::WrongPassphrase { .. }) => EXIT_WRONG_PASSPHRASE,

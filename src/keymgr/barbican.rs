@@ -12,7 +12,10 @@ use serde_json::Value;
 use super::http::{self, Budget, HttpConfig};
 use super::keystone::Keystone;
 use super::marker::LocalMarkers;
-use super::{BoxFuture, Key, KeyError, KeyId, KeyManager, RequestAuth, SecretKind, SecretString};
+use super::{
+    BoxFuture, InvalidMaterial, Key, KeyError, KeyId, KeyManager, RequestAuth, SecretKind,
+    SecretString,
+};
 use crate::secret::SecretBytes;
 
 /// Metadata key under which the formatted marker is stored.
@@ -227,11 +230,13 @@ impl Barbican {
             .await
             .map_err(|f| f.into_key_error(key_id, &base))?;
             let status = resp.status().as_u16();
-            if status == 401 && *is_service && round == 0 {
-                if let Some(ks) = &self.keystone {
-                    ks.invalidate().await;
-                    continue;
-                }
+            if status == 401
+                && *is_service
+                && round == 0
+                && let Some(ks) = &self.keystone
+            {
+                ks.invalidate().await;
+                continue;
             }
             let content_type = resp
                 .headers()
@@ -313,22 +318,19 @@ impl Barbican {
         };
         let meta_json: Value = serde_json::from_slice(meta.body.expose())
             .map_err(|e| protocol(meta.status, format!("secret metadata is not JSON: {e}")))?;
-        if let Some(state) = meta_json["status"].as_str() {
-            if state != "ACTIVE" {
-                return Err(KeyError::InvalidKeyMaterial {
-                    key_id: key_id.into(),
-                    reason: format!("secret status is {state}"),
-                });
-            }
+        if let Some(state) = meta_json["status"].as_str()
+            && state != "ACTIVE"
+        {
+            return Err(InvalidMaterial(format!("secret status is {state}")).at(key_id, &base));
         }
         let kind = match meta_json["secret_type"].as_str() {
             Some("passphrase") => SecretKind::Passphrase,
             Some("symmetric") | Some("opaque") | None => SecretKind::Symmetric,
             Some(other) => {
-                return Err(KeyError::InvalidKeyMaterial {
-                    key_id: key_id.into(),
-                    reason: format!("secret type '{other}' cannot be a volume key"),
-                });
+                return Err(InvalidMaterial(format!(
+                    "secret type '{other}' cannot be a volume key"
+                ))
+                .at(key_id, &base));
             }
         };
         let accept = meta_json["content_types"]["default"]
@@ -375,14 +377,16 @@ impl Barbican {
                 ),
             ));
         }
-        let key = Key::new(id.clone(), kind, payload.body)?;
-        if let Some(bits) = meta_json["bit_length"].as_u64() {
-            if key.kind() == &SecretKind::Symmetric && bits != key.bits() as u64 {
-                return Err(KeyError::InvalidKeyMaterial {
-                    key_id: key_id.into(),
-                    reason: format!("payload has {} bits but the secret says {bits}", key.bits()),
-                });
-            }
+        let key = Key::new(id.clone(), kind, payload.body).map_err(|e| e.at(key_id, &base))?;
+        if let Some(bits) = meta_json["bit_length"].as_u64()
+            && key.kind() == &SecretKind::Symmetric
+            && bits != key.bits() as u64
+        {
+            return Err(InvalidMaterial(format!(
+                "payload has {} bits but the secret says {bits}",
+                key.bits()
+            ))
+            .at(key_id, &base));
         }
         Ok(key)
     }

@@ -81,10 +81,12 @@ pub enum KeyError {
         reason: String,
     },
     /// The secret exists but cannot be a volume key.
-    #[error("key {key_id} holds invalid key material: {reason}")]
+    #[error("key {key_id} from {endpoint} holds invalid key material: {reason}")]
     InvalidKeyMaterial {
         /// Key id.
         key_id: String,
+        /// Where it came from.
+        endpoint: String,
         /// What is wrong (lengths and types, never bytes).
         reason: String,
     },
@@ -112,5 +114,21 @@ fn http_status(status: u16) -> String {
         String::new()
     } else {
         format!(" (HTTP {status})")
+    }
+}
+
+/// Why bytes cannot be a volume key; the caller adds the key id and where
+/// the bytes came from.
+#[derive(Debug, PartialEq, Eq)]
+pub struct InvalidMaterial(pub String);
+
+impl InvalidMaterial {
+    /// The full error for `key_id` fetched from `endpoint`.
+    pub fn at(self, key_id: &str, endpoint: &str) -> KeyError {
+        KeyError::InvalidKeyMaterial {
+            key_id: key_id.into(),
+            endpoint: endpoint.into(),
+            reason: self.0,
+        }
     }
 }

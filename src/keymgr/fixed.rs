@@ -19,13 +19,14 @@ impl WithFixedKey {
     pub fn new(fixed_key_hex: &str, inner: Box<dyn KeyManager>) -> Result<Self, KeyError> {
         let hex = fixed_key_hex.trim();
         let bad = || KeyError::Config("fixed_key is not an even number of hex digits".into());
-        if hex.len() % 2 != 0 {
+        if !hex.len().is_multiple_of(2) {
             return Err(bad());
         }
         let mut fixed = SecretBytes::zeroed(hex.len() / 2);
         hex::decode_to_slice(hex, fixed.expose_mut()).map_err(|_| bad())?;
         let check = KeyId::new(FIXED_KEY_ID)?;
-        Key::new(check, SecretKind::Symmetric, fixed.clone())?;
+        Key::new(check, SecretKind::Symmetric, fixed.clone())
+            .map_err(|e| KeyError::Config(format!("fixed_key: {}", e.0)))?;
         Ok(WithFixedKey { fixed, inner })
     }
 
@@ -47,6 +48,7 @@ impl KeyManager for WithFixedKey {
         if Self::is_fixed(id) {
             return Box::pin(async move {
                 Key::new(id.clone(), SecretKind::Symmetric, self.fixed.clone())
+                    .map_err(|e| e.at(id.as_str(), "fixed_key"))
             });
         }
         self.inner.fetch(id, auth)

@@ -186,10 +186,10 @@ impl Keystone {
         budget: &Budget,
     ) -> Result<(SecretString, Value), KeyError> {
         let mut cache = self.cache.lock().await;
-        if let Some(c) = cache.as_ref() {
-            if SystemTime::now() < c.refresh_after {
-                return Ok((c.token.clone(), c.catalog.clone()));
-            }
+        if let Some(c) = cache.as_ref()
+            && SystemTime::now() < c.refresh_after
+        {
+            return Ok((c.token.clone(), c.catalog.clone()));
         }
         let url = format!("{}/auth/tokens", self.cfg.auth_url.trim_end_matches('/'));
         let mut body = self.auth_body();

@@ -56,7 +56,7 @@ impl LocalKeyStore {
     /// created with `O_EXCL` and mode 0600 and written once: the key never
     /// exists in a temporary file or with wider permissions.
     pub fn create(&self, bits: usize) -> Result<KeyId, KeyError> {
-        if bits % 8 != 0
+        if !bits.is_multiple_of(8)
             || !(super::MIN_SYMMETRIC_BYTES * 8..=super::MAX_SYMMETRIC_BYTES * 8).contains(&bits)
         {
             return Err(KeyError::Config(format!(
@@ -172,11 +172,12 @@ impl LocalKeyStore {
         }
         let bytes = SecretBytes::read_all(f)
             .map_err(|e| Self::local_err(id.as_str(), "reading key file", &path, e))?
-            .ok_or_else(|| KeyError::InvalidKeyMaterial {
-                key_id: id.to_string(),
-                reason: "key file is too large".into(),
+            .ok_or_else(|| {
+                super::InvalidMaterial("key file is too large".into())
+                    .at(id.as_str(), &self.describe())
             })?;
         Key::new(id.clone(), SecretKind::Symmetric, bytes)
+            .map_err(|e| e.at(id.as_str(), &self.describe()))
     }
 }
 

@@ -59,6 +59,9 @@ USER_AGENT = 'luks-agent-test-harness'
 REGION = 'RegionOne'
 DOMAIN = {'id': 'default', 'name': 'Default'}
 APP_CRED_NAME = 'luks-agent-test'
+# cloud.json layout and provisioning version; a running cloud of another
+# version is replaced by `start` (2: the barbican user has the service role).
+CLOUD_FORMAT = 2
 HTTP_TIMEOUT = 10.0          # seconds, for every request made by this script
 PROBE_TIMEOUT = 3.0          # seconds, for one readiness probe
 STOP_GRACE = 10.0            # seconds between SIGTERM and SIGKILL
@@ -187,7 +190,7 @@ def provision(cloud):
         return found[0]['id']
 
     roles = {r: get_one('roles', 'roles', r)
-             for r in ('admin', 'member', 'reader')}
+             for r in ('admin', 'member', 'reader', 'service')}
     projects = cloud['projects']
     projects['admin']['id'] = get_one('projects', 'projects', 'admin')
     for name in ('proj-a', 'proj-b', 'service'):
@@ -678,7 +681,8 @@ def cmd_start(args):
     state.mkdir(parents=True, exist_ok=True)
     with flock(state / '.lock', timeout=600):
         existing = load_cloud(state, missing_ok=True)
-        if existing and healthy(existing):
+        if existing and existing.get('format') == CLOUD_FORMAT \
+                and healthy(existing):
             note('already running (state %s)' % state)
             print(state / 'cloud.json')
             return
@@ -711,7 +715,7 @@ def _start(state, venv, args, t0):
     my_group = grp.getgrgid(os.getgid()).gr_name
 
     cloud = {
-        'format': 1,
+        'format': CLOUD_FORMAT,
         'state_dir': str(state),
         'venv': str(venv),
         'region': REGION,
@@ -745,7 +749,7 @@ def _start(state, venv, args, t0):
                 ('alice', 'proj-a', ['member']),
                 ('bob', 'proj-b', ['member']),
                 ('rita', 'proj-a', ['reader']),
-                ('barbican', 'service', ['admin']))},
+                ('barbican', 'service', ['admin', 'service']))},
     }
     for name, info in cloud['users'].items():
         info['name'] = name

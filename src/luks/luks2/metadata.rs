@@ -276,12 +276,13 @@ impl Metadata {
             segments.insert(id, parse_segment(v, &format!("segments.{k}"))?);
         }
         check_segment_layout(&segments)?;
-        if let Some(first) = segments.values().map(|s| s.offset).min() {
-            if first != 0 && first < areas_end {
-                return inv(format!(
-                    "data offset {first} lies inside the metadata and keyslot areas (which end at {areas_end})"
-                ));
-            }
+        if let Some(first) = segments.values().map(|s| s.offset).min()
+            && first != 0
+            && first < areas_end
+        {
+            return inv(format!(
+                "data offset {first} lies inside the metadata and keyslot areas (which end at {areas_end})"
+            ));
         }
 
         let mut digests = BTreeMap::new();
@@ -496,17 +497,17 @@ fn parse_segment(v: &Value, ctx: &str) -> Res<Segment> {
             "{ctx}.offset {offset} is not aligned to the sector size {sector_size}"
         ));
     }
-    if let Some(size) = size {
-        if size % u64::from(sector_size) != 0 {
-            return inv(format!(
-                "{ctx}.size {size} is not a multiple of the sector size {sector_size}"
-            ));
-        }
+    if let Some(size) = size
+        && size % u64::from(sector_size) != 0
+    {
+        return inv(format!(
+            "{ctx}.size {size} is not a multiple of the sector size {sector_size}"
+        ));
     }
-    if let Some(flags) = v.get("flags") {
-        if !matches!(flags, Value::Array(a) if a.iter().all(Value::is_string)) {
-            return inv(format!("{ctx}.flags is not an array of strings"));
-        }
+    if let Some(flags) = v.get("flags")
+        && !matches!(flags, Value::Array(a) if a.iter().all(Value::is_string))
+    {
+        return inv(format!("{ctx}.flags is not an array of strings"));
     }
     Ok(Segment {
         offset,

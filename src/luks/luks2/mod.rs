@@ -717,10 +717,10 @@ impl Luks2Header {
     pub fn link_token_to_keyslot(&mut self, device: &str, slot: u32) -> Result<(), LuksError> {
         let mut doc = self.meta.doc.clone();
         for entry in section(&mut doc, "tokens").values_mut() {
-            if entry.get("type").and_then(Value::as_str) == Some(TOKEN_TYPE) {
-                if let Some(Value::Array(list)) = entry.get_mut("keyslots") {
-                    list.push(Value::String(slot.to_string()));
-                }
+            if entry.get("type").and_then(Value::as_str) == Some(TOKEN_TYPE)
+                && let Some(Value::Array(list)) = entry.get_mut("keyslots")
+            {
+                list.push(Value::String(slot.to_string()));
             }
         }
         self.replace_doc(device, doc)

@@ -5,6 +5,9 @@ use std::io::{self, Seek, SeekFrom};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::Path;
 
+pub mod loopdev;
+pub mod probe;
+
 /// Opens a device or image for reading, or reading and writing. Block
 /// devices are opened with `O_EXCL` when writable so that a mounted or
 /// mapped device is refused by the kernel instead of being written under

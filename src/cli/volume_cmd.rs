@@ -1,0 +1,186 @@
+//! `luks-agent attach | detach | status`: volumes, acting directly as root.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+
+use luks_agent::config::Config;
+use luks_agent::dm::{CryptOptions, DeviceMapper};
+use luks_agent::keymgr::{RequestAuth, SecretString};
+use luks_agent::volume::{AttachRequest, EncryptionSpec, VolumeOptions, Volumes};
+
+use super::{EXIT_OK, UsageError};
+
+/// Default directory of locks and attach records.
+const RUN_DIR: &str = "/run/luks-agent";
+
+#[derive(Args, Debug)]
+pub struct VolumeArgs {
+    /// Cinder volume id.
+    #[arg(long)]
+    volume_id: String,
+    /// The connector's device path (a block device or a symlink to one).
+    #[arg(long)]
+    device: PathBuf,
+    /// Cinder's encryption metadata as JSON.
+    #[arg(
+        long,
+        conflicts_with = "encryption_file",
+        required_unless_present = "encryption_file"
+    )]
+    encryption: Option<String>,
+    /// File holding the encryption metadata JSON.
+    #[arg(long, value_name = "PATH")]
+    encryption_file: Option<PathBuf>,
+    /// Multipath WWN of the device (an older mapping name).
+    #[arg(long)]
+    multipath_id: Option<String>,
+    /// File with the caller's Keystone token (`-` for stdin); default: the
+    /// agent's own credentials.
+    #[arg(long, value_name = "PATH")]
+    token_file: Option<PathBuf>,
+    /// File with a service token to send along with --token-file.
+    #[arg(long, value_name = "PATH", requires = "token_file")]
+    service_token_file: Option<PathBuf>,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn options(config: &Config) -> VolumeOptions {
+    VolumeOptions {
+        state_dir: config.state_dir.clone(),
+        run_dir: PathBuf::from(RUN_DIR),
+        max_argon2_memory_kib: config.kdf.max_argon2_memory_kib,
+        detach_attempts: 6,
+        detach_backoff: Duration::from_millis(100),
+        crypt: CryptOptions::default(),
+    }
+}
+
+fn spec_of(a: &VolumeArgs) -> anyhow::Result<EncryptionSpec> {
+    let text = match (&a.encryption, &a.encryption_file) {
+        (Some(t), _) => t.clone(),
+        (None, Some(p)) => std::fs::read_to_string(p)
+            .map_err(|e| UsageError(format!("cannot read {}: {e}", p.display())))?,
+        (None, None) => {
+            return Err(UsageError("--encryption or --encryption-file is required".into()).into());
+        }
+    };
+    Ok(EncryptionSpec::from_json(&text).map_err(|e| UsageError(e.to_string()))?)
+}
+
+fn auth_of(a: &VolumeArgs) -> anyhow::Result<RequestAuth> {
+    let read = |p: &PathBuf| -> anyhow::Result<SecretString> {
+        let f = std::fs::File::open(p)
+            .map_err(|e| UsageError(format!("cannot open {}: {e}", p.display())))?;
+        Ok(SecretString::from_reader(f)?
+            .ok_or_else(|| UsageError(format!("{} is too large", p.display())))?)
+    };
+    Ok(match &a.token_file {
+        None => RequestAuth::Service,
+        Some(p) => RequestAuth::UserToken {
+            token: read(p)?,
+            service_token: a.service_token_file.as_ref().map(read).transpose()?,
+        },
+    })
+}
+
+pub fn attach(a: VolumeArgs, config: &Config) -> anyhow::Result<u8> {
+    let spec = spec_of(&a)?;
+    let keys = config.key_manager()?;
+    let volumes = Volumes::new(keys.as_ref(), options(config));
+    let req = AttachRequest {
+        volume_id: a.volume_id.clone(),
+        device_path: a.device.clone(),
+        spec,
+        multipath_id: a.multipath_id.clone(),
+        auth: auth_of(&a)?,
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let started = Instant::now();
+    let r = rt.block_on(volumes.attach(&req));
+    let ms = started.elapsed().as_secs_f64() * 1000.0;
+    match &r {
+        Ok(out) => {
+            tracing::info!(volume_id = a.volume_id, outcome = ?out.action, duration_ms = ms, "attach")
+        }
+        Err(e) => {
+            tracing::warn!(volume_id = a.volume_id, error = %e, duration_ms = ms, "attach failed")
+        }
+    }
+    let out = r?;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({"volume_id": a.volume_id, "path": out.path, "mapping": out.mapping, "action": out.action, "formatted": out.formatted, "duration_ms": ms})
+        );
+    } else {
+        println!("{}", out.path.display());
+        eprintln!(
+            "volume {}: {:?}{} in {ms:.1} ms",
+            a.volume_id,
+            out.action,
+            if out.formatted {
+                ", formatted on first use"
+            } else {
+                ""
+            }
+        );
+    }
+    Ok(EXIT_OK)
+}
+
+pub fn detach(a: VolumeArgs, config: &Config) -> anyhow::Result<u8> {
+    let spec = spec_of(&a)?;
+    let keys = config.key_manager()?;
+    let volumes = Volumes::new(keys.as_ref(), options(config));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let started = Instant::now();
+    let out =
+        rt.block_on(volumes.detach(&a.volume_id, &a.device, &spec, a.multipath_id.as_deref()))?;
+    let ms = started.elapsed().as_secs_f64() * 1000.0;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({"volume_id": a.volume_id, "mapping": out.mapping, "action": out.action, "duration_ms": ms})
+        );
+    } else {
+        let what = match out.action {
+            luks_agent::volume::Action::Created => "mapping removed",
+            luks_agent::volume::Action::Identity => "was not attached",
+            luks_agent::volume::Action::NoOp => "nothing to do",
+        };
+        eprintln!("volume {}: detached, {what}, in {ms:.1} ms", a.volume_id);
+    }
+    Ok(EXIT_OK)
+}
+
+pub fn status(a: StatusArgs) -> anyhow::Result<u8> {
+    let dm = DeviceMapper::open()?;
+    let maps = dm.list("CRYPT-")?;
+    if a.json {
+        let v: Vec<_> = maps.iter().map(|m| serde_json::json!({"name": m.name, "uuid": m.uuid, "device": m.device, "open_count": m.open_count})).collect();
+        println!("{}", serde_json::Value::Array(v));
+    } else {
+        for m in maps {
+            println!(
+                "{}\t{}\t{}\topen={}",
+                m.name, m.device, m.uuid, m.open_count
+            );
+        }
+    }
+    Ok(EXIT_OK)
+}

@@ -1,0 +1,720 @@
+//! Attach and detach of encrypted volumes: the orchestration from cinder's
+//! encryption metadata and a device path to a dm-crypt mapping, with the
+//! key from the key manager, a first-use format that cannot destroy data,
+//! per-volume serialisation and rollback of partial work.
+
+pub mod guard;
+pub mod naming;
+pub mod spec;
+
+use std::fs::{self, File, OpenOptions};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::blockdev;
+use crate::dm::{CryptOptions, CryptTarget, DeviceMapper, DmError, MappingInfo};
+use crate::keymgr::{KeyError, KeyId, KeyManager, RequestAuth};
+use crate::luks::{
+    self, CipherSpec, Disk, FileDisk, FormatOptions, Header, KdfLimits, KdfPolicy, LuksError,
+    LuksVersion,
+};
+use crate::secret::VolumeKey;
+use guard::{FormatRecords, Inspection};
+pub use spec::{EncryptionSpec, Provider, SpecError};
+
+/// Why an attach or detach failed. Every variant names the volume.
+#[derive(Debug, thiserror::Error)]
+pub enum VolumeError {
+    /// The encryption metadata cannot be used.
+    #[error("volume {volume_id}: {source}")]
+    Spec {
+        /// Volume.
+        volume_id: String,
+        /// What is wrong.
+        #[source]
+        source: SpecError,
+    },
+    /// The key could not be fetched.
+    #[error("volume {volume_id}: fetching its key")]
+    Key {
+        /// Volume.
+        volume_id: String,
+        /// Why.
+        #[source]
+        source: KeyError,
+    },
+    /// The LUKS header could not be read, unlocked or written.
+    #[error("volume {volume_id} on {device}")]
+    Luks {
+        /// Volume.
+        volume_id: String,
+        /// Device.
+        device: String,
+        /// Why.
+        #[source]
+        source: LuksError,
+    },
+    /// The first-use format was refused; nothing was written.
+    #[error("volume {volume_id} on {device}: refusing to format: {reason}")]
+    FormatRefused {
+        /// Volume.
+        volume_id: String,
+        /// Device.
+        device: String,
+        /// Which check failed.
+        reason: String,
+    },
+    /// A device-mapper operation failed.
+    #[error("volume {volume_id}: mapping {mapping}")]
+    Dm {
+        /// Volume.
+        volume_id: String,
+        /// Mapping name.
+        mapping: String,
+        /// Why.
+        #[source]
+        source: DmError,
+    },
+    /// A file operation (lock, state, symlink, device) failed.
+    #[error("volume {volume_id}: {op} {path}")]
+    Io {
+        /// Volume.
+        volume_id: String,
+        /// What we did.
+        op: String,
+        /// The file.
+        path: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// An attach failed and undoing it failed too.
+    #[error("{cause}; rollback also failed: {rollback}")]
+    Rollback {
+        /// The failure.
+        cause: Box<VolumeError>,
+        /// The rollback failure.
+        rollback: Box<VolumeError>,
+    },
+    /// This operation is not supported for this volume.
+    #[error("volume {volume_id}: {what}")]
+    Unsupported {
+        /// Volume.
+        volume_id: String,
+        /// What.
+        what: String,
+    },
+}
+
+/// What an idempotent operation did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    /// It made the change.
+    Created,
+    /// The state was already as requested.
+    Identity,
+    /// Nothing to do for this volume (no front-end encryption).
+    NoOp,
+}
+
+/// Result of an attach.
+#[derive(Clone, Debug, Serialize)]
+pub struct Attached {
+    /// The device the guest should use.
+    pub path: PathBuf,
+    /// The mapping name (absent for no-op volumes).
+    pub mapping: Option<String>,
+    /// What happened.
+    pub action: Action,
+    /// Whether this attach formatted the volume.
+    pub formatted: bool,
+}
+
+/// Result of a detach.
+#[derive(Clone, Debug, Serialize)]
+pub struct Detached {
+    /// The mapping name.
+    pub mapping: Option<String>,
+    /// What happened.
+    pub action: Action,
+}
+
+/// An attach request.
+#[derive(Clone, Debug)]
+pub struct AttachRequest {
+    /// Cinder volume id.
+    pub volume_id: String,
+    /// The connector's device path (often a symlink).
+    pub device_path: PathBuf,
+    /// Cinder's encryption metadata.
+    pub spec: EncryptionSpec,
+    /// The multipath WWN, if any (older mapping name).
+    pub multipath_id: Option<String>,
+    /// Whose credentials fetch the key.
+    pub auth: RequestAuth,
+}
+
+/// What we remember about an attached volume, to undo it on detach.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VolumeRecord {
+    mapping: String,
+    device_path: PathBuf,
+    /// Where the device_path symlink pointed before we repointed it.
+    original_target: Option<PathBuf>,
+}
+
+/// Tunables of attach/detach.
+#[derive(Clone, Debug)]
+pub struct VolumeOptions {
+    /// Where formatting records live (persistent).
+    pub state_dir: PathBuf,
+    /// Where locks and attach records live (cleared at boot).
+    pub run_dir: PathBuf,
+    /// Argon2 memory cap for strong-KDF formats.
+    pub max_argon2_memory_kib: u32,
+    /// Attempts to remove a busy mapping.
+    pub detach_attempts: u32,
+    /// First wait between those attempts.
+    pub detach_backoff: Duration,
+    /// Crypt target options.
+    pub crypt: CryptOptions,
+}
+
+/// Attach/detach orchestration.
+pub struct Volumes<'k> {
+    keys: &'k dyn KeyManager,
+    opts: VolumeOptions,
+    records: FormatRecords,
+}
+
+fn io_err(volume_id: &str, op: &str, path: &Path) -> impl FnOnce(std::io::Error) -> VolumeError {
+    let (volume_id, op, path) = (
+        volume_id.to_string(),
+        op.to_string(),
+        path.display().to_string(),
+    );
+    move |source| VolumeError::Io {
+        volume_id,
+        op,
+        path,
+        source,
+    }
+}
+
+impl<'k> Volumes<'k> {
+    /// Orchestration over `keys`.
+    pub fn new(keys: &'k dyn KeyManager, opts: VolumeOptions) -> Self {
+        let records = FormatRecords::new(&opts.state_dir);
+        Volumes {
+            keys,
+            opts,
+            records,
+        }
+    }
+
+    /// Serialises all operations on one volume, across processes.
+    fn lock(&self, volume_id: &str) -> Result<File, VolumeError> {
+        let dir = self.opts.run_dir.join("locks");
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(io_err(volume_id, "creating", &dir))?;
+        let path = dir.join(format!("{volume_id}.lock"));
+        let f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .map_err(io_err(volume_id, "opening lock", &path))?;
+        f.lock().map_err(io_err(volume_id, "locking", &path))?;
+        Ok(f)
+    }
+
+    fn record_path(&self, volume_id: &str) -> PathBuf {
+        self.opts
+            .run_dir
+            .join("volumes")
+            .join(format!("{volume_id}.json"))
+    }
+
+    fn read_record(&self, volume_id: &str) -> Option<VolumeRecord> {
+        let text = fs::read_to_string(self.record_path(volume_id)).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    fn write_record(&self, volume_id: &str, rec: &VolumeRecord) -> Result<(), VolumeError> {
+        let path = self.record_path(volume_id);
+        let dir = path.parent().unwrap_or(Path::new("/"));
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(io_err(volume_id, "creating", dir))?;
+        let text = serde_json::to_string(rec).unwrap_or_default();
+        fs::write(&path, text).map_err(io_err(volume_id, "writing", &path))
+    }
+
+    fn validate_id(volume_id: &str) -> Result<(), VolumeError> {
+        let ok = !volume_id.is_empty()
+            && volume_id.len() <= 128
+            && volume_id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+            && !volume_id.starts_with('.');
+        if ok {
+            Ok(())
+        } else {
+            Err(VolumeError::Unsupported {
+                volume_id: volume_id.escape_debug().to_string(),
+                what: "volume ids are 1-128 characters of letters, digits, '-', '_' and '.'".into(),
+            })
+        }
+    }
+
+    /// Attaches a volume: after this, the returned path reads and writes
+    /// plaintext. Idempotent; a failure leaves nothing behind.
+    pub async fn attach(&self, req: &AttachRequest) -> Result<Attached, VolumeError> {
+        let vid = req.volume_id.as_str();
+        Self::validate_id(vid)?;
+        let spec_err = |source| VolumeError::Spec {
+            volume_id: vid.into(),
+            source,
+        };
+        let provider = req.spec.provider().map_err(spec_err)?;
+        if provider == Provider::NoOp {
+            return Ok(Attached {
+                path: req.device_path.clone(),
+                mapping: None,
+                action: Action::NoOp,
+                formatted: false,
+            });
+        }
+        let key_id_text = req
+            .spec
+            .encryption_key_id
+            .as_deref()
+            .ok_or(SpecError::MissingKeyId)
+            .map_err(spec_err)?;
+        let _lock = self.lock(vid)?;
+        let dm = DeviceMapper::open().map_err(|source| VolumeError::Dm {
+            volume_id: vid.into(),
+            mapping: "-".into(),
+            source,
+        })?;
+        let dm_err = |mapping: &str| {
+            let (v, m) = (vid.to_string(), mapping.to_string());
+            move |source| VolumeError::Dm {
+                volume_id: v,
+                mapping: m,
+                source,
+            }
+        };
+        let name = naming::choose_name(&req.device_path, req.multipath_id.as_deref(), |n| {
+            matches!(dm.info(n), Ok(Some(_)))
+        });
+        if let Some(existing) = dm.info(&name).map_err(dm_err(&name))? {
+            self.point_symlink(vid, &req.device_path, &existing)?;
+            return Ok(Attached {
+                path: existing.path(),
+                mapping: Some(name),
+                action: Action::Identity,
+                formatted: false,
+            });
+        }
+        if provider == Provider::Plain {
+            return Err(VolumeError::Unsupported {
+                volume_id: vid.into(),
+                what: "plain (cryptsetup create) volumes are not supported yet".into(),
+            });
+        }
+        let device = fs::canonicalize(&req.device_path).map_err(io_err(
+            vid,
+            "resolving",
+            &req.device_path,
+        ))?;
+        let key_id = KeyId::new(key_id_text).map_err(|source| VolumeError::Key {
+            volume_id: vid.into(),
+            source,
+        })?;
+        let key = self
+            .keys
+            .fetch(&key_id, &req.auth)
+            .await
+            .map_err(|source| VolumeError::Key {
+                volume_id: vid.into(),
+                source,
+            })?;
+        let passphrase = key.passphrase();
+        let dev_name = device.display().to_string();
+        let luks_err = |source| VolumeError::Luks {
+            volume_id: vid.into(),
+            device: dev_name.clone(),
+            source,
+        };
+
+        let (header, volume_key, formatted) = {
+            let file = blockdev::open(&device, true).map_err(io_err(vid, "opening", &device))?;
+            let disk = FileDisk::new(file, dev_name.clone());
+            let limits = KdfLimits::default();
+            let recorded = self.records.is_recorded(vid);
+            // Only an interrupted format of our own may be redone: our
+            // record says it started here, and no marker says it finished.
+            let redo_ours = recorded
+                && !self
+                    .keys
+                    .is_marked_formatted(&key_id, &req.auth)
+                    .await
+                    .map_err(|source| VolumeError::Key {
+                        volume_id: vid.into(),
+                        source,
+                    })?;
+            match Header::read(&disk) {
+                Ok(h) => match h.unlock(&disk, &passphrase, None, &limits) {
+                    Ok(u) => {
+                        self.heal_marker(vid, &key_id, &req.auth).await?;
+                        (h, u.volume_key, false)
+                    }
+                    Err(LuksError::WrongPassphrase { .. }) if redo_ours => {
+                        let (h, k) = self
+                            .format(vid, &disk, provider, &req.spec, &key, &key_id, &req.auth)
+                            .await?;
+                        (h, k, true)
+                    }
+                    Err(e) => return Err(luks_err(e)),
+                },
+                Err(LuksError::NotLuks { .. }) => {
+                    if self
+                        .keys
+                        .is_marked_formatted(&key_id, &req.auth)
+                        .await
+                        .map_err(|source| VolumeError::Key {
+                            volume_id: vid.into(),
+                            source,
+                        })?
+                    {
+                        return Err(VolumeError::FormatRefused {
+                            volume_id: vid.into(),
+                            device: dev_name.clone(),
+                            reason: format!(
+                                "no LUKS header, but the key manager records key {key_id} as formatted: the header was destroyed or the device is not the volume"
+                            ),
+                        });
+                    }
+                    let seen = Inspection::of(&disk).map_err(io_err(vid, "probing", &device))?;
+                    if !seen.is_blank() && !redo_ours {
+                        return Err(VolumeError::FormatRefused {
+                            volume_id: vid.into(),
+                            device: dev_name.clone(),
+                            reason: format!("the device is not blank: {}", seen.describe()),
+                        });
+                    }
+                    let (h, k) = self
+                        .format(vid, &disk, provider, &req.spec, &key, &key_id, &req.auth)
+                        .await?;
+                    (h, k, true)
+                }
+                Err(
+                    e @ (LuksError::InvalidHeader { .. }
+                    | LuksError::Unsupported { .. }
+                    | LuksError::TooSmall { .. }),
+                ) => {
+                    if redo_ours {
+                        let (h, k) = self
+                            .format(vid, &disk, provider, &req.spec, &key, &key_id, &req.auth)
+                            .await?;
+                        (h, k, true)
+                    } else {
+                        return Err(luks_err(e));
+                    }
+                }
+                Err(e) => return Err(luks_err(e)),
+            }
+        };
+        let target = self.target(vid, &device, &header, &name)?;
+        let kind = if header.version() == LuksVersion::Luks1 {
+            "LUKS1"
+        } else {
+            "LUKS2"
+        };
+        let uuid = naming::dm_uuid(kind, Some(header.uuid()), &name);
+        let info = dm
+            .create_crypt(&name, &uuid, &target, &volume_key, false)
+            .map_err(dm_err(&name))?;
+        drop(volume_key);
+        if let Err(cause) = self.point_symlink(vid, &req.device_path, &info) {
+            let rollback = dm
+                .remove(&name, 3, Duration::from_millis(50))
+                .map_err(dm_err(&name));
+            return Err(match rollback {
+                Ok(_) => cause,
+                Err(r) => VolumeError::Rollback {
+                    cause: Box::new(cause),
+                    rollback: Box::new(r),
+                },
+            });
+        }
+        Ok(Attached {
+            path: info.path(),
+            mapping: Some(name),
+            action: Action::Created,
+            formatted,
+        })
+    }
+
+    async fn heal_marker(
+        &self,
+        vid: &str,
+        key_id: &KeyId,
+        auth: &RequestAuth,
+    ) -> Result<(), VolumeError> {
+        let key_err = |source| VolumeError::Key {
+            volume_id: vid.into(),
+            source,
+        };
+        if !self
+            .keys
+            .is_marked_formatted(key_id, auth)
+            .await
+            .map_err(key_err)?
+        {
+            self.keys
+                .mark_formatted(key_id, auth)
+                .await
+                .map_err(key_err)?;
+        }
+        self.records
+            .clear(vid)
+            .map_err(io_err(vid, "clearing format record for", Path::new(vid)))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn format(
+        &self,
+        vid: &str,
+        disk: &FileDisk,
+        provider: Provider,
+        spec: &EncryptionSpec,
+        key: &crate::keymgr::Key,
+        key_id: &KeyId,
+        auth: &RequestAuth,
+    ) -> Result<(Header, VolumeKey), VolumeError> {
+        let dev = disk.name().to_string();
+        let spec_err = |source| VolumeError::Spec {
+            volume_id: vid.into(),
+            source,
+        };
+        let bits = spec.key_bits().map_err(spec_err)?;
+        let cipher =
+            CipherSpec::parse(spec.cipher(), bits / 8).map_err(|e| VolumeError::Unsupported {
+                volume_id: vid.into(),
+                what: e.to_string(),
+            })?;
+        let version = if provider == Provider::Luks1 {
+            LuksVersion::Luks1
+        } else {
+            LuksVersion::Luks2
+        };
+        let kdf = if key.is_high_entropy() {
+            KdfPolicy::HighEntropyKey
+        } else {
+            match KdfPolicy::cryptsetup_default(version) {
+                KdfPolicy::Benchmark {
+                    kind,
+                    iter_time,
+                    parallel,
+                    ..
+                } => KdfPolicy::Benchmark {
+                    kind,
+                    iter_time,
+                    parallel,
+                    max_memory_kib: self.opts.max_argon2_memory_kib,
+                },
+                other => other,
+            }
+        };
+        let opts = FormatOptions {
+            version,
+            cipher,
+            hash: luks::HashAlg::Sha256,
+            kdf,
+            keyslot: None,
+            uuid: None,
+            sector_size: blockdev::default_encryption_sector_size(disk.file()),
+            metadata_size: None,
+            keyslots_size: None,
+            key_id: (version == LuksVersion::Luks2).then(|| key_id.to_string()),
+        };
+        self.records.record(vid, &dev).map_err(io_err(
+            vid,
+            "recording format of",
+            Path::new(&dev),
+        ))?;
+        let (header, vk) =
+            luks::format(disk, &opts, &key.passphrase()).map_err(|source| VolumeError::Luks {
+                volume_id: vid.into(),
+                device: dev.clone(),
+                source,
+            })?;
+        tracing::info!(volume_id = vid, device = dev, "formatted on first use");
+        self.heal_marker(vid, key_id, auth).await?;
+        Ok((header, vk))
+    }
+
+    fn target(
+        &self,
+        vid: &str,
+        device: &Path,
+        header: &Header,
+        name: &str,
+    ) -> Result<CryptTarget, VolumeError> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = fs::metadata(device).map_err(io_err(vid, "inspecting", device))?;
+        let file = File::open(device).map_err(io_err(vid, "opening", device))?;
+        let size = blockdev::size_of(&file).map_err(io_err(vid, "sizing", device))?;
+        let sector = u64::from(header.sector_size());
+        let data = size.saturating_sub(header.data_offset()) / sector * sector;
+        if data == 0 {
+            return Err(VolumeError::Unsupported {
+                volume_id: vid.into(),
+                what: format!("{} has no room for data after its header", device.display()),
+            });
+        }
+        let rdev = meta.rdev();
+        let devnum = if meta.file_type().is_file() {
+            return Err(VolumeError::Unsupported {
+                volume_id: vid.into(),
+                what: format!("{} is a file, not a block device", device.display()),
+            });
+        } else {
+            format!("{}:{}", libc::major(rdev), libc::minor(rdev))
+        };
+        let mut options = self.opts.crypt.clone();
+        if sector > 512 {
+            options.sector_size = sector as u32;
+            options.iv_large_sectors = true;
+        }
+        Ok(CryptTarget {
+            cipher: header.cipher(),
+            key_bytes: header.key_bytes(),
+            key_description: format!("luks-agent:{}-{name}", header.uuid()),
+            iv_offset: 0,
+            device: devnum,
+            offset_sectors: header.data_offset() / 512,
+            length_sectors: data / 512,
+            options,
+        })
+    }
+
+    /// Points the connector's symlink at the mapping (as os-brick does),
+    /// remembering where it pointed so detach can restore it.
+    fn point_symlink(
+        &self,
+        vid: &str,
+        device_path: &Path,
+        info: &MappingInfo,
+    ) -> Result<(), VolumeError> {
+        let mapping_path = info.path();
+        let link = fs::symlink_metadata(device_path)
+            .map(|m| m.file_type().is_symlink())
+            .unwrap_or(false);
+        let current = fs::read_link(device_path).ok();
+        let original = match self.read_record(vid) {
+            Some(r) if r.mapping == info.name => r.original_target,
+            _ => {
+                if link && current.as_deref() != Some(mapping_path.as_path()) {
+                    current.clone()
+                } else {
+                    None
+                }
+            }
+        };
+        self.write_record(
+            vid,
+            &VolumeRecord {
+                mapping: info.name.clone(),
+                device_path: device_path.to_path_buf(),
+                original_target: original,
+            },
+        )?;
+        if !link || current.as_deref() == Some(mapping_path.as_path()) {
+            return Ok(());
+        }
+        replace_symlink(device_path, &mapping_path).map_err(io_err(vid, "repointing", device_path))
+    }
+
+    /// Detaches a volume: removes the mapping (retrying while it is busy)
+    /// and restores the device path. Detaching a detached volume succeeds.
+    pub async fn detach(
+        &self,
+        volume_id: &str,
+        device_path: &Path,
+        spec: &EncryptionSpec,
+        multipath_id: Option<&str>,
+    ) -> Result<Detached, VolumeError> {
+        Self::validate_id(volume_id)?;
+        let provider = spec.provider().map_err(|source| VolumeError::Spec {
+            volume_id: volume_id.into(),
+            source,
+        })?;
+        if provider == Provider::NoOp {
+            return Ok(Detached {
+                mapping: None,
+                action: Action::NoOp,
+            });
+        }
+        let _lock = self.lock(volume_id)?;
+        let dm = DeviceMapper::open().map_err(|source| VolumeError::Dm {
+            volume_id: volume_id.into(),
+            mapping: "-".into(),
+            source,
+        })?;
+        let record = self.read_record(volume_id);
+        let name = match &record {
+            Some(r) => r.mapping.clone(),
+            None => naming::choose_name(device_path, multipath_id, |n| {
+                matches!(dm.info(n), Ok(Some(_)))
+            }),
+        };
+        let removed = dm
+            .remove(&name, self.opts.detach_attempts, self.opts.detach_backoff)
+            .map_err(|source| VolumeError::Dm {
+                volume_id: volume_id.into(),
+                mapping: name.clone(),
+                source,
+            })?;
+        if let Some(r) = &record {
+            if let Some(orig) = &r.original_target {
+                replace_symlink(&r.device_path, orig).map_err(io_err(
+                    volume_id,
+                    "restoring",
+                    &r.device_path,
+                ))?;
+            }
+            let p = self.record_path(volume_id);
+            fs::remove_file(&p).map_err(io_err(volume_id, "removing", &p))?;
+        }
+        Ok(Detached {
+            mapping: Some(name),
+            action: if removed {
+                Action::Created
+            } else {
+                Action::Identity
+            },
+        })
+    }
+}
+
+/// Atomically makes `link` a symlink to `target` (create beside, rename).
+fn replace_symlink(link: &Path, target: &Path) -> std::io::Result<()> {
+    let tmp = link.with_file_name(format!(".{}.luks-agent-tmp", naming::basename(link)));
+    let _ = fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(target, &tmp)?;
+    fs::rename(&tmp, link)
+}

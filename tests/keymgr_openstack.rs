@@ -1,0 +1,1109 @@
+//! The key manager layer against a real Keystone and a real Barbican, run
+//! by `tests/harness/openstack.py` on loopback: authentication with the
+//! agent's password or application credential, caller tokens with and
+//! without a service token, key ids as hrefs, passphrase secrets, policy
+//! refusals, Barbican going away and coming back, a server that never
+//! answers, unusable key material, the token cache, the formatted marker
+//! in Barbican's secret metadata, and nova's legacy fixed key.
+//!
+//! The cloud comes from `LUKS_AGENT_TEST_CLOUD` (a `cloud.json`) or is
+//! started once per test binary in `target/test-cloud` and left running
+//! (`scripts/test.sh` stops it). A cloud that cannot start fails every
+//! test with the harness's output. Every test takes one lock: some stop
+//! Barbican, and the token-count test reads Keystone's access log.
+
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::net::TcpListener;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use luks_agent::config::{Config, ConfigError};
+use luks_agent::keymgr::barbican::{Barbican, MARKER_KEY};
+use luks_agent::keymgr::fixed::FIXED_KEY_ID;
+use luks_agent::keymgr::http::{HttpConfig, build_client};
+use luks_agent::keymgr::keystone::Keystone;
+use luks_agent::keymgr::{Key, KeyError, KeyId, KeyManager, RequestAuth, SecretKind, SecretString};
+use luks_agent::secret::SecretBytes;
+
+// ---------------------------------------------------------------------------
+// The cloud
+// ---------------------------------------------------------------------------
+
+/// User-Agent of requests made by the harness script itself.
+const HARNESS_UA: &str = "luks-agent-test-harness";
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Runs `openstack.py ARGS`; its stdout, or everything it said on failure.
+fn harness(args: &[&str]) -> Result<String, String> {
+    let script = repo().join("tests/harness/openstack.py");
+    let out = Command::new("python3")
+        .arg(&script)
+        .args(args)
+        .output()
+        .map_err(|e| format!("cannot run python3 {}: {e}", script.display()))?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        return Err(format!(
+            "python3 {} {} failed ({}):\n--- stdout ---\n{stdout}\n--- stderr ---\n{}",
+            script.display(),
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(stdout)
+}
+
+struct Cloud {
+    state: String,
+    v: Value,
+}
+
+impl Cloud {
+    fn start() -> Result<Cloud, String> {
+        let json = match std::env::var_os("LUKS_AGENT_TEST_CLOUD") {
+            Some(p) => PathBuf::from(p),
+            None => {
+                let state = repo().join("target/test-cloud");
+                let out = harness(&["start", "--state", state.to_str().unwrap()])?;
+                PathBuf::from(out.lines().last().unwrap_or("").trim())
+            }
+        };
+        let text = fs::read_to_string(&json)
+            .map_err(|e| format!("cannot read cloud description {}: {e}", json.display()))?;
+        let v: Value = serde_json::from_str(&text)
+            .map_err(|e| format!("{} is not JSON: {e}", json.display()))?;
+        let state = v["state_dir"]
+            .as_str()
+            .ok_or_else(|| format!("{} has no state_dir", json.display()))?
+            .to_string();
+        Ok(Cloud { state, v })
+    }
+
+    fn run(&self, args: &[&str]) -> String {
+        let mut all = vec![args[0], "--state", &self.state];
+        all.extend_from_slice(&args[1..]);
+        harness(&all).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn auth_url(&self) -> &str {
+        self.v["keystone"]["auth_url"].as_str().unwrap()
+    }
+
+    fn barbican(&self) -> &str {
+        self.v["barbican"]["endpoint"].as_str().unwrap()
+    }
+
+    fn password(&self, user: &str) -> &str {
+        self.v["users"][user]["password"].as_str().unwrap()
+    }
+
+    fn app_cred(&self, field: &str) -> &str {
+        self.v["app_credential"][field].as_str().unwrap()
+    }
+
+    fn token(&self, user: &str) -> String {
+        self.run(&["token", "--user", user]).trim().to_string()
+    }
+
+    fn create_secret(&self, payload: &[u8], secret_type: &str) -> String {
+        let id = self.run(&[
+            "create-secret",
+            "--user",
+            "alice",
+            "--payload-hex",
+            &hex::encode(payload),
+            "--secret-type",
+            secret_type,
+        ]);
+        let id = id.trim().to_string();
+        uuid_check(&id);
+        id
+    }
+
+    fn delete_secret(&self, id: &str) {
+        self.run(&["delete-secret", "--user", "alice", "--id", id]);
+    }
+
+    /// `POST /v3/auth/tokens` lines in Keystone's access log that neither
+    /// the harness nor Barbican's middleware made: the agent's.
+    fn agent_requests(&self, request: &str) -> usize {
+        let log = self.v["keystone"]["access_log"].as_str().unwrap();
+        let text = fs::read_to_string(log).unwrap_or_else(|e| panic!("{log}: {e}"));
+        text.lines()
+            .filter(|l| l.contains(&format!("\"{request} ")))
+            .filter(|l| {
+                let ua = l.rsplit('"').nth(1).unwrap_or("");
+                ua != HARNESS_UA
+                    && !ua.contains("barbican/")
+                    && !ua.contains("keystonemiddleware")
+                    && !ua.contains("keystoneclient")
+            })
+            .count()
+    }
+
+    /// The agent's count of `request` once Keystone has logged at least
+    /// `want` (access log lines are written after the response is sent).
+    fn settled_agent_requests(&self, request: &str, want: usize) -> usize {
+        let end = Instant::now() + Duration::from_secs(5);
+        while self.agent_requests(request) < want && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        self.agent_requests(request)
+    }
+}
+
+fn uuid_check(id: &str) {
+    assert!(
+        uuid::Uuid::parse_str(id).is_ok(),
+        "create-secret printed {id:?}"
+    );
+}
+
+static CLOUD: OnceLock<Result<Cloud, String>> = OnceLock::new();
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// Per-test context: the lock, the cloud, a runtime and a scratch directory.
+struct Fx {
+    _serial: MutexGuard<'static, ()>,
+    cloud: &'static Cloud,
+    rt: tokio::runtime::Runtime,
+    dir: tempfile::TempDir,
+}
+
+fn setup() -> Fx {
+    let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let cloud = match CLOUD.get_or_init(Cloud::start) {
+        Ok(c) => c,
+        Err(e) => panic!("the Keystone + Barbican test cloud could not start:\n{e}"),
+    };
+    Fx {
+        _serial: serial,
+        cloud,
+        rt: tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap(),
+        dir: tempfile::tempdir().unwrap(),
+    }
+}
+
+impl Fx {
+    /// A fresh state directory.
+    fn state(&self, name: &str) -> PathBuf {
+        let p = self.dir.path().join(name);
+        fs::create_dir(&p).unwrap();
+        p
+    }
+
+    fn fetch(&self, km: &dyn KeyManager, id: &str, auth: &RequestAuth) -> Result<Key, KeyError> {
+        let id = KeyId::new(id).unwrap();
+        self.rt.block_on(km.fetch(&id, auth))
+    }
+
+    fn is_marked(&self, km: &dyn KeyManager, id: &str, auth: &RequestAuth) -> bool {
+        let id = KeyId::new(id).unwrap();
+        self.rt
+            .block_on(km.is_marked_formatted(&id, auth))
+            .unwrap_or_else(|e| panic!("is_marked_formatted({id}): {e}"))
+    }
+
+    fn mark(&self, km: &dyn KeyManager, id: &str, auth: &RequestAuth) {
+        let id = KeyId::new(id).unwrap();
+        self.rt
+            .block_on(km.mark_formatted(&id, auth))
+            .unwrap_or_else(|e| panic!("mark_formatted({id}): {e}"));
+    }
+
+    /// Barbican's user metadata of a secret, read with alice's token.
+    fn secret_metadata(&self, id: &str) -> Value {
+        let token = self.cloud.token("alice");
+        let url = format!("{}/v1/secrets/{id}/metadata", self.cloud.barbican());
+        let client = build_client(&HttpConfig::default()).unwrap();
+        self.rt.block_on(async {
+            let resp = client
+                .get(&url)
+                .header("X-Auth-Token", &token)
+                .header("Accept", "application/json")
+                .send()
+                .await
+                .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+            assert_eq!(resp.status().as_u16(), 200, "GET {url}");
+            resp.json::<Value>().await.unwrap()
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Configuration
+// ---------------------------------------------------------------------------
+
+/// A TOML basic string.
+fn q(s: &str) -> String {
+    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
+fn random_key(len: usize) -> Vec<u8> {
+    SecretBytes::random(len).unwrap().expose().to_vec()
+}
+
+/// The agent's configuration file: `km` lines go into `[key_manager]`
+/// (after `backend = "barbican"`), then the given sections.
+fn agent_toml(state: &Path, km: &str, sections: &[String]) -> String {
+    let mut t = format!(
+        "state_dir = {}\n\n[key_manager]\nbackend = \"barbican\"\n{km}\n",
+        q(state.to_str().unwrap())
+    );
+    for s in sections {
+        t.push('\n');
+        t.push_str(s);
+        t.push('\n');
+    }
+    t
+}
+
+fn password_section(c: &Cloud, user: &str, project: &str, password: &str, extra: &str) -> String {
+    format!(
+        "[key_manager.keystone]\nauth_url = {}\nauth_type = \"password\"\nusername = {}\n\
+         password = {}\nproject_name = {}\nuser_domain_name = \"Default\"\n\
+         project_domain_name = \"Default\"\n{extra}",
+        q(c.auth_url()),
+        q(user),
+        q(password),
+        q(project)
+    )
+}
+
+fn alice(c: &Cloud) -> String {
+    password_section(c, "alice", "proj-a", c.password("alice"), "")
+}
+
+fn endpoint_section(endpoint: &str) -> String {
+    format!("[key_manager.barbican]\nendpoint = {}", q(endpoint))
+}
+
+fn http_section(lines: &str) -> String {
+    format!("[key_manager.http]\n{lines}")
+}
+
+/// Writes the file with mode 0600 and loads it as the agent does. Only a
+/// root-owned file may hold secrets; as another user the same text is
+/// parsed with the same schema.
+fn load_config(dir: &Path, name: &str, text: &str) -> Config {
+    let p = dir.join(name);
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&p)
+        .unwrap();
+    f.write_all(text.as_bytes()).unwrap();
+    drop(f);
+    if fs::metadata(&p).unwrap().uid() == 0 {
+        Config::load(&p, true).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+    } else {
+        toml::from_str(text).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+    }
+}
+
+fn manager(dir: &Path, name: &str, text: &str) -> Box<dyn KeyManager> {
+    load_config(dir, name, text)
+        .key_manager()
+        .unwrap_or_else(|e| panic!("key_manager(): {e}"))
+}
+
+/// A Barbican client built from a configuration's parts, so that its
+/// Keystone session's token counter can be read.
+fn barbican_from(cfg: &Config) -> Barbican {
+    let km = &cfg.key_manager;
+    let client = build_client(&km.http).unwrap();
+    let ks = Keystone::new(
+        km.keystone
+            .clone()
+            .expect("a [key_manager.keystone] section"),
+        km.http.clone(),
+        client.clone(),
+    )
+    .unwrap();
+    Barbican::new(
+        km.barbican.clone(),
+        km.http.clone(),
+        client,
+        Some(ks),
+        &cfg.state_dir,
+    )
+    .unwrap()
+}
+
+fn user_token(token: &str) -> RequestAuth {
+    RequestAuth::UserToken {
+        token: SecretString::new(token),
+        service_token: None,
+    }
+}
+
+fn user_and_service_token(token: &str, service: &str) -> RequestAuth {
+    RequestAuth::UserToken {
+        token: SecretString::new(token),
+        service_token: Some(SecretString::new(service)),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Assertions
+// ---------------------------------------------------------------------------
+
+/// The exact key: bytes, kind, and the passphrase os-brick derives
+/// (`binascii.hexlify(key).decode()` for a symmetric key).
+fn assert_symmetric(got: Result<Key, KeyError>, want: &[u8]) {
+    let key = got.unwrap_or_else(|e| panic!("fetch failed: {e}"));
+    assert_eq!(key.kind(), &SecretKind::Symmetric);
+    assert_eq!(key.expose(), want, "key bytes");
+    assert_eq!(key.bits(), want.len() * 8);
+    assert_eq!(
+        key.passphrase().expose(),
+        hex::encode(want).as_bytes(),
+        "passphrase must be the lowercase hex of the key"
+    );
+}
+
+/// An error names the key id and the endpoint and shows none of `secrets`
+/// (key bytes as hex, tokens, passwords), in Display and in Debug.
+fn assert_error_text(e: &KeyError, key_id: &str, endpoint: &str, secrets: &[&str]) {
+    let shown = e.to_string();
+    assert!(
+        shown.contains(key_id),
+        "{shown:?} does not name key {key_id}"
+    );
+    assert!(
+        shown.contains(endpoint),
+        "{shown:?} does not name endpoint {endpoint}"
+    );
+    let debug = format!("{e:?}");
+    for s in secrets {
+        assert!(!s.is_empty());
+        assert!(!shown.contains(s), "{shown:?} shows a secret");
+        assert!(!debug.contains(s), "{debug:?} shows a secret");
+    }
+}
+
+fn expect_err(got: Result<Key, KeyError>) -> KeyError {
+    match got {
+        Ok(k) => panic!("expected an error, got {k:?}"),
+        Err(e) => e,
+    }
+}
+
+fn check_status_error(
+    e: &KeyError,
+    variant: &str,
+    want_key: &str,
+    want_endpoint: &str,
+    want_status: u16,
+) {
+    let (name, key_id, endpoint, status) = match e {
+        KeyError::NotFound {
+            key_id,
+            endpoint,
+            status,
+        } => ("NotFound", key_id, endpoint, *status),
+        KeyError::Forbidden {
+            key_id,
+            endpoint,
+            status,
+        } => ("Forbidden", key_id, endpoint, *status),
+        KeyError::Unauthenticated {
+            key_id,
+            endpoint,
+            status,
+            ..
+        } => ("Unauthenticated", key_id, endpoint, *status),
+        other => panic!("expected {variant}, got {other:?}"),
+    };
+    assert_eq!(name, variant, "{e:?}");
+    assert_eq!(key_id, want_key, "{e:?}");
+    assert_eq!(endpoint, want_endpoint, "{e:?}");
+    assert_eq!(status, want_status, "{e:?}");
+}
+
+/// Stops Barbican; starts it again when dropped unless already restarted,
+/// so that a failing assertion does not leave the shared cloud broken.
+struct BarbicanDown<'a> {
+    cloud: &'a Cloud,
+    down: bool,
+}
+
+impl<'a> BarbicanDown<'a> {
+    fn stop(cloud: &'a Cloud) -> Self {
+        cloud.run(&["stop-barbican"]);
+        BarbicanDown { cloud, down: true }
+    }
+
+    fn restart(&mut self) {
+        self.down = false;
+        self.cloud.run(&["start-barbican"]);
+    }
+}
+
+impl Drop for BarbicanDown<'_> {
+    fn drop(&mut self) {
+        if self.down {
+            self.down = false;
+            if let Err(e) = harness(&["start-barbican", "--state", &self.cloud.state]) {
+                eprintln!("restoring Barbican failed: {e}");
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Tests
+// ---------------------------------------------------------------------------
+
+/// Password auth as alice, Barbican found in the token's catalog: the
+/// exact 32 bytes, and the passphrase os-brick would compute.
+#[test]
+fn password_auth_with_catalog_endpoint_fetches_exact_key() {
+    let fx = setup();
+    let c = fx.cloud;
+    let want = random_key(32);
+    let id = c.create_secret(&want, "symmetric");
+    let text = agent_toml(&fx.state("s"), "", &[alice(c)]);
+    assert!(!text.contains("endpoint"), "the catalog must be used");
+    let km = manager(fx.dir.path(), "agent.toml", &text);
+    assert!(km.describe().contains("catalog"), "{}", km.describe());
+    assert_symmetric(fx.fetch(&*km, &id, &RequestAuth::Service), &want);
+    // A second fetch through the same manager (cached token and endpoint).
+    assert_symmetric(fx.fetch(&*km, &id, &RequestAuth::Service), &want);
+}
+
+/// The catalog is filtered by interface and region: `internal` in
+/// `RegionOne` is found, another region is a configuration error.
+#[test]
+fn catalog_interface_and_region() {
+    let fx = setup();
+    let c = fx.cloud;
+    let want = random_key(32);
+    let id = c.create_secret(&want, "symmetric");
+    let ok = password_section(
+        c,
+        "alice",
+        "proj-a",
+        c.password("alice"),
+        "interface = \"internal\"\nregion_name = \"RegionOne\"\n",
+    );
+    let km = manager(
+        fx.dir.path(),
+        "a.toml",
+        &agent_toml(&fx.state("a"), "", &[ok]),
+    );
+    assert_symmetric(fx.fetch(&*km, &id, &RequestAuth::Service), &want);
+
+    let elsewhere = password_section(
+        c,
+        "alice",
+        "proj-a",
+        c.password("alice"),
+        "region_name = \"NoSuchRegion\"\n",
+    );
+    let km = manager(
+        fx.dir.path(),
+        "b.toml",
+        &agent_toml(&fx.state("b"), "", &[elsewhere]),
+    );
+    match expect_err(fx.fetch(&*km, &id, &RequestAuth::Service)) {
+        KeyError::Config(msg) => {
+            assert!(msg.contains("key-manager"), "{msg}");
+            assert!(msg.contains(c.auth_url()), "{msg}");
+        }
+        other => panic!("expected Config, got {other:?}"),
+    }
+}
+
+/// Alice's application credential, by id and by name with her user name.
+#[test]
+fn application_credential_auth_by_id_and_by_name() {
+    let fx = setup();
+    let c = fx.cloud;
+    let want = random_key(32);
+    let id = c.create_secret(&want, "symmetric");
+
+    let by_id = format!(
+        "[key_manager.keystone]\nauth_url = {}\nauth_type = \"application_credential\"\n\
+         application_credential_id = {}\napplication_credential_secret = {}\n",
+        q(c.auth_url()),
+        q(c.app_cred("id")),
+        q(c.app_cred("secret"))
+    );
+    let km = manager(
+        fx.dir.path(),
+        "id.toml",
+        &agent_toml(&fx.state("id"), "", &[by_id]),
+    );
+    assert_symmetric(fx.fetch(&*km, &id, &RequestAuth::Service), &want);
+
+    let by_name = format!(
+        "[key_manager.keystone]\nauth_url = {}\nauth_type = \"application_credential\"\n\
+         application_credential_name = {}\nusername = \"alice\"\n\
+         user_domain_name = \"Default\"\napplication_credential_secret = {}\n",
+        q(c.auth_url()),
+        q(c.app_cred("name")),
+        q(c.app_cred("secret"))
+    );
+    let km = manager(
+        fx.dir.path(),
+        "name.toml",
+        &agent_toml(&fx.state("name"), "", &[by_name]),
+    );
+    assert_symmetric(fx.fetch(&*km, &id, &RequestAuth::Service), &want);
+}
+
+/// A caller's token passed through, with a configured endpoint and no
+/// agent credentials; with an `X-Service-Token` (a token holding the
+/// `service` role), and with the agent sending its own service token.
+#[test]
+fn token_pass_through_with_and_without_service_token() {
+    let fx = setup();
+    let c = fx.cloud;
+    let want = random_key(32);
+    let id = c.create_secret(&want, "symmetric");
+    let alice_token = c.token("alice");
+    let service_token = c.token("barbican");
+
+    let km = manager(
+        fx.dir.path(),
+        "plain.toml",
+        &agent_toml(&fx.state("plain"), "", &[endpoint_section(c.barbican())]),
+    );
+    assert_symmetric(fx.fetch(&*km, &id, &user_token(&alice_token)), &want);
+    assert_symmetric(
+        fx.fetch(
+            &*km,
+            &id,
+            &user_and_service_token(&alice_token, &service_token),
+        ),
+        &want,
+    );
+    // The service token is really sent: a bad one makes Barbican refuse.
+    let bogus = "gAAAAABnot-a-real-service-token";
+    let e = expect_err(fx.fetch(&*km, &id, &user_and_service_token(&alice_token, bogus)));
+    check_status_error(&e, "Unauthenticated", &id, c.barbican(), 401);
+    assert_error_text(
+        &e,
+        &id,
+        c.barbican(),
+        &[&hex::encode(&want), &alice_token, bogus],
+    );
+    // Without agent credentials there is nothing to authenticate with.
+    assert!(matches!(
+        expect_err(fx.fetch(&*km, &id, &RequestAuth::Service)),
+        KeyError::Config(_)
+    ));
+
+    // send_service_token: the agent (here the barbican service user, which
+    // holds the service role) adds its own token to alice's.
+    let agent = password_section(
+        c,
+        "barbican",
+        "service",
+        c.password("barbican"),
+        "send_service_token = true\n",
+    );
+    let km = manager(
+        fx.dir.path(),
+        "svc.toml",
+        &agent_toml(
+            &fx.state("svc"),
+            "",
+            &[endpoint_section(c.barbican()), agent],
+        ),
+    );
+    assert_symmetric(fx.fetch(&*km, &id, &user_token(&alice_token)), &want);
+    // An agent whose own token lacks the service role: Barbican refuses the
+    // request, which shows that the agent's token was sent along.
+    let rita_agent = password_section(
+        c,
+        "rita",
+        "proj-a",
+        c.password("rita"),
+        "send_service_token = true\n",
+    );
+    let km = manager(
+        fx.dir.path(),
+        "rita.toml",
+        &agent_toml(
+            &fx.state("rita"),
+            "",
+            &[endpoint_section(c.barbican()), rita_agent],
+        ),
+    );
+    let e = expect_err(fx.fetch(&*km, &id, &user_token(&alice_token)));
+    check_status_error(&e, "Unauthenticated", &id, c.barbican(), 401);
+}
+
+/// A key id given as a full secret href on another host: only its last
+/// segment names the secret, and errors show the id as given.
+#[test]
+fn href_key_id_uses_only_the_last_segment() {
+    let fx = setup();
+    let c = fx.cloud;
+    let want = random_key(32);
+    let id = c.create_secret(&want, "symmetric");
+    let href = format!("http://bogus.invalid:9311/v1/secrets/{id}");
+    let km = manager(
+        fx.dir.path(),
+        "a.toml",
+        &agent_toml(&fx.state("a"), "", &[alice(c)]),
+    );
+    assert_symmetric(fx.fetch(&*km, &href, &RequestAuth::Service), &want);
+    assert_symmetric(
+        fx.fetch(&*km, &format!("{href}/"), &RequestAuth::Service),
+        &want,
+    );
+    assert_symmetric(fx.fetch(&*km, &href, &user_token(&c.token("alice"))), &want);
+    let missing = format!(
+        "http://bogus.invalid:9311/v1/secrets/{}",
+        uuid::Uuid::new_v4()
+    );
+    let e = expect_err(fx.fetch(&*km, &missing, &RequestAuth::Service));
+    check_status_error(&e, "NotFound", &missing, c.barbican(), 404);
+    assert_error_text(&e, &missing, c.barbican(), &[&hex::encode(&want)]);
+}
+
+/// A `passphrase` secret is the LUKS passphrase as is (raw UTF-8).
+#[test]
+fn passphrase_secret_is_used_as_raw_utf8() {
+    let fx = setup();
+    let c = fx.cloud;
+    let phrase = "correct horse battery staple – pässwörd ✓";
+    let id = c.create_secret(phrase.as_bytes(), "passphrase");
+    let km = manager(
+        fx.dir.path(),
+        "a.toml",
+        &agent_toml(&fx.state("a"), "", &[alice(c)]),
+    );
+    let key = fx
+        .fetch(&*km, &id, &RequestAuth::Service)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(key.kind(), &SecretKind::Passphrase);
+    assert_eq!(key.expose(), phrase.as_bytes());
+    assert_eq!(key.passphrase().expose(), phrase.as_bytes());
+    assert!(!key.is_high_entropy());
+}
+
+/// Refusals map to exact errors: another project's member and a reader are
+/// Forbidden, a deleted secret is NotFound, a bogus token and a wrong agent
+/// password are Unauthenticated. None shows key bytes or credentials.
+#[test]
+fn refusals_are_typed_errors() {
+    let fx = setup();
+    let c = fx.cloud;
+    let want = random_key(32);
+    let id = c.create_secret(&want, "symmetric");
+    let key_hex = hex::encode(&want);
+    let bb = c.barbican();
+    let km = manager(
+        fx.dir.path(),
+        "tok.toml",
+        &agent_toml(&fx.state("tok"), "", &[endpoint_section(bb)]),
+    );
+
+    for user in ["bob", "rita"] {
+        let token = c.token(user);
+        let e = expect_err(fx.fetch(&*km, &id, &user_token(&token)));
+        check_status_error(&e, "Forbidden", &id, bb, 403);
+        assert_error_text(&e, &id, bb, &[&key_hex, &token]);
+    }
+
+    let bogus = "gAAAAABbogus-token-for-luks-agent-tests";
+    let e = expect_err(fx.fetch(&*km, &id, &user_token(bogus)));
+    check_status_error(&e, "Unauthenticated", &id, bb, 401);
+    assert_error_text(&e, &id, bb, &[&key_hex, bogus]);
+
+    let agent = manager(
+        fx.dir.path(),
+        "alice.toml",
+        &agent_toml(&fx.state("alice"), "", &[alice(c)]),
+    );
+    assert_symmetric(fx.fetch(&*agent, &id, &RequestAuth::Service), &want);
+    c.delete_secret(&id);
+    let e = expect_err(fx.fetch(&*agent, &id, &RequestAuth::Service));
+    check_status_error(&e, "NotFound", &id, bb, 404);
+    assert_error_text(&e, &id, bb, &[&key_hex, c.password("alice")]);
+
+    let wrong = "not-alices-password-3f9a1c";
+    let other = random_key(32);
+    let other_id = c.create_secret(&other, "symmetric");
+    let km = manager(
+        fx.dir.path(),
+        "wrong.toml",
+        &agent_toml(
+            &fx.state("wrong"),
+            "",
+            &[password_section(c, "alice", "proj-a", wrong, "")],
+        ),
+    );
+    let e = expect_err(fx.fetch(&*km, &other_id, &RequestAuth::Service));
+    check_status_error(&e, "Unauthenticated", &other_id, c.auth_url(), 401);
+    assert_error_text(&e, &other_id, c.auth_url(), &[&hex::encode(&other), wrong]);
+}
+
+/// Barbican stopped: Unavailable (or TimedOut) within the deadline, naming
+/// the endpoint; once it is back the same manager fetches the key again.
+#[test]
+fn barbican_down_then_back() {
+    let fx = setup();
+    let c = fx.cloud;
+    let want = random_key(32);
+    let id = c.create_secret(&want, "symmetric");
+    let http = http_section(
+        "connect_timeout_ms = 1000\nrequest_timeout_ms = 2000\nmax_attempts = 20\n\
+         backoff_base_ms = 50\nbackoff_max_ms = 400\ndeadline_ms = 3000\n",
+    );
+    let km = manager(
+        fx.dir.path(),
+        "a.toml",
+        &agent_toml(&fx.state("a"), "", &[alice(c), http]),
+    );
+    assert_symmetric(fx.fetch(&*km, &id, &RequestAuth::Service), &want);
+
+    let mut down = BarbicanDown::stop(c);
+    let t = Instant::now();
+    let e = expect_err(fx.fetch(&*km, &id, &RequestAuth::Service));
+    let elapsed = t.elapsed();
+    println!("Barbican down: {e} after {elapsed:?}");
+    match &e {
+        KeyError::Unavailable {
+            key_id,
+            endpoint,
+            attempts,
+            ..
+        } => {
+            assert_eq!(key_id, &id);
+            assert_eq!(endpoint, c.barbican());
+            assert!(*attempts >= 1);
+        }
+        KeyError::TimedOut {
+            key_id, endpoint, ..
+        } => {
+            assert_eq!(key_id, &id);
+            assert_eq!(endpoint, c.barbican());
+        }
+        other => panic!("expected Unavailable or TimedOut, got {other:?}"),
+    }
+    assert!(elapsed < Duration::from_secs(4), "took {elapsed:?}");
+    assert_error_text(&e, &id, c.barbican(), &[&hex::encode(&want)]);
+
+    down.restart();
+    assert_symmetric(fx.fetch(&*km, &id, &RequestAuth::Service), &want);
+}
+
+/// A Barbican endpoint that accepts connections and never answers:
+/// TimedOut once the overall deadline passes, not after the (longer)
+/// per-request timeout.
+#[test]
+fn silent_server_times_out_within_deadline() {
+    let fx = setup();
+    let c = fx.cloud;
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent = format!("http://{}", listener.local_addr().unwrap());
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = accepted.clone();
+    std::thread::spawn(move || {
+        let mut held = vec![];
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { return };
+            counter.fetch_add(1, Ordering::SeqCst);
+            held.push(conn);
+        }
+    });
+    let http = http_section(
+        "connect_timeout_ms = 1000\nrequest_timeout_ms = 10000\nmax_attempts = 3\n\
+         deadline_ms = 2000\n",
+    );
+    let km = manager(
+        fx.dir.path(),
+        "a.toml",
+        &agent_toml(
+            &fx.state("a"),
+            "",
+            &[alice(c), endpoint_section(&silent), http],
+        ),
+    );
+    let id = uuid::Uuid::new_v4().to_string();
+    let t = Instant::now();
+    let e = expect_err(fx.fetch(&*km, &id, &RequestAuth::Service));
+    let elapsed = t.elapsed();
+    println!("silent server: {e} after {elapsed:?}");
+    match &e {
+        KeyError::TimedOut {
+            key_id,
+            endpoint,
+            after,
+        } => {
+            assert_eq!(key_id, &id);
+            assert_eq!(endpoint, &silent);
+            assert!(*after >= Duration::from_millis(1900), "{after:?}");
+        }
+        other => panic!("expected TimedOut, got {other:?}"),
+    }
+    assert!(elapsed < Duration::from_secs(3), "took {elapsed:?}");
+    assert!(accepted.load(Ordering::SeqCst) >= 1, "never connected");
+    assert_error_text(&e, &id, &silent, &[c.password("alice")]);
+}
+
+/// A symmetric secret of 3 bytes cannot be a volume key.
+#[test]
+fn three_byte_secret_is_invalid_key_material() {
+    let fx = setup();
+    let c = fx.cloud;
+    let id = c.create_secret(&[0x01, 0x02, 0x03], "symmetric");
+    let km = manager(
+        fx.dir.path(),
+        "a.toml",
+        &agent_toml(&fx.state("a"), "", &[alice(c)]),
+    );
+    let e = expect_err(fx.fetch(&*km, &id, &RequestAuth::Service));
+    match &e {
+        KeyError::InvalidKeyMaterial {
+            key_id,
+            endpoint,
+            reason,
+        } => {
+            assert_eq!(key_id, &id);
+            assert!(endpoint.contains(c.barbican()), "{endpoint}");
+            assert!(reason.contains("24 bits"), "{reason}");
+        }
+        other => panic!("expected InvalidKeyMaterial, got {other:?}"),
+    }
+    assert_error_text(&e, &id, c.barbican(), &["010203"]);
+}
+
+/// The agent's token is cached: five fetches cost one token request, as
+/// counted by the agent and in Keystone's access log; another manager
+/// instance asks for its own token.
+#[test]
+fn token_is_cached_across_fetches() {
+    let fx = setup();
+    let c = fx.cloud;
+    let want = random_key(32);
+    let id = c.create_secret(&want, "symmetric");
+    let cfg = load_config(
+        fx.dir.path(),
+        "a.toml",
+        &agent_toml(&fx.state("a"), "", &[alice(c)]),
+    );
+    const POST: &str = "POST /v3/auth/tokens";
+    const CATALOG: &str = "GET /v3/auth/catalog";
+    let before = c.settled_agent_requests(POST, 0);
+    let catalog_before = c.agent_requests(CATALOG);
+
+    let b = barbican_from(&cfg);
+    assert_eq!(b.keystone().unwrap().token_requests(), 0);
+    for _ in 0..5 {
+        assert_symmetric(fx.fetch(&b, &id, &RequestAuth::Service), &want);
+    }
+    assert_eq!(b.keystone().unwrap().token_requests(), 1);
+    assert_eq!(c.settled_agent_requests(POST, before + 1) - before, 1);
+
+    let again = cfg.key_manager().unwrap();
+    assert_symmetric(fx.fetch(&*again, &id, &RequestAuth::Service), &want);
+    assert_symmetric(fx.fetch(&*again, &id, &RequestAuth::Service), &want);
+    assert_eq!(c.settled_agent_requests(POST, before + 2) - before, 2);
+    // The first instance still uses its cached token.
+    assert_symmetric(fx.fetch(&b, &id, &RequestAuth::Service), &want);
+    assert_eq!(b.keystone().unwrap().token_requests(), 1);
+    assert_eq!(c.settled_agent_requests(POST, before + 2) - before, 2);
+    // The catalog came with the token: no separate catalog requests.
+    assert_eq!(c.agent_requests(CATALOG), catalog_before);
+}
+
+/// Time of one fetch with a cached token (metadata + payload), for the
+/// record; not asserted.
+#[test]
+fn cached_fetch_timing() {
+    let fx = setup();
+    let c = fx.cloud;
+    let want = random_key(32);
+    let id = c.create_secret(&want, "symmetric");
+    let cfg = load_config(
+        fx.dir.path(),
+        "a.toml",
+        &agent_toml(&fx.state("a"), "", &[alice(c)]),
+    );
+    let b = barbican_from(&cfg);
+    let t = Instant::now();
+    assert_symmetric(fx.fetch(&b, &id, &RequestAuth::Service), &want);
+    let first = t.elapsed();
+    let mut times = vec![];
+    for _ in 0..10 {
+        let t = Instant::now();
+        assert_symmetric(fx.fetch(&b, &id, &RequestAuth::Service), &want);
+        times.push(t.elapsed());
+    }
+    assert_eq!(b.keystone().unwrap().token_requests(), 1);
+    times.sort();
+    println!(
+        "fetch timing: first (token + catalog + fetch) {first:?}; cached token: median {:?} \
+         (min {:?}, max {:?}, n=10)",
+        (times[4] + times[5]) / 2,
+        times[0],
+        times[9]
+    );
+}
+
+/// The formatted marker lives in Barbican's secret metadata: another
+/// manager with an empty state directory sees it. A reader, whom policy
+/// denies metadata, gets a local marker instead, without an error.
+#[test]
+fn formatted_marker_in_barbican_metadata() {
+    let fx = setup();
+    let c = fx.cloud;
+    let want = random_key(32);
+    let id = c.create_secret(&want, "symmetric");
+    let svc = RequestAuth::Service;
+    let state_a = fx.state("a");
+    let a = manager(
+        fx.dir.path(),
+        "a.toml",
+        &agent_toml(&state_a, "", &[alice(c)]),
+    );
+    assert!(!fx.is_marked(&*a, &id, &svc));
+    assert!(
+        fx.secret_metadata(&id)["metadata"]
+            .get(MARKER_KEY)
+            .is_none()
+    );
+    fx.mark(&*a, &id, &svc);
+    assert!(fx.is_marked(&*a, &id, &svc));
+    let meta = fx.secret_metadata(&id);
+    assert_eq!(MARKER_KEY, "luks-agent-formatted");
+    let value = meta["metadata"][MARKER_KEY]
+        .as_str()
+        .unwrap_or_else(|| panic!("no {MARKER_KEY} in {meta}"));
+    assert!(
+        humantime::parse_rfc3339_weak(value.trim_end_matches('Z')).is_ok(),
+        "{value}"
+    );
+    // Marking again is harmless.
+    fx.mark(&*a, &id, &svc);
+
+    let state_b = fx.state("b");
+    let b = manager(
+        fx.dir.path(),
+        "b.toml",
+        &agent_toml(&state_b, "", &[alice(c)]),
+    );
+    assert!(fx.is_marked(&*b, &id, &svc), "marker not seen in Barbican");
+    assert!(
+        !state_b.join("formatted").exists(),
+        "the second manager must not have a local marker"
+    );
+    // Through alice's token as well.
+    let t = manager(
+        fx.dir.path(),
+        "t.toml",
+        &agent_toml(&fx.state("t"), "", &[endpoint_section(c.barbican())]),
+    );
+    assert!(fx.is_marked(&*t, &id, &user_token(&c.token("alice"))));
+
+    // Rita may not read or write metadata: the marker falls back to the
+    // local state directory.
+    let other = c.create_secret(&random_key(32), "symmetric");
+    let state_r = fx.state("r");
+    let r = manager(
+        fx.dir.path(),
+        "r.toml",
+        &agent_toml(&state_r, "", &[endpoint_section(c.barbican())]),
+    );
+    let rita = user_token(&c.token("rita"));
+    assert!(!fx.is_marked(&*r, &other, &rita));
+    fx.mark(&*r, &other, &rita);
+    assert!(state_r.join("formatted").join(&other).is_file());
+    assert!(fx.is_marked(&*r, &other, &rita));
+    assert_eq!(
+        fx.secret_metadata(&other)["metadata"],
+        serde_json::json!({})
+    );
+    // And alice's view of that secret is unmarked.
+    assert!(!fx.is_marked(&*b, &other, &svc));
+}
+
+/// nova's legacy fixed key: the all-zero id resolves to `fixed_key`
+/// without any key manager (the Barbican endpoint is a closed port), and a
+/// file holding it that others can read is refused.
+#[test]
+fn legacy_fixed_key() {
+    let fx = setup();
+    let fixed = random_key(32);
+    let fixed_hex = hex::encode(&fixed);
+    let closed = {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", l.local_addr().unwrap())
+    };
+    let http = http_section("connect_timeout_ms = 500\nmax_attempts = 2\ndeadline_ms = 2000\n");
+    let text = agent_toml(
+        &fx.state("a"),
+        &format!("fixed_key = {}", q(&fixed_hex)),
+        &[endpoint_section(&closed), http],
+    );
+    let km = manager(fx.dir.path(), "a.toml", &text);
+    let token = user_token("gAAAAABunused-token");
+    assert_symmetric(fx.fetch(&*km, FIXED_KEY_ID, &token), &fixed);
+    assert_symmetric(fx.fetch(&*km, FIXED_KEY_ID, &RequestAuth::Service), &fixed);
+    let href = format!("http://bogus.invalid:9311/v1/secrets/{FIXED_KEY_ID}");
+    assert_symmetric(fx.fetch(&*km, &href, &token), &fixed);
+    let fixed_id = KeyId::new(FIXED_KEY_ID).unwrap();
+    assert!(
+        !fx.rt
+            .block_on(km.is_marked_formatted(&fixed_id, &token))
+            .unwrap()
+    );
+    fx.rt
+        .block_on(km.mark_formatted(&fixed_id, &token))
+        .unwrap();
+    assert!(
+        !fx.rt
+            .block_on(km.is_marked_formatted(&fixed_id, &token))
+            .unwrap()
+    );
+    // Any other id goes to the (closed) Barbican endpoint.
+    let id = uuid::Uuid::new_v4().to_string();
+    match expect_err(fx.fetch(&*km, &id, &token)) {
+        KeyError::Unavailable {
+            key_id, endpoint, ..
+        } => {
+            assert_eq!(key_id, id);
+            assert_eq!(endpoint, closed);
+        }
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
+
+    let p = fx.dir.path().join("exposed.toml");
+    fs::write(&p, &text).unwrap();
+    fs::set_permissions(&p, fs::Permissions::from_mode(0o644)).unwrap();
+    match Config::load(&p, true) {
+        Err(e @ ConfigError::Exposed { .. }) => {
+            let shown = e.to_string();
+            assert!(shown.contains("fixed_key"), "{shown}");
+            assert!(!shown.contains(&fixed_hex), "{shown}");
+            assert!(!format!("{e:?}").contains(&fixed_hex));
+            if fs::metadata(&p).unwrap().uid() == 0 {
+                assert!(shown.contains("mode 644"), "{shown}");
+            }
+        }
+        Err(other) => panic!("expected ConfigError::Exposed, got {other:?}"),
+        Ok(_) => panic!("a world-readable file with fixed_key was accepted"),
+    }
+}
