@@ -318,10 +318,10 @@ fn sweep(
         match rx.recv_timeout(Duration::from_millis(200)) {
             Ok((case, r)) => {
                 // A case already given up on may still report; ignore it.
-                if running.remove(&case).is_some() {
-                    if let Err(msg) = r {
-                        failures.push(format!("case {case}: {msg}"));
-                    }
+                if running.remove(&case).is_some()
+                    && let Err(msg) = r
+                {
+                    failures.push(format!("case {case}: {msg}"));
                 }
             }
             Err(_) => {

@@ -130,7 +130,7 @@ fn we_format_qemu_writes(key_bits: u64) {
     assert_eq!(model.key_size_bits, key_bits, "{j:#}");
     let data_offset = model.data_offset_bytes;
     assert!(
-        data_offset >= 4096 && data_offset % 512 == 0,
+        data_offset >= 4096 && data_offset.is_multiple_of(512),
         "implausible data offset {data_offset}"
     );
 
