@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs on Debian 12, idempotently: the
 # reference tools the tests compare against (cryptsetup, QEMU's LUKS
-# driver), a venv with Keystone and Barbican, and cargo-fuzz. Safe to run again; installs only what is missing.
+# driver), filesystem and volume tools whose signatures the format guard
+# must see, a venv with Keystone and Barbican, the guest kernel and QEMU
+# for the VM tier, and cargo-fuzz. Safe to run again; installs only what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,6 +16,20 @@ command -v c++ >/dev/null 2>&1 || need_apt+=(g++)
 command -v cc >/dev/null 2>&1 || need_apt+=(gcc)
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_apt+=(python3-venv)
+# Build dependencies of the devicemapper crate (bindgen over libdevmapper's
+# headers); the binary does not link libdevmapper.
+pkg-config --exists 'devmapper >= 1.02.151' 2>/dev/null || need_apt+=(libdevmapper-dev pkg-config)
+ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || need_apt+=(libclang-dev)
+# Tools that make the signatures the first-use format guard must detect.
+command -v mkfs.ext4 >/dev/null 2>&1 || need_apt+=(e2fsprogs)
+command -v mkfs.xfs >/dev/null 2>&1 || need_apt+=(xfsprogs)
+command -v mkfs.btrfs >/dev/null 2>&1 || need_apt+=(btrfs-progs)
+command -v mkfs.vfat >/dev/null 2>&1 || need_apt+=(dosfstools)
+command -v sfdisk >/dev/null 2>&1 || need_apt+=(fdisk)
+command -v mdadm >/dev/null 2>&1 || need_apt+=(mdadm)
+command -v pvcreate >/dev/null 2>&1 || need_apt+=(lvm2)
+command -v wipefs >/dev/null 2>&1 || need_apt+=(util-linux)
+command -v dmsetup >/dev/null 2>&1 || need_apt+=(dmsetup)
 
 if [ ${#need_apt[@]} -gt 0 ]; then
     if [ "$(id -u)" -ne 0 ]; then
@@ -32,5 +48,8 @@ fi
 
 # Keystone and Barbican (pinned) for the key manager tests; idempotent.
 python3 tests/harness/openstack.py install
+
+# The guest kernel, QEMU and busybox for the VM tier (real dm-crypt).
+vm/install.sh
 
 echo "install-deps: cryptsetup $(cryptsetup --version | awk '{print $2}'), $(qemu-img --version | head -n1)"

@@ -3,6 +3,8 @@
 #   unit   - cargo test --lib (no root, no tools)
 #   host   - tests/ against real cryptsetup and qemu-img/qemu-io on files,
 #            and real Keystone + Barbican on 127.0.0.1 (tests/harness)
+#   vm     - attach/detach against real dm-crypt in a QEMU guest (vm/), the
+#            host kernel having no device-mapper
 #   fuzz   - a short bounded cargo-fuzz run of every target
 # A tier that cannot run fails the suite; nothing is skipped silently.
 # FUZZ_SECONDS (default 30) sets the fuzzing time per target.
@@ -24,6 +26,10 @@ cargo clippy --all-targets --locked -- -D warnings
 
 echo "== unit and host tiers"
 cargo test --locked --all-targets
+
+echo "== vm tier (real dm-crypt in a guest)"
+cargo build --release --locked
+vm/run.sh --timeout 600 -- /bin/sh tests/vm/attach_detach.sh
 
 echo "== fuzz (${FUZZ_SECONDS:-30} s per target)"
 scripts/fuzz.sh "${FUZZ_SECONDS:-30}"

@@ -11,6 +11,7 @@ fn main() -> ExitCode {
     // Logs go to stderr; LUKS_AGENT_LOG sets the level (default: warn).
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("LUKS_AGENT_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),

@@ -116,7 +116,7 @@ pub fn attach(a: VolumeArgs, config: &Config) -> anyhow::Result<u8> {
             tracing::info!(volume_id = a.volume_id, outcome = ?out.action, duration_ms = ms, "attach")
         }
         Err(e) => {
-            tracing::warn!(volume_id = a.volume_id, error = %e, duration_ms = ms, "attach failed")
+            tracing::info!(volume_id = a.volume_id, error = %e, duration_ms = ms, "attach failed")
         }
     }
     let out = r?;
