@@ -759,17 +759,16 @@ mod tests {
         assert_eq!(kinds(&sigs), [(SignatureKind::Filesystem, 0x1018)]);
     }
 
-    /// A FAT boot sector: boot code where an MBR keeps its table.
+    /// A FAT boot sector with a fake partition table spanning the whole
+    /// device where an MBR keeps its table (as `mkfs.vfat --mbr=y` writes).
     fn fat_boot_sector(fat32: bool) -> Vec<u8> {
-        let mut s = vec![0u8; 512];
+        let mut s = mbr(&[0x0c]);
         s[0..3].copy_from_slice(b"\xeb\x58\x90");
         if fat32 {
             s[0x52..0x5a].copy_from_slice(b"FAT32   ");
         } else {
             s[0x36..0x3e].copy_from_slice(b"FAT16   ");
         }
-        s[446..510].fill(0x2e);
-        s[510..512].copy_from_slice(b"\x55\xaa");
         s
     }
 

@@ -159,7 +159,9 @@ pub fn detach(a: VolumeArgs, config: &Config) -> anyhow::Result<u8> {
         );
     } else {
         let what = match out.action {
-            luks_agent::volume::Action::Created => "mapping removed",
+            luks_agent::volume::Action::Removed | luks_agent::volume::Action::Created => {
+                "mapping removed"
+            }
             luks_agent::volume::Action::Identity => "was not attached",
             luks_agent::volume::Action::NoOp => "nothing to do",
         };

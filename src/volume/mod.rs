@@ -113,8 +113,10 @@ pub enum VolumeError {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Action {
-    /// It made the change.
+    /// It made the change (attach: created the mapping).
     Created,
+    /// Detach removed the mapping.
+    Removed,
     /// The state was already as requested.
     Identity,
     /// Nothing to do for this volume (no front-end encryption).
@@ -703,7 +705,7 @@ impl<'k> Volumes<'k> {
         Ok(Detached {
             mapping: Some(name),
             action: if removed {
-                Action::Created
+                Action::Removed
             } else {
                 Action::Identity
             },
