@@ -76,6 +76,10 @@ enum Command {
     /// path.
     #[command(after_help = EXIT_CODES_HELP)]
     Detach(volume_cmd::VolumeArgs),
+    /// Grow the mapping of an attached volume to its device's new size;
+    /// prints the new decrypted size in bytes.
+    #[command(after_help = EXIT_CODES_HELP)]
+    Extend(volume_cmd::VolumeArgs),
     /// List dm-crypt mappings (ours and cryptsetup's).
     Status(volume_cmd::StatusArgs),
     /// Manage the local key store and check keys of the key manager.
@@ -95,6 +99,7 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Keys(cmd) => keys_cmd::run(cmd, &cfg),
         Command::Attach(a) => volume_cmd::attach(a, &cfg),
         Command::Detach(a) => volume_cmd::detach(a, &cfg),
+        Command::Extend(a) => volume_cmd::extend(a, &cfg),
         Command::Status(a) => volume_cmd::status(a),
     }
 }

@@ -170,6 +170,32 @@ pub fn detach(a: VolumeArgs, config: &Config) -> anyhow::Result<u8> {
     Ok(EXIT_OK)
 }
 
+pub fn extend(a: VolumeArgs, config: &Config) -> anyhow::Result<u8> {
+    let spec = spec_of(&a)?;
+    let keys = config.key_manager()?;
+    let volumes = Volumes::new(keys.as_ref(), options(config));
+    let req = AttachRequest {
+        volume_id: a.volume_id.clone(),
+        device_path: a.device.clone(),
+        spec,
+        multipath_id: a.multipath_id.clone(),
+        auth: auth_of(&a)?,
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let out = rt.block_on(volumes.extend(&req))?;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({"volume_id": a.volume_id, "mapping": out.mapping, "new_size": out.new_size})
+        );
+    } else {
+        println!("{}", out.new_size);
+    }
+    Ok(EXIT_OK)
+}
+
 pub fn status(a: StatusArgs) -> anyhow::Result<u8> {
     let dm = DeviceMapper::open()?;
     let maps = dm.list("CRYPT-")?;

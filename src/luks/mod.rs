@@ -12,6 +12,7 @@ pub mod kdf;
 pub mod keyslot;
 pub mod luks1;
 pub mod luks2;
+pub mod plain;
 
 use std::time::Duration;
 

@@ -136,6 +136,15 @@ pub struct Attached {
     pub formatted: bool,
 }
 
+/// Result of an extend.
+#[derive(Clone, Debug, Serialize)]
+pub struct Extended {
+    /// The mapping name.
+    pub mapping: Option<String>,
+    /// Size of the decrypted device in bytes.
+    pub new_size: u64,
+}
+
 /// Result of a detach.
 #[derive(Clone, Debug, Serialize)]
 pub struct Detached {
@@ -330,12 +339,6 @@ impl<'k> Volumes<'k> {
                 formatted: false,
             });
         }
-        if provider == Provider::Plain {
-            return Err(VolumeError::Unsupported {
-                volume_id: vid.into(),
-                what: "plain (cryptsetup create) volumes are not supported yet".into(),
-            });
-        }
         let device = fs::canonicalize(&req.device_path).map_err(io_err(
             vid,
             "resolving",
@@ -361,6 +364,27 @@ impl<'k> Volumes<'k> {
             source,
         };
 
+        if provider == Provider::Plain {
+            // cryptsetup create: no header; key derived from the passphrase.
+            let cipher = req.spec.plain_cipher();
+            let bits = req.spec.plain_key_bits().map_err(spec_err)?;
+            CipherSpec::parse(cipher, bits / 8).map_err(|e| VolumeError::Unsupported {
+                volume_id: vid.into(),
+                what: e.to_string(),
+            })?;
+            let target = self.target(
+                vid,
+                &device,
+                cipher,
+                bits / 8,
+                format!("luks-agent:plain-{name}"),
+                0,
+                512,
+            )?;
+            let key = luks::plain::plain_key(passphrase.expose(), bits / 8);
+            let uuid = naming::dm_uuid("PLAIN", None, &name);
+            return self.map(vid, &dm, &req.device_path, &name, &uuid, &target, key);
+        }
         let (header, volume_key, formatted) = {
             let file = blockdev::open(&device, true).map_err(io_err(vid, "opening", &device))?;
             let disk = FileDisk::new(file, dev_name.clone());
@@ -439,21 +463,60 @@ impl<'k> Volumes<'k> {
                 Err(e) => return Err(luks_err(e)),
             }
         };
-        let target = self.target(vid, &device, &header, &name)?;
+        let target = self.target(
+            vid,
+            &device,
+            &header.cipher(),
+            header.key_bytes(),
+            format!("luks-agent:{}-{name}", header.uuid()),
+            header.data_offset(),
+            header.sector_size(),
+        )?;
         let kind = if header.version() == LuksVersion::Luks1 {
             "LUKS1"
         } else {
             "LUKS2"
         };
         let uuid = naming::dm_uuid(kind, Some(header.uuid()), &name);
+        let mut attached = self.map(
+            vid,
+            &dm,
+            &req.device_path,
+            &name,
+            &uuid,
+            &target,
+            volume_key,
+        )?;
+        attached.formatted = formatted;
+        Ok(attached)
+    }
+
+    /// Creates the mapping and repoints the device path; undoes the mapping
+    /// when the symlink cannot be set.
+    #[allow(clippy::too_many_arguments)]
+    fn map(
+        &self,
+        vid: &str,
+        dm: &DeviceMapper,
+        device_path: &Path,
+        name: &str,
+        uuid: &str,
+        target: &CryptTarget,
+        volume_key: VolumeKey,
+    ) -> Result<Attached, VolumeError> {
+        let dm_err = |source| VolumeError::Dm {
+            volume_id: vid.into(),
+            mapping: name.into(),
+            source,
+        };
         let info = dm
-            .create_crypt(&name, &uuid, &target, &volume_key, false)
-            .map_err(dm_err(&name))?;
+            .create_crypt(name, uuid, target, &volume_key, false)
+            .map_err(dm_err)?;
         drop(volume_key);
-        if let Err(cause) = self.point_symlink(vid, &req.device_path, &info) {
+        if let Err(cause) = self.point_symlink(vid, device_path, &info) {
             let rollback = dm
-                .remove(&name, 3, Duration::from_millis(50))
-                .map_err(dm_err(&name));
+                .remove(name, 3, Duration::from_millis(50))
+                .map_err(dm_err);
             return Err(match rollback {
                 Ok(_) => cause,
                 Err(r) => VolumeError::Rollback {
@@ -464,9 +527,9 @@ impl<'k> Volumes<'k> {
         }
         Ok(Attached {
             path: info.path(),
-            mapping: Some(name),
+            mapping: Some(name.to_string()),
             action: Action::Created,
-            formatted,
+            formatted: false,
         })
     }
 
@@ -569,19 +632,29 @@ impl<'k> Volumes<'k> {
         Ok((header, vk))
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn target(
         &self,
         vid: &str,
         device: &Path,
-        header: &Header,
-        name: &str,
+        cipher: &str,
+        key_bytes: usize,
+        key_description: String,
+        data_offset: u64,
+        sector_size: u32,
     ) -> Result<CryptTarget, VolumeError> {
-        use std::os::unix::fs::MetadataExt;
+        use std::os::unix::fs::{FileTypeExt, MetadataExt};
         let meta = fs::metadata(device).map_err(io_err(vid, "inspecting", device))?;
+        if !meta.file_type().is_block_device() {
+            return Err(VolumeError::Unsupported {
+                volume_id: vid.into(),
+                what: format!("{} is not a block device", device.display()),
+            });
+        }
         let file = File::open(device).map_err(io_err(vid, "opening", device))?;
         let size = blockdev::size_of(&file).map_err(io_err(vid, "sizing", device))?;
-        let sector = u64::from(header.sector_size());
-        let data = size.saturating_sub(header.data_offset()) / sector * sector;
+        let sector = u64::from(sector_size);
+        let data = size.saturating_sub(data_offset) / sector * sector;
         if data == 0 {
             return Err(VolumeError::Unsupported {
                 volume_id: vid.into(),
@@ -589,26 +662,18 @@ impl<'k> Volumes<'k> {
             });
         }
         let rdev = meta.rdev();
-        let devnum = if meta.file_type().is_file() {
-            return Err(VolumeError::Unsupported {
-                volume_id: vid.into(),
-                what: format!("{} is a file, not a block device", device.display()),
-            });
-        } else {
-            format!("{}:{}", libc::major(rdev), libc::minor(rdev))
-        };
         let mut options = self.opts.crypt.clone();
         if sector > 512 {
-            options.sector_size = sector as u32;
+            options.sector_size = sector_size;
             options.iv_large_sectors = true;
         }
         Ok(CryptTarget {
-            cipher: header.cipher(),
-            key_bytes: header.key_bytes(),
-            key_description: format!("luks-agent:{}-{name}", header.uuid()),
+            cipher: cipher.to_string(),
+            key_bytes,
+            key_description,
             iv_offset: 0,
-            device: devnum,
-            offset_sectors: header.data_offset() / 512,
+            device: format!("{}:{}", libc::major(rdev), libc::minor(rdev)),
+            offset_sectors: data_offset / 512,
             length_sectors: data / 512,
             options,
         })
@@ -709,6 +774,127 @@ impl<'k> Volumes<'k> {
             } else {
                 Action::Identity
             },
+        })
+    }
+}
+
+impl Volumes<'_> {
+    /// Grows the mapping of an attached volume to its device's new size:
+    /// the key is fetched and the header unlocked again, and the table is
+    /// reloaded (suspend, resume) at the new length.
+    pub async fn extend(&self, req: &AttachRequest) -> Result<Extended, VolumeError> {
+        let vid = req.volume_id.as_str();
+        Self::validate_id(vid)?;
+        let spec_err = |source| VolumeError::Spec {
+            volume_id: vid.into(),
+            source,
+        };
+        let provider = req.spec.provider().map_err(spec_err)?;
+        let device_size = |p: &Path| -> Result<u64, VolumeError> {
+            let f = File::open(p).map_err(io_err(vid, "opening", p))?;
+            blockdev::size_of(&f).map_err(io_err(vid, "sizing", p))
+        };
+        if provider == Provider::NoOp {
+            return Ok(Extended {
+                mapping: None,
+                new_size: device_size(&req.device_path)?,
+            });
+        }
+        let key_id_text = req
+            .spec
+            .encryption_key_id
+            .as_deref()
+            .ok_or(SpecError::MissingKeyId)
+            .map_err(spec_err)?;
+        let _lock = self.lock(vid)?;
+        let dm = DeviceMapper::open().map_err(|source| VolumeError::Dm {
+            volume_id: vid.into(),
+            mapping: "-".into(),
+            source,
+        })?;
+        let record = self.read_record(vid);
+        let name = match &record {
+            Some(r) => r.mapping.clone(),
+            None => naming::choose_name(&req.device_path, req.multipath_id.as_deref(), |n| {
+                matches!(dm.info(n), Ok(Some(_)))
+            }),
+        };
+        let dm_err = |source| VolumeError::Dm {
+            volume_id: vid.into(),
+            mapping: name.clone(),
+            source,
+        };
+        if dm.info(&name).map_err(dm_err)?.is_none() {
+            return Err(VolumeError::Unsupported {
+                volume_id: vid.into(),
+                what: format!("not attached (no mapping {name})"),
+            });
+        }
+        // The lower device: the record's symlink target, else the path.
+        let lower = match record.as_ref().and_then(|r| r.original_target.clone()) {
+            Some(t) => t,
+            None => fs::canonicalize(&req.device_path).map_err(io_err(
+                vid,
+                "resolving",
+                &req.device_path,
+            ))?,
+        };
+        let key_id = KeyId::new(key_id_text).map_err(|source| VolumeError::Key {
+            volume_id: vid.into(),
+            source,
+        })?;
+        let key = self
+            .keys
+            .fetch(&key_id, &req.auth)
+            .await
+            .map_err(|source| VolumeError::Key {
+                volume_id: vid.into(),
+                source,
+            })?;
+        let passphrase = key.passphrase();
+        let (target, vk) = if provider == Provider::Plain {
+            let bits = req.spec.plain_key_bits().map_err(spec_err)?;
+            let target = self.target(
+                vid,
+                &lower,
+                req.spec.plain_cipher(),
+                bits / 8,
+                format!("luks-agent:plain-{name}"),
+                0,
+                512,
+            )?;
+            (
+                target,
+                luks::plain::plain_key(passphrase.expose(), bits / 8),
+            )
+        } else {
+            let dev_name = lower.display().to_string();
+            let luks_err = |source| VolumeError::Luks {
+                volume_id: vid.into(),
+                device: dev_name.clone(),
+                source,
+            };
+            let file = blockdev::open(&lower, false).map_err(io_err(vid, "opening", &lower))?;
+            let disk = FileDisk::new(file, dev_name.clone());
+            let header = Header::read(&disk).map_err(luks_err)?;
+            let unlocked = header
+                .unlock(&disk, &passphrase, None, &KdfLimits::default())
+                .map_err(luks_err)?;
+            let target = self.target(
+                vid,
+                &lower,
+                &header.cipher(),
+                header.key_bytes(),
+                format!("luks-agent:{}-{name}", header.uuid()),
+                header.data_offset(),
+                header.sector_size(),
+            )?;
+            (target, unlocked.volume_key)
+        };
+        dm.reload_crypt(&name, &target, &vk).map_err(dm_err)?;
+        Ok(Extended {
+            mapping: Some(name.clone()),
+            new_size: target.length_sectors * 512,
         })
     }
 }

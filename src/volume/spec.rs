@@ -106,6 +106,25 @@ impl EncryptionSpec {
             .unwrap_or("aes-xts-plain64")
     }
 
+    /// Cipher of a plain volume: cinder's, else cryptsetup's plain-mode
+    /// default (what os-brick gets when it passes none).
+    pub fn plain_cipher(&self) -> &str {
+        self.cipher
+            .as_deref()
+            .filter(|c| !c.is_empty())
+            .unwrap_or("aes-cbc-essiv:sha256")
+    }
+
+    /// Key size of a plain volume: cinder's, else cryptsetup's plain-mode
+    /// default of 256 bits.
+    pub fn plain_key_bits(&self) -> Result<usize, SpecError> {
+        match self.key_size {
+            None => Ok(256),
+            Some(k) if k % 8 == 0 && (128..=512).contains(&k) => Ok(k as usize),
+            Some(k) => Err(SpecError::KeySize(k)),
+        }
+    }
+
     /// Key size in bits for a new format: cinder's `key_size`, which
     /// os-brick passes to `cryptsetup --key-size`; when unset os-brick
     /// passes nothing and cryptsetup's default (512 for XTS) applies.

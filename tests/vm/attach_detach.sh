@@ -72,8 +72,20 @@ for provider in luks luks2; do
     t1=$(ms)
     echo "$OUT3" | grep -q '"formatted":false' || fail "$provider: re-attach formatted again: $OUT3"
     cmp -n 1048576 "$W/pattern" "/dev/mapper/$MAP" || fail "$provider: data changed across detach/attach"
-    $A detach --volume-id "$VID" --device "$LINK" --encryption "$ENC"
     pass "$provider: re-attach of a formatted volume in $((t1 - t0)) ms keeps the data"
+
+    # Extend: the backing device grows, the mapping follows.
+    OLD=$(blockdev --getsize64 "/dev/mapper/$MAP")
+    truncate -s 96M "$W/vol-$provider.img"
+    losetup -c "$DEV"
+    NEW=$($A extend --volume-id "$VID" --device "$LINK" --encryption "$ENC")
+    GOT=$(blockdev --getsize64 "/dev/mapper/$MAP")
+    OFFSET=$($BIN luks dump --json "$DEV" | sed 's/.*"data_offset_bytes":\([0-9]*\).*/\1/')
+    [ "$NEW" = "$GOT" ] || fail "$provider: extend reported $NEW, mapping is $GOT"
+    [ "$GOT" -eq $((96 * 1024 * 1024 - OFFSET)) ] || fail "$provider: extended size $GOT (was $OLD, data offset $OFFSET)"
+    cmp -n 1048576 "$W/pattern" "/dev/mapper/$MAP" || fail "$provider: data changed by extend"
+    $A detach --volume-id "$VID" --device "$LINK" --encryption "$ENC"
+    pass "$provider: extend grows the mapping from $OLD to $GOT bytes (device size minus data offset), data intact"
 
     # The guard: header destroyed after use -> the marker refuses a format.
     dd if=/dev/zero of="$DEV" bs=1M count=17 status=none
@@ -84,6 +96,30 @@ for provider in luks luks2; do
     pass "$provider: a used volume whose header vanished is refused, nothing written"
     losetup -d "$DEV"
 done
+
+# Plain mode: the same key and table as `cryptsetup create --key-file=-`.
+KEY=$($A keys create)
+new_volume plain 32M
+ENC="{\"provider\": \"plain\", \"control_location\": \"front-end\", \"cipher\": \"aes-xts-plain64\", \"key_size\": 256, \"encryption_key_id\": \"$KEY\"}"
+$A attach --volume-id vol-plain --device "$LINK" --encryption "$ENC" >/dev/null
+MAP=crypt-os-brick+plain
+[ "$(dmsetup info -c --noheadings -o uuid "$MAP")" = "CRYPT-PLAIN-$MAP" ] || fail "plain: dm uuid"
+OURS=$(dmsetup table --showkeys "$MAP")
+echo "$OURS" | grep -q ":32:logon:luks-agent:" || fail "plain: no keyring reference: $OURS"
+dd if=/dev/urandom of="$W/pattern" bs=64k count=16 status=none
+dd if="$W/pattern" of="/dev/mapper/$MAP" bs=64k oflag=direct status=none
+$A detach --volume-id vol-plain --device "$LINK" --encryption "$ENC"
+$A keys fetch --key-id "$KEY" --reveal --check 2>/dev/null | sed -n 's/^passphrase: //p' | tr -d '\n' >"$W/pass-plain"
+cryptsetup create --key-file=- --cipher aes-xts-plain64 --key-size 256 cs-plain "$DEV" <"$W/pass-plain"
+THEIRS=$(dmsetup table cs-plain)
+# Same target: length, cipher, iv offset, device and offset; only the key
+# field differs in form (ours a keyring reference, theirs the key itself).
+[ "$(echo "$OURS" | awk '{print $1,$2,$3,$4,$6,$7,$8}')" = "$(echo "$THEIRS" | awk '{print $1,$2,$3,$4,$6,$7,$8}')" ] \
+    || fail "plain: tables differ: ours '$OURS' theirs '$THEIRS'"
+cmp -n 1048576 "$W/pattern" /dev/mapper/cs-plain || fail "plain: cryptsetup reads different data (different key)"
+cryptsetup remove cs-plain
+losetup -d "$DEV"
+pass "plain: same table as cryptsetup create (but the key), and cryptsetup reads what we wrote"
 
 # The guard: a device that holds a filesystem is never formatted.
 if command -v mkfs.ext4 >/dev/null 2>&1; then
