@@ -121,6 +121,31 @@ cryptsetup remove cs-plain
 losetup -d "$DEV"
 pass "plain: same table as cryptsetup create (but the key), and cryptsetup reads what we wrote"
 
+# Concurrency: two attaches of one volume at once make one mapping (one
+# formats and creates, the other finds it); a busy mapping is retried by
+# detach until its user lets go.
+KEY=$($A keys create)
+new_volume conc 32M
+ENC="{\"provider\": \"luks2\", \"control_location\": \"front-end\", \"encryption_key_id\": \"$KEY\"}"
+$A attach --volume-id vol-conc --device "$LINK" --encryption "$ENC" --json >"$W/c1" 2>&1 &
+P1=$!
+$A attach --volume-id vol-conc --device "$LINK" --encryption "$ENC" --json >"$W/c2" 2>&1 &
+P2=$!
+wait $P1 || fail "concurrent attach 1: $(cat "$W/c1")"
+wait $P2 || fail "concurrent attach 2: $(cat "$W/c2")"
+cat "$W/c1" "$W/c2" | grep -c '"action":"created"' | grep -qx 1 || fail "concurrent attaches: $(cat "$W/c1" "$W/c2")"
+cat "$W/c1" "$W/c2" | grep -c '"formatted":true' | grep -qx 1 || fail "concurrent attaches formatted twice"
+[ "$(dmsetup ls | grep -c 'crypt-os-brick+conc')" -eq 1 ] || fail "concurrent attaches: not exactly one mapping"
+pass "two concurrent attaches of one volume: one format, one mapping, both succeed"
+MAP=crypt-os-brick+conc
+sleep 2 <"/dev/mapper/$MAP" &
+HOLDER=$!
+$A detach --volume-id vol-conc --device "$LINK" --encryption "$ENC" 2>"$W/err" || fail "detach of a briefly busy mapping: $(cat "$W/err")"
+wait $HOLDER || true
+[ ! -e "/dev/mapper/$MAP" ] || fail "busy mapping not removed"
+pass "detach retries a busy mapping until it is released"
+losetup -d "$DEV"
+
 # The guard: a device that holds a filesystem is never formatted.
 if command -v mkfs.ext4 >/dev/null 2>&1; then
     KEY=$($A keys create)
