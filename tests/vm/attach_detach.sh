@@ -146,6 +146,22 @@ wait $HOLDER || true
 pass "detach retries a busy mapping until it is released"
 losetup -d "$DEV"
 
+# An interrupted format: keyslot bytes written, no header yet. Without our
+# record of the format it is refused (bytes we cannot account for); with
+# the record (the state a crash leaves) the next attach formats again.
+KEY=$($A keys create)
+new_volume torn 32M
+ENC="{\"provider\": \"luks2\", \"control_location\": \"front-end\", \"encryption_key_id\": \"$KEY\"}"
+dd if=/dev/urandom of="$DEV" bs=4096 seek=8 count=32 conv=notrunc status=none
+if $A attach --volume-id vol-torn --device "$LINK" --encryption "$ENC" 2>"$W/err"; then fail "torn: attached without a record"; fi
+grep -q "not blank" "$W/err" || fail "torn: wrong refusal: $(cat "$W/err")"
+mkdir -p "$W/state/formatting" && echo "$DEV" >"$W/state/formatting/vol-torn"
+$A attach --volume-id vol-torn --device "$LINK" --encryption "$ENC" --json | grep -q '"formatted":true' || fail "torn: not re-formatted"
+[ ! -e "$W/state/formatting/vol-torn" ] || fail "torn: record not cleared after the format"
+$A detach --volume-id vol-torn --device "$LINK" --encryption "$ENC"
+losetup -d "$DEV"
+pass "an interrupted format is redone from our record, and refused without it"
+
 # The guard: a device that holds a filesystem is never formatted.
 if command -v mkfs.ext4 >/dev/null 2>&1; then
     KEY=$($A keys create)
