@@ -94,17 +94,20 @@ fn auth_of(a: &VolumeArgs) -> anyhow::Result<RequestAuth> {
     })
 }
 
-pub fn attach(a: VolumeArgs, config: &Config) -> anyhow::Result<u8> {
-    let spec = spec_of(&a)?;
-    let keys = config.key_manager()?;
-    let volumes = Volumes::new(keys.as_ref(), options(config));
-    let req = AttachRequest {
+fn request_of(a: &VolumeArgs) -> anyhow::Result<AttachRequest> {
+    Ok(AttachRequest {
         volume_id: a.volume_id.clone(),
         device_path: a.device.clone(),
-        spec,
+        spec: spec_of(a)?,
         multipath_id: a.multipath_id.clone(),
-        auth: auth_of(&a)?,
-    };
+        auth: auth_of(a)?,
+    })
+}
+
+pub fn attach(a: VolumeArgs, config: &Config) -> anyhow::Result<u8> {
+    let req = request_of(&a)?;
+    let keys = config.key_manager()?;
+    let volumes = Volumes::new(keys.as_ref(), options(config));
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -171,16 +174,9 @@ pub fn detach(a: VolumeArgs, config: &Config) -> anyhow::Result<u8> {
 }
 
 pub fn extend(a: VolumeArgs, config: &Config) -> anyhow::Result<u8> {
-    let spec = spec_of(&a)?;
+    let req = request_of(&a)?;
     let keys = config.key_manager()?;
     let volumes = Volumes::new(keys.as_ref(), options(config));
-    let req = AttachRequest {
-        volume_id: a.volume_id.clone(),
-        device_path: a.device.clone(),
-        spec,
-        multipath_id: a.multipath_id.clone(),
-        auth: auth_of(&a)?,
-    };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;

@@ -344,18 +344,7 @@ impl<'k> Volumes<'k> {
             "resolving",
             &req.device_path,
         ))?;
-        let key_id = KeyId::new(key_id_text).map_err(|source| VolumeError::Key {
-            volume_id: vid.into(),
-            source,
-        })?;
-        let key = self
-            .keys
-            .fetch(&key_id, &req.auth)
-            .await
-            .map_err(|source| VolumeError::Key {
-                volume_id: vid.into(),
-                source,
-            })?;
+        let (key_id, key) = self.fetch_key(vid, key_id_text, &req.auth).await?;
         let passphrase = key.passphrase();
         let dev_name = device.display().to_string();
         let luks_err = |source| VolumeError::Luks {
@@ -366,22 +355,7 @@ impl<'k> Volumes<'k> {
 
         if provider == Provider::Plain {
             // cryptsetup create: no header; key derived from the passphrase.
-            let cipher = req.spec.plain_cipher();
-            let bits = req.spec.plain_key_bits().map_err(spec_err)?;
-            CipherSpec::parse(cipher, bits / 8).map_err(|e| VolumeError::Unsupported {
-                volume_id: vid.into(),
-                what: e.to_string(),
-            })?;
-            let target = self.target(
-                vid,
-                &device,
-                cipher,
-                bits / 8,
-                format!("luks-agent:plain-{name}"),
-                0,
-                512,
-            )?;
-            let key = luks::plain::plain_key(passphrase.expose(), bits / 8);
+            let (target, key) = self.plain_target(vid, &device, &req.spec, &name, &passphrase)?;
             let uuid = naming::dm_uuid("PLAIN", None, &name);
             return self.map(vid, &dm, &req.device_path, &name, &uuid, &target, key);
         }
@@ -463,15 +437,7 @@ impl<'k> Volumes<'k> {
                 Err(e) => return Err(luks_err(e)),
             }
         };
-        let target = self.target(
-            vid,
-            &device,
-            &header.cipher(),
-            header.key_bytes(),
-            format!("luks-agent:{}-{name}", header.uuid()),
-            header.data_offset(),
-            header.sector_size(),
-        )?;
+        let target = self.luks_target(vid, &device, &header, &name)?;
         let kind = if header.version() == LuksVersion::Luks1 {
             "LUKS1"
         } else {
@@ -630,6 +596,74 @@ impl<'k> Volumes<'k> {
         tracing::info!(volume_id = vid, device = dev, "formatted on first use");
         self.heal_marker(vid, key_id, auth).await?;
         Ok((header, vk))
+    }
+
+    /// Fetches the volume's key.
+    async fn fetch_key(
+        &self,
+        vid: &str,
+        key_id: &str,
+        auth: &RequestAuth,
+    ) -> Result<(KeyId, crate::keymgr::Key), VolumeError> {
+        let key_err = |source| VolumeError::Key {
+            volume_id: vid.into(),
+            source,
+        };
+        let key_id = KeyId::new(key_id).map_err(key_err)?;
+        let key = self.keys.fetch(&key_id, auth).await.map_err(key_err)?;
+        Ok((key_id, key))
+    }
+
+    /// The crypt target of a LUKS volume on `device`.
+    fn luks_target(
+        &self,
+        vid: &str,
+        device: &Path,
+        header: &Header,
+        name: &str,
+    ) -> Result<CryptTarget, VolumeError> {
+        self.target(
+            vid,
+            device,
+            &header.cipher(),
+            header.key_bytes(),
+            format!("luks-agent:{}-{name}", header.uuid()),
+            header.data_offset(),
+            header.sector_size(),
+        )
+    }
+
+    /// The crypt target and key of a plain volume on `device`.
+    fn plain_target(
+        &self,
+        vid: &str,
+        device: &Path,
+        spec: &EncryptionSpec,
+        name: &str,
+        passphrase: &crate::secret::Passphrase,
+    ) -> Result<(CryptTarget, VolumeKey), VolumeError> {
+        let cipher = spec.plain_cipher();
+        let bits = spec.plain_key_bits().map_err(|source| VolumeError::Spec {
+            volume_id: vid.into(),
+            source,
+        })?;
+        CipherSpec::parse(cipher, bits / 8).map_err(|e| VolumeError::Unsupported {
+            volume_id: vid.into(),
+            what: e.to_string(),
+        })?;
+        let target = self.target(
+            vid,
+            device,
+            cipher,
+            bits / 8,
+            format!("luks-agent:plain-{name}"),
+            0,
+            512,
+        )?;
+        Ok((
+            target,
+            luks::plain::plain_key(passphrase.expose(), bits / 8),
+        ))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -839,34 +873,10 @@ impl Volumes<'_> {
                 &req.device_path,
             ))?,
         };
-        let key_id = KeyId::new(key_id_text).map_err(|source| VolumeError::Key {
-            volume_id: vid.into(),
-            source,
-        })?;
-        let key = self
-            .keys
-            .fetch(&key_id, &req.auth)
-            .await
-            .map_err(|source| VolumeError::Key {
-                volume_id: vid.into(),
-                source,
-            })?;
+        let (_, key) = self.fetch_key(vid, key_id_text, &req.auth).await?;
         let passphrase = key.passphrase();
         let (target, vk) = if provider == Provider::Plain {
-            let bits = req.spec.plain_key_bits().map_err(spec_err)?;
-            let target = self.target(
-                vid,
-                &lower,
-                req.spec.plain_cipher(),
-                bits / 8,
-                format!("luks-agent:plain-{name}"),
-                0,
-                512,
-            )?;
-            (
-                target,
-                luks::plain::plain_key(passphrase.expose(), bits / 8),
-            )
+            self.plain_target(vid, &lower, &req.spec, &name, &passphrase)?
         } else {
             let dev_name = lower.display().to_string();
             let luks_err = |source| VolumeError::Luks {
@@ -880,15 +890,7 @@ impl Volumes<'_> {
             let unlocked = header
                 .unlock(&disk, &passphrase, None, &KdfLimits::default())
                 .map_err(luks_err)?;
-            let target = self.target(
-                vid,
-                &lower,
-                &header.cipher(),
-                header.key_bytes(),
-                format!("luks-agent:{}-{name}", header.uuid()),
-                header.data_offset(),
-                header.sector_size(),
-            )?;
+            let target = self.luks_target(vid, &lower, &header, &name)?;
             (target, unlocked.volume_key)
         };
         dm.reload_crypt(&name, &target, &vk).map_err(dm_err)?;
