@@ -113,10 +113,12 @@ t_init=$(cut -d' ' -f1 /proc/uptime)
 
 nonce=none
 results=0
+repo=""
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         vm.nonce=*) nonce=${arg#vm.nonce=} ;;
         vm.results=1) results=1 ;;
+        vm.repo=*) repo=${arg#vm.repo=} ;;
     esac
 done
 
@@ -156,6 +158,12 @@ mount -t sysfs sysfs /mnt/sys || fail "cannot mount /mnt/sys"
 mount -t tmpfs -o mode=1777 tmpfs /mnt/tmp || fail "cannot mount /mnt/tmp"
 mount -t tmpfs -o mode=755 tmpfs /mnt/run || fail "cannot mount /mnt/run"
 mkdir -p /mnt/run/lock /mnt/run/vm
+# A checkout under the host's /tmp (hidden by the guest's tmpfs) comes as
+# its own read-only share, mounted at the same path.
+if [ -n "$repo" ]; then
+    mkdir -p "/mnt$repo"
+    mount -t 9p -o "$p9,ro,cache=loose" repo "/mnt$repo" || fail "cannot mount the checkout (repo)"
+fi
 if [ "$results" = 1 ]; then
     mkdir -p /mnt/run/vm-results
     mount -t 9p -o "$p9" results /mnt/run/vm-results || fail "cannot mount results directory"

@@ -8,7 +8,8 @@
 # vm/build-initramfs.sh (built or refreshed first), sees the host's root file
 # system read-only (9p) and runs COMMAND chrooted into it, so host binaries
 # (cargo test binaries, cryptsetup, ...) run unchanged. /tmp, /run, /dev/shm
-# are empty tmpfs in the guest: the host's /tmp is not visible there.
+# are empty tmpfs in the guest: the host's /tmp is not visible there, except
+# a checkout that lives under it, which is shared at the same path.
 #
 # Options:
 #   --timeout S     kill the guest after S seconds (default 900)
@@ -81,8 +82,14 @@ for kv in ${envs[@]+"${envs[@]}"}; do
     esac
 done
 case "$cwd" in /*) ;; *) cwd=$(cd "$cwd" && pwd) ;; esac
-case "$cwd/" in /tmp/*) die "--cwd $cwd is under /tmp, which the guest does not see" ;; esac
-case "$1" in /tmp/*) die "$1 is under /tmp, which the guest does not see; build it under target/" ;; esac
+# The guest's /tmp is its own tmpfs; a checkout under the host's /tmp is
+# shared separately and mounted at the same path (vm.repo).
+share_repo=0
+case "$repo/" in /tmp/*) share_repo=1 ;; esac
+case "$repo" in *[[:space:]]*) [ "$share_repo" = 0 ] || die "a checkout under /tmp must have a path without spaces" ;; esac
+inside_repo() { case "$1/" in "$repo"/*) return 0 ;; esac; return 1; }
+case "$cwd/" in /tmp/*) inside_repo "$cwd" || die "--cwd $cwd is under /tmp, which the guest does not see" ;; esac
+case "$1" in /tmp/*) inside_repo "$1" || die "$1 is under /tmp, which the guest does not see; build it under target/" ;; esac
 if [ -n "$results" ]; then
     mkdir -p "$results"
     results=$(cd "$results" && pwd)
@@ -174,6 +181,10 @@ append="console=ttyS0 quiet panic=-1 ${VM_KERNEL_ARGS:-} vm.nonce=$nonce"
 if [ -n "$results" ]; then
     cmd+=(-virtfs "local,path=$results,mount_tag=results,security_model=none")
     append+=" vm.results=1"
+fi
+if [ "$share_repo" = 1 ]; then
+    cmd+=(-virtfs "local,path=$repo,mount_tag=repo,security_model=none,readonly=on,multidevs=remap")
+    append+=" vm.repo=$repo"
 fi
 cmd+=(-append "$append")
 
