@@ -143,7 +143,7 @@ impl Keystone {
         self.cfg.send_service_token
     }
 
-    /// How many token requests this session has made (for metrics and to
+    /// How many token requests this Keystone client has made (for metrics and to
     /// prove the cache in tests).
     pub fn token_requests(&self) -> u64 {
         self.token_requests.load(Ordering::Relaxed)
