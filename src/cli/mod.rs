@@ -82,6 +82,8 @@ enum Command {
     Extend(volume_cmd::VolumeArgs),
     /// List dm-crypt mappings (ours and cryptsetup's).
     Status(volume_cmd::StatusArgs),
+    /// For udev rules: print the volume id of one of our mappings.
+    UdevId(volume_cmd::UdevIdArgs),
     /// Manage the local key store and check keys of the key manager.
     #[command(subcommand, after_help = EXIT_CODES_HELP)]
     Keys(keys_cmd::KeysCommand),
@@ -101,6 +103,7 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Detach(a) => volume_cmd::detach(a, &cfg),
         Command::Extend(a) => volume_cmd::extend(a, &cfg),
         Command::Status(a) => volume_cmd::status(a),
+        Command::UdevId(a) => volume_cmd::udev_id(a),
     }
 }
 

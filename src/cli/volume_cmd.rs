@@ -192,6 +192,24 @@ pub fn extend(a: VolumeArgs, config: &Config) -> anyhow::Result<u8> {
     Ok(EXIT_OK)
 }
 
+#[derive(Args, Debug)]
+pub struct UdevIdArgs {
+    /// Device-mapper name of the mapping.
+    #[arg(long)]
+    dm_name: String,
+}
+
+/// For udev's IMPORT{program}: prints `LUKS_AGENT_VOLUME_ID=<id>` for a
+/// mapping the agent made, nothing otherwise.
+pub fn udev_id(a: UdevIdArgs) -> anyhow::Result<u8> {
+    if let Some(id) =
+        luks_agent::volume::volume_of_mapping(std::path::Path::new(RUN_DIR), &a.dm_name)
+    {
+        println!("LUKS_AGENT_VOLUME_ID={id}");
+    }
+    Ok(EXIT_OK)
+}
+
 pub fn status(a: StatusArgs) -> anyhow::Result<u8> {
     let dm = DeviceMapper::open()?;
     let maps = dm.list("CRYPT-")?;

@@ -198,7 +198,7 @@ impl DeviceMapper {
             .device_create(
                 dm_name,
                 Some(dm_uuid),
-                DmOptions::private().set_flags(flags),
+                DmOptions::default().set_flags(flags),
             )
             .map_err(Self::op("create", name))?;
         match self.load_and_resume(name, target, key, flags) {
@@ -236,12 +236,12 @@ impl DeviceMapper {
                 .table_load(
                     &id,
                     &line,
-                    DmOptions::private().set_flags(flags | DmFlags::DM_SECURE_DATA),
+                    DmOptions::default().set_flags(flags | DmFlags::DM_SECURE_DATA),
                 )
                 .map_err(Self::op("table load", name))?;
         }
         self.dm
-            .device_suspend(&id, DmOptions::private())
+            .device_suspend(&id, DmOptions::default())
             .map_err(Self::op("resume", name))?;
         let info = self.info(name)?.ok_or_else(|| DmError::Node {
             op: "mapping vanished after creation:",
@@ -272,15 +272,15 @@ impl DeviceMapper {
                 .table_load(
                     &id,
                     &line,
-                    DmOptions::private().set_flags(DmFlags::DM_SECURE_DATA),
+                    DmOptions::default().set_flags(DmFlags::DM_SECURE_DATA),
                 )
                 .map_err(Self::op("table reload", name))?;
         }
         self.dm
-            .device_suspend(&id, DmOptions::private().set_flags(DmFlags::DM_SUSPEND))
+            .device_suspend(&id, DmOptions::default().set_flags(DmFlags::DM_SUSPEND))
             .map_err(Self::op("suspend", name))?;
         self.dm
-            .device_suspend(&id, DmOptions::private())
+            .device_suspend(&id, DmOptions::default())
             .map_err(Self::op("resume", name))?;
         Ok(())
     }
@@ -288,7 +288,7 @@ impl DeviceMapper {
     fn remove_once(&self, name: &str) -> Result<(), DmError> {
         let id = DevId::Name(name_of(name)?);
         self.dm
-            .device_remove(&id, DmOptions::private())
+            .device_remove(&id, DmOptions::default())
             .map_err(Self::op("remove", name))?;
         remove_node(name)
     }

@@ -901,6 +901,28 @@ impl Volumes<'_> {
     }
 }
 
+/// The volume id of the attached volume whose mapping is `mapping`, from
+/// the attach records under `run_dir` (for udev's stable links).
+pub fn volume_of_mapping(run_dir: &Path, mapping: &str) -> Option<String> {
+    let entries = fs::read_dir(run_dir.join("volumes")).ok()?;
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.extension().and_then(|e| e.to_str()) != Some("json") {
+            continue;
+        }
+        let Ok(text) = fs::read_to_string(&path) else {
+            continue;
+        };
+        let Ok(rec) = serde_json::from_str::<VolumeRecord>(&text) else {
+            continue;
+        };
+        if rec.mapping == mapping {
+            return path.file_stem().map(|s| s.to_string_lossy().into_owned());
+        }
+    }
+    None
+}
+
 /// Atomically makes `link` a symlink to `target` (create beside, rename).
 fn replace_symlink(link: &Path, target: &Path) -> std::io::Result<()> {
     let tmp = link.with_file_name(format!(".{}.luks-agent-tmp", naming::basename(link)));

@@ -182,6 +182,25 @@ else
     fail "mkfs.ext4 missing on the host"
 fi
 
+# udev: our rules give the mapping /dev/disk/by-id/luks-agent-<volume id>
+# and keep the encrypted lower device away from desktop tools. udev does
+# not run in the guest; `udevadm test` evaluates the rules for a device.
+KEY=$($A keys create)
+new_volume udev 32M
+ENC="{\"provider\": \"luks2\", \"control_location\": \"front-end\", \"encryption_key_id\": \"$KEY\"}"
+$A attach --volume-id vol-udev-1 --device "$LINK" --encryption "$ENC" >/dev/null
+mount -t tmpfs tmpfs /etc/udev/rules.d
+sed "s|/usr/bin/luks-agent|$PWD/$BIN|" udev/61-luks-agent.rules >/etc/udev/rules.d/61-luks-agent.rules
+DMDEV=$(dmsetup info -c --noheadings -o blkdevname crypt-os-brick+udev)
+udevadm test --action=add "/sys/class/block/$DMDEV" 2>/dev/null >"$W/udev-dm" || true
+grep -qx "DEVLINKS=.*/dev/disk/by-id/luks-agent-vol-udev-1.*" "$W/udev-dm" || fail "udev: no stable link: $(grep -E 'DEVLINKS|LUKS_AGENT' "$W/udev-dm")"
+udevadm test --action=add "/sys/class/block/$(basename "$DEV")" 2>/dev/null >"$W/udev-lower" || true
+grep -qx "UDISKS_IGNORE=1" "$W/udev-lower" || fail "udev: lower device not hidden"
+umount /etc/udev/rules.d
+$A detach --volume-id vol-udev-1 --device "$LINK" --encryption "$ENC"
+losetup -d "$DEV"
+pass "udev rules: /dev/disk/by-id/luks-agent-<volume id> for the mapping, lower device ignored by desktop tools"
+
 # back-end control location and no provider are no-ops.
 OUT=$($A attach --volume-id vol-noop --device /dev/null --encryption '{"provider": "luks", "control_location": "back-end"}' --json)
 echo "$OUT" | grep -q '"action":"no_op"' || fail "back-end not a no-op: $OUT"
