@@ -64,15 +64,30 @@ for provider in luks luks2; do
     $A keys fetch --key-id "$KEY" --reveal --check 2>/dev/null | sed -n 's/^passphrase: //p' | tr -d '\n' >"$W/pass-$provider"
     cryptsetup open --key-file "$W/pass-$provider" "$DEV" "cs-$provider"
     cmp -n 1048576 "$W/pattern" "/dev/mapper/cs-$provider" || fail "$provider: cryptsetup reads different data"
+    dd if=/dev/urandom of="$W/pattern" bs=64k count=16 status=none
+    dd if="$W/pattern" of="/dev/mapper/cs-$provider" bs=64k oflag=direct status=none
     cryptsetup close "cs-$provider"
-    pass "$provider: cryptsetup opens our volume with os-brick's passphrase and reads our data"
+    pass "$provider: cryptsetup opens our volume with os-brick's passphrase, reads our data and writes its own"
 
     t0=$(ms)
     OUT3=$($A attach --volume-id "$VID" --device "$LINK" --encryption "$ENC" --json)
     t1=$(ms)
     echo "$OUT3" | grep -q '"formatted":false' || fail "$provider: re-attach formatted again: $OUT3"
-    cmp -n 1048576 "$W/pattern" "/dev/mapper/$MAP" || fail "$provider: data changed across detach/attach"
-    pass "$provider: re-attach of a formatted volume in $((t1 - t0)) ms keeps the data"
+    cmp -n 1048576 "$W/pattern" "/dev/mapper/$MAP" || fail "$provider: we do not read what cryptsetup wrote"
+    pass "$provider: re-attach of a formatted volume in $((t1 - t0)) ms reads what cryptsetup wrote"
+
+    # A wrong key for an existing volume: refused, never reformatted.
+    $A detach --volume-id "$VID" --device "$LINK" --encryption "$ENC"
+    OTHER_KEY=$($A keys create)
+    BEFORE=$(sha256sum "$DEV" | cut -d' ' -f1)
+    set +e
+    $A attach --volume-id "$VID" --device "$LINK" --encryption "$(echo "$ENC" | sed "s/$KEY/$OTHER_KEY/")" 2>"$W/err"
+    rc=$?
+    set -e
+    [ "$rc" -eq 2 ] || fail "$provider: wrong key gave exit $rc: $(cat "$W/err")"
+    [ "$(sha256sum "$DEV" | cut -d' ' -f1)" = "$BEFORE" ] || fail "$provider: wrong key changed the device"
+    $A attach --volume-id "$VID" --device "$LINK" --encryption "$ENC" >/dev/null
+    pass "$provider: a wrong key is refused (exit 2), the volume untouched"
 
     # Extend: the backing device grows, the mapping follows.
     OLD=$(blockdev --getsize64 "/dev/mapper/$MAP")
@@ -161,6 +176,37 @@ $A attach --volume-id vol-torn --device "$LINK" --encryption "$ENC" --json | gre
 $A detach --volume-id vol-torn --device "$LINK" --encryption "$ENC"
 losetup -d "$DEV"
 pass "an interrupted format is redone from our record, and refused without it"
+
+# The guard: xfs, a GPT, random data and a blank device whose key is
+# marked formatted are all refused without a byte written.
+refuse() { # name what
+    KEY=$($A keys create)
+    ENC="{\"provider\": \"luks2\", \"control_location\": \"front-end\", \"encryption_key_id\": \"$KEY\"}"
+    if [ "$2" = marked ]; then
+        mkdir -p "$W/state/formatted" && echo "$KEY" >"$W/state/formatted/$KEY"
+    fi
+    BEFORE=$(sha256sum "$DEV" | cut -d' ' -f1)
+    set +e
+    $A attach --volume-id "vol-$1" --device "$LINK" --encryption "$ENC" 2>"$W/err"
+    rc=$?
+    set -e
+    [ "$rc" -eq 5 ] || fail "$1: exit $rc, expected 5: $(cat "$W/err")"
+    [ "$(sha256sum "$DEV" | cut -d' ' -f1)" = "$BEFORE" ] || fail "$1: device changed"
+    pass "$1 is refused (exit 5: $(sed 's/.*refusing to format: //' "$W/err" | head -c 90)), nothing written"
+    losetup -d "$DEV"
+}
+new_volume xfs 320M
+mkfs.xfs -q "$DEV"
+refuse xfs fs
+new_volume gpt 32M
+printf 'label: gpt\n,8M\n' | sfdisk -q "$DEV" >/dev/null
+refuse gpt pt
+new_volume random 32M
+dd if=/dev/urandom of="$DEV" bs=1M count=1 seek=8 conv=notrunc status=none
+dd if=/dev/urandom of="$DEV" bs=64k count=1 conv=notrunc status=none
+refuse random data
+new_volume marked 32M
+refuse marked marked
 
 # The guard: a device that holds a filesystem is never formatted.
 if command -v mkfs.ext4 >/dev/null 2>&1; then
