@@ -314,11 +314,7 @@ impl<'k> Volumes<'k> {
             .ok_or(SpecError::MissingKeyId)
             .map_err(spec_err)?;
         let _lock = self.lock(vid)?;
-        let dm = DeviceMapper::open().map_err(|source| VolumeError::Dm {
-            volume_id: vid.into(),
-            mapping: "-".into(),
-            source,
-        })?;
+        let dm = open_dm(vid)?;
         let dm_err = |mapping: &str| {
             let (v, m) = (vid.to_string(), mapping.to_string());
             move |source| VolumeError::Dm {
@@ -771,11 +767,7 @@ impl<'k> Volumes<'k> {
             });
         }
         let _lock = self.lock(volume_id)?;
-        let dm = DeviceMapper::open().map_err(|source| VolumeError::Dm {
-            volume_id: volume_id.into(),
-            mapping: "-".into(),
-            source,
-        })?;
+        let dm = open_dm(volume_id)?;
         let record = self.read_record(volume_id);
         let name = match &record {
             Some(r) => r.mapping.clone(),
@@ -841,11 +833,7 @@ impl Volumes<'_> {
             .ok_or(SpecError::MissingKeyId)
             .map_err(spec_err)?;
         let _lock = self.lock(vid)?;
-        let dm = DeviceMapper::open().map_err(|source| VolumeError::Dm {
-            volume_id: vid.into(),
-            mapping: "-".into(),
-            source,
-        })?;
+        let dm = open_dm(vid)?;
         let record = self.read_record(vid);
         let name = match &record {
             Some(r) => r.mapping.clone(),
@@ -899,6 +887,15 @@ impl Volumes<'_> {
             new_size: target.length_sectors * 512,
         })
     }
+}
+
+/// The device-mapper control device, or an error naming the volume.
+fn open_dm(volume_id: &str) -> Result<DeviceMapper, VolumeError> {
+    DeviceMapper::open().map_err(|source| VolumeError::Dm {
+        volume_id: volume_id.into(),
+        mapping: "-".into(),
+        source,
+    })
 }
 
 /// The volume id of the attached volume whose mapping is `mapping`, from
