@@ -46,14 +46,14 @@ pub fn size_of(file: &File) -> io::Result<u64> {
 /// `BLKZEROOUT` from `<linux/fs.h>`: `_IO(0x12, 127)`.
 const BLKZEROOUT: libc::c_ulong = 0x127f;
 
-/// Makes `len` bytes at `offset` read as zeros, letting the kernel do it
-/// cheaply where it can: `BLKZEROOUT` on a block device (write-zeroes or
-/// unmap on the device, else the kernel writes zeros itself),
-/// `FALLOC_FL_ZERO_RANGE` on a file. Falls back to writing zeros.
-pub fn zero_range(file: &File, offset: u64, len: u64) -> io::Result<()> {
+/// Asks the kernel to make `len` bytes at `offset` read as zeros cheaply:
+/// `BLKZEROOUT` on a block device (write-zeroes or unmap on the device,
+/// else the kernel writes zeros itself), `FALLOC_FL_ZERO_RANGE` on a file.
+/// `Ok(false)` when neither is available; the caller writes zeros then.
+pub fn try_zero_range(file: &File, offset: u64, len: u64) -> io::Result<bool> {
     use std::os::fd::AsRawFd;
     if len == 0 {
-        return Ok(());
+        return Ok(true);
     }
     let fd = file.as_raw_fd();
     let is_block = file.metadata()?.file_type().is_block_device();
@@ -64,7 +64,7 @@ pub fn zero_range(file: &File, offset: u64, len: u64) -> io::Result<()> {
         unsafe { libc::ioctl(fd, BLKZEROOUT, range.as_ptr()) == 0 }
     } else {
         let (Ok(off), Ok(n)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
-            return Err(io::Error::from(io::ErrorKind::InvalidInput));
+            return Ok(false);
         };
         // SAFETY: fallocate only takes integers; `fd` is open for the
         // lifetime of `file`.
@@ -77,23 +77,7 @@ pub fn zero_range(file: &File, offset: u64, len: u64) -> io::Result<()> {
             ) == 0
         }
     };
-    if done {
-        return Ok(());
-    }
-    write_zeros(file, offset, len)
-}
-
-fn write_zeros(file: &File, offset: u64, len: u64) -> io::Result<()> {
-    use std::os::unix::fs::FileExt;
-    const CHUNK: u64 = 1 << 20;
-    let buf = vec![0u8; CHUNK.min(len) as usize];
-    let mut done = 0;
-    while done < len {
-        let n = CHUNK.min(len - done) as usize;
-        file.write_all_at(&buf[..n], offset + done)?;
-        done += n as u64;
-    }
-    Ok(())
+    Ok(done)
 }
 
 /// `BLKPBSZGET` from `<linux/fs.h>`: `_IO(0x12, 123)`.

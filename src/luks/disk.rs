@@ -22,16 +22,21 @@ pub trait Disk {
     /// Makes a range read as zeros. The default writes zeros; devices that
     /// can do it cheaper (files, block devices with write-zeroes) override.
     fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
-        const CHUNK: u64 = 1 << 20;
-        let buf = vec![0u8; CHUNK.min(len) as usize];
-        let mut done = 0;
-        while done < len {
-            let n = CHUNK.min(len - done) as usize;
-            self.write_at(&buf[..n], offset + done)?;
-            done += n as u64;
-        }
-        Ok(())
+        write_zeros(self, offset, len)
     }
+}
+
+/// Writes `len` zero bytes at `offset`, a megabyte at a time.
+fn write_zeros(disk: &(impl Disk + ?Sized), offset: u64, len: u64) -> io::Result<()> {
+    const CHUNK: u64 = 1 << 20;
+    let buf = vec![0u8; CHUNK.min(len) as usize];
+    let mut done = 0;
+    while done < len {
+        let n = CHUNK.min(len - done) as usize;
+        disk.write_at(&buf[..n], offset + done)?;
+        done += n as u64;
+    }
+    Ok(())
 }
 
 /// A file or block device.
@@ -72,7 +77,10 @@ impl Disk for FileDisk {
         self.file.sync_data()
     }
     fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
-        crate::blockdev::zero_range(&self.file, offset, len)
+        if crate::blockdev::try_zero_range(&self.file, offset, len)? {
+            return Ok(());
+        }
+        write_zeros(self, offset, len)
     }
 }
 
