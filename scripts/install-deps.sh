@@ -30,6 +30,13 @@ command -v mdadm >/dev/null 2>&1 || need_apt+=(mdadm)
 command -v pvcreate >/dev/null 2>&1 || need_apt+=(lvm2)
 command -v wipefs >/dev/null 2>&1 || need_apt+=(util-linux)
 command -v dmsetup >/dev/null 2>&1 || need_apt+=(dmsetup)
+# The package tier: build the .deb, check the units and the RPM spec, and
+# start the installed daemon as its units would.
+command -v dpkg-shlibdeps >/dev/null 2>&1 || need_apt+=(dpkg-dev)
+command -v rpmspec >/dev/null 2>&1 || need_apt+=(rpm)
+command -v curl >/dev/null 2>&1 || need_apt+=(curl)
+command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)
+command -v systemd-socket-activate >/dev/null 2>&1 || need_apt+=(systemd)
 
 if [ ${#need_apt[@]} -gt 0 ]; then
     if [ "$(id -u)" -ne 0 ]; then

@@ -1,5 +1,6 @@
 //! Command-line definitions and the mapping from errors to exit codes.
 
+mod docs_cmd;
 mod keys_cmd;
 mod luks_cmd;
 mod volume_cmd;
@@ -87,16 +88,24 @@ enum Command {
     /// Manage the local key store and check keys of the key manager.
     #[command(subcommand, after_help = EXIT_CODES_HELP)]
     Keys(keys_cmd::KeysCommand),
+    /// Generate man pages or shell completions from this command line.
+    #[command(subcommand)]
+    Generate(docs_cmd::GenerateCommand),
 }
 
 /// Runs a parsed command; `Ok` carries the exit code.
 pub fn run(cli: Cli) -> anyhow::Result<u8> {
+    // Packaging runs this on build machines: no configuration involved.
+    let command = match cli.command {
+        Command::Generate(cmd) => return docs_cmd::run(cmd),
+        other => other,
+    };
     let (path, explicit) = match &cli.config {
         Some(p) => (p.clone(), true),
         None => (std::path::PathBuf::from(config::DEFAULT_PATH), false),
     };
     let cfg = config::Config::load(&path, explicit)?;
-    match cli.command {
+    match command {
         Command::Luks(cmd) => luks_cmd::run(cmd, &cfg),
         Command::Keys(cmd) => keys_cmd::run(cmd, &cfg),
         Command::Attach(a) => volume_cmd::attach(a, &cfg),
@@ -104,6 +113,7 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Extend(a) => volume_cmd::extend(a, &cfg),
         Command::Status(a) => volume_cmd::status(a),
         Command::UdevId(a) => volume_cmd::udev_id(a),
+        Command::Generate(cmd) => docs_cmd::run(cmd),
     }
 }
 
