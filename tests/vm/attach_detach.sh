@@ -247,6 +247,36 @@ $A detach --volume-id vol-udev-1 --device "$LINK" --encryption "$ENC"
 losetup -d "$DEV"
 pass "udev rules: /dev/disk/by-id/luks-agent-<volume id> for the mapping, lower device ignored by desktop tools"
 
+# Older mapping names, as os-brick reuses them: a mapping that already
+# exists under the bare basename of the device path, or under the
+# multipath WWN, is the volume's mapping (attach reuses it, detach removes
+# it); no second mapping is made.
+legacy() { # what name [attach options]
+    KEY=$($A keys create)
+    new_volume "$1" 32M
+    ENC="{\"provider\": \"luks\", \"control_location\": \"front-end\", \"encryption_key_id\": \"$KEY\"}"
+    vid=vol-$1
+    shift
+    name=$1
+    shift
+    $A attach --volume-id "$vid" --device "$LINK" --encryption "$ENC" >/dev/null
+    $A detach --volume-id "$vid" --device "$LINK" --encryption "$ENC"
+    $A keys fetch --key-id "$KEY" --reveal --check 2>/dev/null | sed -n 's/^passphrase: //p' | tr -d '\n' >"$W/pass-legacy"
+    cryptsetup open --key-file "$W/pass-legacy" "$DEV" "$name"
+    rm -f "$W/pass-legacy"
+    OUT=$($A attach --volume-id "$vid" --device "$LINK" --encryption "$ENC" "$@" --json)
+    echo "$OUT" | grep -q "\"mapping\":\"$name\"" || fail "legacy $name: not reused: $OUT"
+    echo "$OUT" | grep -q '"action":"identity"' || fail "legacy $name: not an identity attach: $OUT"
+    [ "$(dmsetup ls | grep -c "^crypt-os-brick+")" -eq 0 ] || fail "legacy $name: a second mapping was made: $(dmsetup ls)"
+    [ "$(readlink "$LINK")" = "/dev/mapper/$name" ] || fail "legacy $name: symlink points at $(readlink "$LINK")"
+    $A detach --volume-id "$vid" --device "$LINK" --encryption "$ENC" "$@"
+    [ ! -e "/dev/mapper/$name" ] || fail "legacy $name: detach left the mapping"
+    losetup -d "$DEV"
+}
+legacy legacy-base os-brick+legacy-base
+legacy legacy-wwn 3600a098038303053453f463045727a6d --multipath-id 3600a098038303053453f463045727a6d
+pass "mappings under older names (the bare basename, the multipath WWN) are reused and removed, as os-brick does"
+
 # back-end control location and no provider are no-ops.
 OUT=$($A attach --volume-id vol-noop --device /dev/null --encryption '{"provider": "luks", "control_location": "back-end"}' --json)
 echo "$OUT" | grep -q '"action":"no_op"' || fail "back-end not a no-op: $OUT"
