@@ -42,7 +42,8 @@ pub const EXIT_AGENT: u8 = 10;
 const EXIT_CODES_HELP: &str = "\
 Exit codes:
   0  success
-  1  usage error or invalid argument (including unreadable key files)
+  1  usage error or invalid argument (including unreadable key files);
+     the agent cannot start
   2  no keyslot matches the passphrase
   3  out of memory
   4  device unusable: not LUKS, invalid or damaged header, I/O error,
