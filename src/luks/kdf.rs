@@ -410,6 +410,46 @@ mod tests {
     }
 
     #[test]
+    fn argon2_runs_draw_from_the_installed_budget() {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        // Process-wide: other tests' Argon2 runs share it, which only
+        // makes them wait their turn.
+        let budget = install_memory_budget(48 * 1024);
+        let seen = AtomicU64::new(0);
+        let done = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                while !done.load(Ordering::SeqCst) {
+                    let now = budget.in_use_kib();
+                    assert!(now <= budget.total_kib(), "{now} KiB in use");
+                    seen.fetch_max(now, Ordering::SeqCst);
+                    std::thread::yield_now();
+                }
+            });
+            let runs: Vec<_> = (0..3)
+                .map(|_| {
+                    s.spawn(|| {
+                        Kdf::Argon2 {
+                            variant: Argon2Variant::Argon2id,
+                            time: 2,
+                            memory_kib: 32 * 1024,
+                            parallel: 1,
+                        }
+                        .derive(b"pw", b"saltsaltsaltsalt", 32)
+                        .unwrap()
+                    })
+                })
+                .collect();
+            for r in runs {
+                r.join().unwrap();
+            }
+            done.store(true, Ordering::SeqCst);
+        });
+        // Two 32 MiB runs never fit in 48 MiB together; each was counted.
+        assert!(seen.load(Ordering::SeqCst) >= 32 * 1024);
+    }
+
+    #[test]
     fn limits_refuse_hostile_costs() {
         let limits = KdfLimits::default();
         let huge = Kdf::Argon2 {
