@@ -28,7 +28,7 @@ dir = "$W/keys"
 [server]
 socket = "$W/agent.sock"
 shutdown_timeout_ms = 20000
-kdf_memory_budget_kib = 131072
+kdf_memory_budget_kib = 65536
 log_format = "json"
 CONF
 chmod 600 "$W/agent.toml"
@@ -109,6 +109,48 @@ elif sys.argv[1] == "cycle":
     at.sort(); dt.sort()
     print("attach p50 %.1f ms max %.1f ms, detach p50 %.1f ms max %.1f ms (%d each)"
           % (at[n // 2], at[-1], dt[n // 2], dt[-1], n))
+elif sys.argv[1] in ("kdf", "same"):
+    # kdf BUDGET SPECS: concurrent attaches while sampling the KDF budget;
+    # same N SPEC: N concurrent attaches of one volume
+    if sys.argv[1] == "kdf":
+        budget, specs = int(sys.argv[2]), open(sys.argv[3]).read().splitlines()
+    else:
+        budget, specs = 0, open(sys.argv[3]).read().splitlines() * int(sys.argv[2])
+    results, stop, peak = [], threading.Event(), {"in_use": 0, "waiting": 0}
+    def sample():
+        while not stop.is_set():
+            st, text = call("GET", "/metrics")
+            for l in text.splitlines():
+                for k in peak:
+                    if l.startswith("luks_agent_kdf_%s " % ("memory_in_use_kib" if k == "in_use" else k)):
+                        peak[k] = max(peak[k], int(l.split()[1]))
+            time.sleep(0.01)
+    def one(line):
+        vid, dev, enc = line.split(" ", 2)
+        st, text = call("POST", "/v1/volumes/%s/attach" % vid,
+                        json.dumps({"device": dev, "encryption": json.loads(enc)}))
+        results.append((st, json.loads(text).get("action")))
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    t0 = time.monotonic()
+    threads = [threading.Thread(target=one, args=(l,)) for l in specs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    took = (time.monotonic() - t0) * 1000
+    stop.set()
+    sampler.join()
+    if any(st != 200 for st, _ in results):
+        print("failed:", results)
+        sys.exit(1)
+    if sys.argv[1] == "same":
+        actions = sorted(a for _, a in results)
+        print(" ".join(actions))
+        sys.exit(0 if actions.count("created") == 1 else 1)
+    print("%d attaches in %.0f ms; peak KDF memory %d KiB of %d, peak waiting %d"
+          % (len(results), took, peak["in_use"], budget, peak["waiting"]))
+    sys.exit(0 if peak["in_use"] <= budget and peak["in_use"] > 0 and peak["waiting"] > 0 else 1)
 elif sys.argv[1] == "scan":
     # scan LOG HEX...: fails when any key, in hex, base64 or raw, is in LOG
     import base64
@@ -219,6 +261,30 @@ pass "a device holding ext4: 422 format_refused, exit 5, nothing written"
 api POST /v1/volumes/vol-x/extend "{\"device\": \"$LINK\", \"encryption\": $ENC}" | grep -q '^409 .*"code":"not_attached"' || fail "extend of a detached volume not 409"
 api POST /v1/volumes/vol-x/attach "{\"device\": \"/dev/disk/by-id/none\", \"encryption\": $ENC}" | grep -q '^422 .*"code":"device_not_found"' || fail "missing device not 422"
 pass "extend of a detached volume: 409 not_attached; missing device: 422 device_not_found"
+
+# --- per-volume serialisation and the KDF memory budget -------------------
+K=$($A keys create)
+KEYS="$KEYS $K"
+new_volume same 32M
+echo "vol-same $LINK {\"provider\": \"luks2\", \"control_location\": \"front-end\", \"encryption_key_id\": \"$K\"}" >"$W/same"
+OUT=$(api same 6 "$W/same") || fail "6 concurrent attaches of one volume: $OUT"
+[ "$(dmsetup ls | grep -c 'crypt-os-brick+same')" -eq 1 ] || fail "not exactly one mapping"
+pass "6 concurrent attaches of one volume through the API: $OUT"
+
+# Headers with a memory-hard KDF (argon2id, 32 MiB each, as cryptsetup
+# writes them); the agent's budget is 64 MiB: never more than two at once.
+: >"$W/kdf"
+for i in 1 2 3 4; do
+    K=$($A keys create)
+    KEYS="$KEYS $K"
+    new_volume "kdf$i" 32M
+    $A keys fetch --key-id "$K" --reveal --check 2>/dev/null | sed -n 's/^passphrase: //p' | tr -d '\n' >"$W/pass-kdf"
+    cryptsetup luksFormat -q --type luks2 --pbkdf argon2id --pbkdf-memory 32768 --pbkdf-parallel 1 \
+        --pbkdf-force-iterations 4 --key-file "$W/pass-kdf" "$DEV"
+    echo "vol-kdf$i $LINK {\"provider\": \"luks2\", \"control_location\": \"front-end\", \"encryption_key_id\": \"$K\"}" >>"$W/kdf"
+done
+OUT=$(api kdf 65536 "$W/kdf") || fail "KDF budget: $OUT"
+pass "KDF budget: $OUT"
 
 # --- SIGTERM during a burst of 16 attaches --------------------------------
 : >"$W/burst"
