@@ -109,6 +109,33 @@ elif sys.argv[1] == "cycle":
     at.sort(); dt.sort()
     print("attach p50 %.1f ms max %.1f ms, detach p50 %.1f ms max %.1f ms (%d each)"
           % (at[n // 2], at[-1], dt[n // 2], dt[-1], n))
+elif sys.argv[1] == "queue":
+    # queue PID N SPEC: N attaches of one volume; SIGTERM while the first
+    # runs and the others wait for the volume's lock
+    pid, n, line = int(sys.argv[2]), int(sys.argv[3]), open(sys.argv[4]).read().strip()
+    vid, dev, enc = line.split(" ", 2)
+    body = json.dumps({"device": dev, "encryption": json.loads(enc)})
+    results = []
+    def one():
+        st, text = call("POST", "/v1/volumes/%s/attach" % vid, body)
+        v = json.loads(text)
+        results.append("%d %s" % (st, v["error"]["code"] if st >= 400 else v["action"]))
+    threads = [threading.Thread(target=one) for _ in range(n)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        st, text = call("GET", "/metrics")
+        if "luks_agent_operations_in_flight 1" in text and "luks_agent_requests_in_flight %d" % (n + 1) in text:
+            break
+        time.sleep(0.005)
+    else:
+        print("the operations never queued")
+        sys.exit(1)
+    os.kill(pid, signal.SIGTERM)
+    for t in threads:
+        t.join()
+    print(", ".join(sorted(results)))
 elif sys.argv[1] in ("kdf", "same"):
     # kdf BUDGET SPECS: concurrent attaches while sampling the KDF budget;
     # same N SPEC: N concurrent attaches of one volume
@@ -347,6 +374,26 @@ cat "$W/burst" "$W/late" | while read -r vid link enc; do
 done
 ! dmsetup ls | grep -q 'crypt-os-brick+b' || fail "mappings left: $(dmsetup ls)"
 pass "without an agent the CLI acts directly: every burst volume detached"
+
+# --- SIGTERM while callers wait for a volume --------------------------------
+# A slow unlock (argon2id) holds the volume; three more callers queue for
+# it. SIGTERM: the running attach completes, the queued ones get 503.
+start_agent
+K=$($A keys create)
+KEYS="$KEYS $K"
+new_volume slow 32M
+$A keys fetch --key-id "$K" --reveal --check 2>/dev/null | sed -n 's/^passphrase: //p' | tr -d '\n' >"$W/pass-slow"
+cryptsetup luksFormat -q --type luks2 --pbkdf argon2id --pbkdf-memory 32768 --pbkdf-parallel 1 \
+    --pbkdf-force-iterations 16 --key-file "$W/pass-slow" "$DEV"
+echo "vol-slow $LINK {\"provider\": \"luks2\", \"control_location\": \"front-end\", \"encryption_key_id\": \"$K\"}" >"$W/slow"
+OUT=$(api queue "$AGENT_PID" 4 "$W/slow") || fail "queued attaches: $OUT"
+wait $AGENT_PID || fail "agent exit status after SIGTERM"
+[ "$OUT" = "200 created, 503 shutting_down, 503 shutting_down, 503 shutting_down" ] || fail "queued attaches: $OUT"
+[ -b /dev/mapper/crypt-os-brick+slow ] || fail "the running attach left no mapping"
+[ -f "$W/run/volumes/vol-slow.json" ] || fail "the running attach left no record"
+[ "$(readlink "$LINK")" = /dev/mapper/crypt-os-brick+slow ] || fail "the running attach did not repoint the symlink"
+$A detach --volume-id vol-slow --device "$LINK" --encryption "$(cut -d' ' -f3- "$W/slow")" 2>/dev/null
+pass "SIGTERM with callers queued on a volume: the running attach completes, the waiting ones get 503 ($OUT)"
 
 # --- key manager down ------------------------------------------------------
 cat >"$W/down.toml" <<CONF
