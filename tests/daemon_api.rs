@@ -575,6 +575,22 @@ fn slow_clients_are_cut_off() {
     let mut out = vec![];
     let _ = s.read_to_end(&mut out);
     parse(&out).expect(408, "request_timeout");
+    // A kept-alive connection left idle is closed too.
+    let mut s = UnixStream::connect(&d.socket).unwrap();
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut buf = [0u8; 4096];
+    let n = s.read(&mut buf).unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "{:?}", &buf[..n]);
+    let started = Instant::now();
+    let mut rest = vec![];
+    let _ = s.read_to_end(&mut rest);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "idle connection held for {:?}",
+        started.elapsed()
+    );
     // The server still serves others.
     assert_eq!(d.get("/healthz").status, 200);
 }
