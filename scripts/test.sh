@@ -30,6 +30,7 @@ cargo test --locked --all-targets
 echo "== vm tier (real dm-crypt in a guest)"
 cargo build --release --locked
 vm/run.sh --timeout 600 -- /bin/sh tests/vm/attach_detach.sh
+vm/run.sh --timeout 300 -- /bin/sh tests/vm/daemon.sh
 
 echo "== fuzz (${FUZZ_SECONDS:-30} s per target)"
 scripts/fuzz.sh "${FUZZ_SECONDS:-30}"

@@ -17,12 +17,19 @@ use crate::keymgr::{KeyError, KeyManager, SecretString};
 pub const DEFAULT_PATH: &str = "/etc/luks-agent/agent.toml";
 /// Default state directory.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/luks-agent/state";
+/// Default runtime directory: locks, attach records and the API socket.
+pub const DEFAULT_RUN_DIR: &str = "/run/luks-agent";
+/// Default API socket.
+pub const DEFAULT_SOCKET: &str = "/run/luks-agent/agent.sock";
 
 fn default_state_dir() -> PathBuf {
     PathBuf::from(DEFAULT_STATE_DIR)
 }
 fn default_key_dir() -> PathBuf {
     PathBuf::from(local::DEFAULT_DIR)
+}
+fn default_run_dir() -> PathBuf {
+    PathBuf::from(DEFAULT_RUN_DIR)
 }
 
 /// The whole file.
@@ -38,6 +45,12 @@ pub struct Config {
     /// Limits on the cost of LUKS key derivation.
     #[serde(default)]
     pub kdf: KdfConfig,
+    /// Where locks and attach records live (cleared at boot).
+    #[serde(default = "default_run_dir")]
+    pub run_dir: PathBuf,
+    /// The long-running agent (`luks-agent serve`) and its API socket.
+    #[serde(default)]
+    pub server: ServerConfig,
 }
 
 impl Default for Config {
@@ -46,6 +59,8 @@ impl Default for Config {
             state_dir: default_state_dir(),
             key_manager: KeyManagerConfig::default(),
             kdf: KdfConfig::default(),
+            run_dir: default_run_dir(),
+            server: ServerConfig::default(),
         }
     }
 }
@@ -122,6 +137,66 @@ impl Default for KdfConfig {
     fn default() -> Self {
         KdfConfig {
             max_argon2_memory_kib: default_max_argon2_memory_kib(),
+        }
+    }
+}
+
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// One readable line per event.
+    #[default]
+    Human,
+    /// One JSON object per event.
+    Json,
+}
+
+/// The `[server]` section: the API socket of `luks-agent serve`, who may
+/// call it, and the limits that keep callers from exhausting the agent.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// The Unix socket to listen on (ignored when systemd passes one).
+    pub socket: PathBuf,
+    /// Group owning the socket (name or numeric gid); the socket is mode
+    /// 0660, so members of this group can connect. Root's group if unset.
+    pub socket_group: Option<String>,
+    /// Peer uids allowed to call the API besides root.
+    pub allowed_uids: Vec<u32>,
+    /// Peer gids (primary group of the calling process) allowed to call.
+    pub allowed_gids: Vec<u32>,
+    /// Largest accepted request body in bytes.
+    pub max_body_bytes: usize,
+    /// Time a client has to send a request's headers, and the longest a
+    /// kept-alive connection may sit idle, in milliseconds.
+    pub header_timeout_ms: u64,
+    /// Time a client has to send a request body, in milliseconds.
+    pub body_timeout_ms: u64,
+    /// On SIGTERM or SIGINT: how long to wait for callers to receive the
+    /// answers of requests in progress, in milliseconds. Operations that
+    /// already started always run to completion.
+    pub shutdown_timeout_ms: u64,
+    /// Memory that Argon2 key derivations may use together, in KiB. Unset:
+    /// a quarter of the machine's memory, at least 1 GiB.
+    pub kdf_memory_budget_kib: Option<u64>,
+    /// `human` or `json`.
+    pub log_format: LogFormat,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            socket: PathBuf::from(DEFAULT_SOCKET),
+            socket_group: None,
+            allowed_uids: vec![],
+            allowed_gids: vec![],
+            max_body_bytes: 64 * 1024,
+            header_timeout_ms: 10_000,
+            body_timeout_ms: 10_000,
+            shutdown_timeout_ms: 30_000,
+            kdf_memory_budget_kib: None,
+            log_format: LogFormat::Human,
         }
     }
 }
@@ -329,6 +404,20 @@ mod tests {
         let cfg: Config = toml::from_str(text).unwrap();
         assert_eq!(cfg.key_manager.backend, Backend::Local);
         assert_eq!(cfg.key_manager.http.deadline_ms, 30000);
+        assert_eq!(cfg.server.max_body_bytes, 65536);
+        assert_eq!(cfg.server.socket, Path::new(DEFAULT_SOCKET));
+        assert_eq!(cfg.run_dir, Path::new(DEFAULT_RUN_DIR));
+    }
+
+    #[test]
+    fn server_section_denies_unknown_fields() {
+        let e = toml::from_str::<Config>("[server]\nallowed_uid = [1]\n").unwrap_err();
+        assert!(e.to_string().contains("allowed_uid"), "{e}");
+        let cfg: Config =
+            toml::from_str("[server]\nallowed_uids = [107]\nlog_format = \"json\"\n").unwrap();
+        assert_eq!(cfg.server.allowed_uids, vec![107]);
+        assert_eq!(cfg.server.log_format, LogFormat::Json);
+        assert_eq!(cfg.server.header_timeout_ms, 10_000);
     }
 
     #[test]

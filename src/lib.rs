@@ -4,6 +4,7 @@
 
 pub mod blockdev;
 pub mod config;
+pub mod daemon;
 pub mod dm;
 pub mod keymgr;
 pub mod luks;

@@ -8,15 +8,8 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
-    // Logs go to stderr; LUKS_AGENT_LOG sets the level (default: warn).
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("LUKS_AGENT_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .init();
+    // Logging starts once the configuration is read (cli::run): its
+    // format can come from there. LUKS_AGENT_LOG sets the level.
     let args = match cli::Cli::try_parse() {
         Ok(a) => a,
         Err(e) => {

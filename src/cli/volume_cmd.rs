@@ -1,4 +1,7 @@
-//! `luks-agent attach | detach | status`: volumes, acting directly as root.
+//! `luks-agent attach | detach | extend | status`: volumes. Each asks the
+//! agent when it answers on its socket, and acts directly (as root) when no
+//! agent runs or with `--local`; output and exit codes are the same either
+//! way.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -6,14 +9,21 @@ use std::time::{Duration, Instant};
 use clap::Args;
 
 use luks_agent::config::Config;
-use luks_agent::dm::{CryptOptions, DeviceMapper};
+use luks_agent::daemon::api::{
+    self, AttachResponse, DetachResponse, ExtendResponse, Mode, VolumeBody, VolumesResponse,
+};
+use luks_agent::daemon::client::{self, ClientError, RemoteError};
+use luks_agent::daemon::volume_options;
+use luks_agent::dm::DeviceMapper;
 use luks_agent::keymgr::{RequestAuth, SecretString};
-use luks_agent::volume::{AttachRequest, EncryptionSpec, VolumeOptions, Volumes};
+use luks_agent::volume::{Action, AttachRequest, EncryptionSpec, Volumes};
 
 use super::{EXIT_OK, UsageError};
 
-/// Default directory of locks and attach records.
-const RUN_DIR: &str = "/run/luks-agent";
+/// How long the CLI waits for the agent's answer: long enough for a
+/// cryptsetup-strength KDF queued behind others and the key manager's own
+/// deadline.
+const AGENT_TIMEOUT: Duration = Duration::from_secs(600);
 
 #[derive(Args, Debug)]
 pub struct VolumeArgs {
@@ -46,6 +56,9 @@ pub struct VolumeArgs {
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
+    /// Act directly, as root, even when the agent runs.
+    #[arg(long)]
+    local: bool,
 }
 
 #[derive(Args, Debug)]
@@ -53,43 +66,39 @@ pub struct StatusArgs {
     /// Print JSON.
     #[arg(long)]
     json: bool,
+    /// Ask device-mapper directly, even when the agent runs.
+    #[arg(long)]
+    local: bool,
 }
 
-fn options(config: &Config) -> VolumeOptions {
-    VolumeOptions {
-        state_dir: config.state_dir.clone(),
-        run_dir: PathBuf::from(RUN_DIR),
-        max_argon2_memory_kib: config.kdf.max_argon2_memory_kib,
-        detach_attempts: 6,
-        detach_backoff: Duration::from_millis(100),
-        crypt: CryptOptions::default(),
-    }
-}
-
-fn spec_of(a: &VolumeArgs) -> anyhow::Result<EncryptionSpec> {
-    let text = match (&a.encryption, &a.encryption_file) {
+fn spec_text(a: &VolumeArgs) -> anyhow::Result<String> {
+    Ok(match (&a.encryption, &a.encryption_file) {
         (Some(t), _) => t.clone(),
         (None, Some(p)) => std::fs::read_to_string(p)
             .map_err(|e| UsageError(format!("cannot read {}: {e}", p.display())))?,
         (None, None) => {
             return Err(UsageError("--encryption or --encryption-file is required".into()).into());
         }
-    };
-    Ok(EncryptionSpec::from_json(&text).map_err(|e| UsageError(e.to_string()))?)
+    })
+}
+
+fn spec_of(a: &VolumeArgs) -> anyhow::Result<EncryptionSpec> {
+    Ok(EncryptionSpec::from_json(&spec_text(a)?).map_err(|e| UsageError(e.to_string()))?)
+}
+
+fn read_secret(p: &PathBuf) -> anyhow::Result<SecretString> {
+    let f = std::fs::File::open(p)
+        .map_err(|e| UsageError(format!("cannot open {}: {e}", p.display())))?;
+    Ok(SecretString::from_reader(f)?
+        .ok_or_else(|| UsageError(format!("{} is too large", p.display())))?)
 }
 
 fn auth_of(a: &VolumeArgs) -> anyhow::Result<RequestAuth> {
-    let read = |p: &PathBuf| -> anyhow::Result<SecretString> {
-        let f = std::fs::File::open(p)
-            .map_err(|e| UsageError(format!("cannot open {}: {e}", p.display())))?;
-        Ok(SecretString::from_reader(f)?
-            .ok_or_else(|| UsageError(format!("{} is too large", p.display())))?)
-    };
     Ok(match &a.token_file {
         None => RequestAuth::Service,
         Some(p) => RequestAuth::UserToken {
-            token: read(p)?,
-            service_token: a.service_token_file.as_ref().map(read).transpose()?,
+            token: read_secret(p)?,
+            service_token: a.service_token_file.as_ref().map(read_secret).transpose()?,
         },
     })
 }
@@ -104,15 +113,125 @@ fn request_of(a: &VolumeArgs) -> anyhow::Result<AttachRequest> {
     })
 }
 
+/// The request body for the agent; the same checks of the arguments as a
+/// direct run, so usage errors read the same.
+fn body_of(a: &VolumeArgs) -> anyhow::Result<VolumeBody> {
+    spec_of(a)?;
+    let encryption: serde_json::Value =
+        serde_json::from_str(&spec_text(a)?).map_err(|e| UsageError(e.to_string()))?;
+    let auth = match auth_of(a)? {
+        RequestAuth::Service => None,
+        RequestAuth::UserToken {
+            token,
+            service_token,
+        } => Some(api::Auth {
+            token: api::Secret(token),
+            service_token: service_token.map(api::Secret),
+        }),
+    };
+    Ok(VolumeBody {
+        device: a.device.clone(),
+        encryption,
+        multipath_id: a.multipath_id.clone(),
+        auth,
+        mode: Mode::Dm,
+    })
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}
+
+/// Asks the agent; `Ok(None)` when none listens (the caller acts itself).
+fn ask_agent<T: serde::de::DeserializeOwned>(
+    config: &Config,
+    method: hyper::Method,
+    path: &str,
+    body: Option<Vec<u8>>,
+) -> anyhow::Result<Option<T>> {
+    let socket = &config.server.socket;
+    let answer = runtime()?.block_on(client::request(socket, method, path, body, AGENT_TIMEOUT));
+    match answer {
+        Err(ClientError::NotRunning(_)) => Ok(None),
+        Err(e) => Err(e.into()),
+        Ok((status, bytes)) => Ok(Some(client::decode::<T>(status, &bytes)?)),
+    }
+}
+
+fn volume_path(a: &VolumeArgs, op: &str) -> String {
+    // Volume ids the agent accepts need no escaping; others are refused
+    // by it with a clear error either way.
+    let id: String = a
+        .volume_id
+        .bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect();
+    format!("/v1/volumes/{id}/{op}")
+}
+
+/// The action as the human-readable line has always named it.
+fn action_word(action: &str) -> &str {
+    match action {
+        "created" => "Created",
+        "removed" => "Removed",
+        "identity" => "Identity",
+        "no_op" => "NoOp",
+        other => other,
+    }
+}
+
+fn action_name(a: Action) -> String {
+    serde_json::to_value(a)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+fn print_attached(out: &AttachResponse, json: bool) -> anyhow::Result<u8> {
+    if json {
+        println!("{}", serde_json::to_string(out)?);
+    } else {
+        println!("{}", out.path.display());
+        eprintln!(
+            "volume {}: {}{} in {:.1} ms",
+            out.volume_id,
+            action_word(&out.action),
+            if out.formatted {
+                ", formatted on first use"
+            } else {
+                ""
+            },
+            out.duration_ms
+        );
+    }
+    Ok(EXIT_OK)
+}
+
 pub fn attach(a: VolumeArgs, config: &Config) -> anyhow::Result<u8> {
+    if !a.local {
+        let body = serde_json::to_vec(&body_of(&a)?)?;
+        if let Some(out) = ask_agent::<AttachResponse>(
+            config,
+            hyper::Method::POST,
+            &volume_path(&a, "attach"),
+            Some(body),
+        )? {
+            return print_attached(&out, a.json);
+        }
+    }
     let req = request_of(&a)?;
     let keys = config.key_manager()?;
-    let volumes = Volumes::new(keys.as_ref(), options(config));
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+    let volumes = Volumes::new(keys.as_ref(), volume_options(config));
     let started = Instant::now();
-    let r = rt.block_on(volumes.attach(&req));
+    let r = runtime()?.block_on(volumes.attach(&req));
     let ms = started.elapsed().as_secs_f64() * 1000.0;
     match &r {
         Ok(out) => {
@@ -123,73 +242,103 @@ pub fn attach(a: VolumeArgs, config: &Config) -> anyhow::Result<u8> {
         }
     }
     let out = r?;
-    if a.json {
-        println!(
-            "{}",
-            serde_json::json!({"volume_id": a.volume_id, "path": out.path, "mapping": out.mapping, "action": out.action, "formatted": out.formatted, "duration_ms": ms})
-        );
+    print_attached(
+        &AttachResponse {
+            volume_id: a.volume_id.clone(),
+            path: out.path,
+            mapping: out.mapping,
+            action: action_name(out.action),
+            formatted: out.formatted,
+            duration_ms: ms,
+        },
+        a.json,
+    )
+}
+
+fn print_detached(out: &DetachResponse, json: bool) -> anyhow::Result<u8> {
+    if json {
+        println!("{}", serde_json::to_string(out)?);
     } else {
-        println!("{}", out.path.display());
+        let what = match out.action.as_str() {
+            "removed" | "created" => "mapping removed",
+            "identity" => "was not attached",
+            _ => "nothing to do",
+        };
         eprintln!(
-            "volume {}: {:?}{} in {ms:.1} ms",
-            a.volume_id,
-            out.action,
-            if out.formatted {
-                ", formatted on first use"
-            } else {
-                ""
-            }
+            "volume {}: detached, {what}, in {:.1} ms",
+            out.volume_id, out.duration_ms
         );
     }
     Ok(EXIT_OK)
 }
 
 pub fn detach(a: VolumeArgs, config: &Config) -> anyhow::Result<u8> {
+    if !a.local {
+        let body = serde_json::to_vec(&body_of(&a)?)?;
+        if let Some(out) = ask_agent::<DetachResponse>(
+            config,
+            hyper::Method::POST,
+            &volume_path(&a, "detach"),
+            Some(body),
+        )? {
+            return print_detached(&out, a.json);
+        }
+    }
     let spec = spec_of(&a)?;
     let keys = config.key_manager()?;
-    let volumes = Volumes::new(keys.as_ref(), options(config));
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+    let volumes = Volumes::new(keys.as_ref(), volume_options(config));
     let started = Instant::now();
-    let out =
-        rt.block_on(volumes.detach(&a.volume_id, &a.device, &spec, a.multipath_id.as_deref()))?;
+    let out = runtime()?.block_on(volumes.detach(
+        &a.volume_id,
+        &a.device,
+        &spec,
+        a.multipath_id.as_deref(),
+    ))?;
     let ms = started.elapsed().as_secs_f64() * 1000.0;
-    if a.json {
-        println!(
-            "{}",
-            serde_json::json!({"volume_id": a.volume_id, "mapping": out.mapping, "action": out.action, "duration_ms": ms})
-        );
+    print_detached(
+        &DetachResponse {
+            volume_id: a.volume_id.clone(),
+            mapping: out.mapping,
+            action: action_name(out.action),
+            duration_ms: ms,
+        },
+        a.json,
+    )
+}
+
+fn print_extended(out: &ExtendResponse, json: bool) -> anyhow::Result<u8> {
+    if json {
+        println!("{}", serde_json::to_string(out)?);
     } else {
-        let what = match out.action {
-            luks_agent::volume::Action::Removed | luks_agent::volume::Action::Created => {
-                "mapping removed"
-            }
-            luks_agent::volume::Action::Identity => "was not attached",
-            luks_agent::volume::Action::NoOp => "nothing to do",
-        };
-        eprintln!("volume {}: detached, {what}, in {ms:.1} ms", a.volume_id);
+        println!("{}", out.new_size);
     }
     Ok(EXIT_OK)
 }
 
 pub fn extend(a: VolumeArgs, config: &Config) -> anyhow::Result<u8> {
+    if !a.local {
+        let body = serde_json::to_vec(&body_of(&a)?)?;
+        if let Some(out) = ask_agent::<ExtendResponse>(
+            config,
+            hyper::Method::POST,
+            &volume_path(&a, "extend"),
+            Some(body),
+        )? {
+            return print_extended(&out, a.json);
+        }
+    }
     let req = request_of(&a)?;
     let keys = config.key_manager()?;
-    let volumes = Volumes::new(keys.as_ref(), options(config));
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let out = rt.block_on(volumes.extend(&req))?;
-    if a.json {
-        println!(
-            "{}",
-            serde_json::json!({"volume_id": a.volume_id, "mapping": out.mapping, "new_size": out.new_size})
-        );
-    } else {
-        println!("{}", out.new_size);
-    }
-    Ok(EXIT_OK)
+    let volumes = Volumes::new(keys.as_ref(), volume_options(config));
+    let out = runtime()?.block_on(volumes.extend(&req))?;
+    print_extended(
+        &ExtendResponse {
+            volume_id: a.volume_id.clone(),
+            mapping: out.mapping,
+            new_size: out.new_size,
+        },
+        a.json,
+    )
 }
 
 #[derive(Args, Debug)]
@@ -201,18 +350,44 @@ pub struct UdevIdArgs {
 
 /// For udev's IMPORT{program}: prints `LUKS_AGENT_VOLUME_ID=<id>` for a
 /// mapping the agent made, nothing otherwise.
-pub fn udev_id(a: UdevIdArgs) -> anyhow::Result<u8> {
-    if let Some(id) =
-        luks_agent::volume::volume_of_mapping(std::path::Path::new(RUN_DIR), &a.dm_name)
-    {
+pub fn udev_id(a: UdevIdArgs, config: &Config) -> anyhow::Result<u8> {
+    if let Some(id) = luks_agent::volume::volume_of_mapping(&config.run_dir, &a.dm_name) {
         println!("LUKS_AGENT_VOLUME_ID={id}");
     }
     Ok(EXIT_OK)
 }
 
-pub fn status(a: StatusArgs) -> anyhow::Result<u8> {
-    let dm = DeviceMapper::open()?;
-    let maps = dm.list("CRYPT-")?;
+pub fn status(a: StatusArgs, config: &Config) -> anyhow::Result<u8> {
+    let maps: Vec<api::Mapping> = match (!a.local)
+        .then(|| ask_agent::<VolumesResponse>(config, hyper::Method::GET, "/v1/volumes", None))
+        .transpose()?
+        .flatten()
+    {
+        Some(VolumesResponse {
+            mappings: Some(m), ..
+        }) => m,
+        Some(VolumesResponse {
+            device_mapper_error,
+            ..
+        }) => {
+            return Err(RemoteError {
+                status: 500,
+                code: "device_mapper_error".into(),
+                message: device_mapper_error.unwrap_or_default(),
+            }
+            .into());
+        }
+        None => DeviceMapper::open()?
+            .list("CRYPT-")?
+            .into_iter()
+            .map(|m| api::Mapping {
+                name: m.name,
+                uuid: m.uuid,
+                device: m.device,
+                open_count: m.open_count,
+            })
+            .collect(),
+    };
     if a.json {
         let v: Vec<_> = maps.iter().map(|m| serde_json::json!({"name": m.name, "uuid": m.uuid, "device": m.device, "open_count": m.open_count})).collect();
         println!("{}", serde_json::Value::Array(v));

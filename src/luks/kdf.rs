@@ -158,6 +158,9 @@ impl Kdf {
                 memory_kib,
                 parallel,
             } => {
+                // Held for the whole computation: the memory is in use
+                // exactly while argon2 fills it.
+                let _permit = memory_budget().map(|b| b.acquire(u64::from(memory_kib)));
                 let params = argon2::Params::new(memory_kib, time, parallel, Some(out_len))
                     .map_err(|e| KdfError::Refused(format!("argon2: {e}")))?;
                 let algorithm = match variant {
@@ -171,6 +174,110 @@ impl Kdf {
         }
         Ok(out)
     }
+}
+
+/// A budget for the memory of Argon2 runs that happen at the same time, so
+/// that many concurrent unlocks or formats (each asking for up to a few
+/// GiB) cannot exhaust the host together. A counting semaphore weighted in
+/// KiB; waiters are served in arrival order so a large request is not
+/// starved by a stream of small ones. A request larger than the whole
+/// budget runs alone (the per-header cap is [`KdfLimits`]' job).
+///
+/// It blocks the calling thread: KDF work runs on threads meant for
+/// blocking work, never on an async executor.
+#[derive(Debug)]
+pub struct MemoryBudget {
+    total_kib: u64,
+    state: std::sync::Mutex<BudgetState>,
+    changed: std::sync::Condvar,
+}
+
+#[derive(Debug, Default)]
+struct BudgetState {
+    in_use_kib: u64,
+    next_ticket: u64,
+    serving: u64,
+}
+
+/// Memory taken from a [`MemoryBudget`]; given back on drop.
+#[derive(Debug)]
+pub struct BudgetPermit<'a> {
+    budget: &'a MemoryBudget,
+    kib: u64,
+}
+
+impl MemoryBudget {
+    /// A budget of `total_kib` KiB (at least 1).
+    pub fn new(total_kib: u64) -> Self {
+        MemoryBudget {
+            total_kib: total_kib.max(1),
+            state: std::sync::Mutex::new(BudgetState::default()),
+            changed: std::sync::Condvar::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BudgetState> {
+        // The state stays consistent even if a holder panicked: every
+        // update is a single arithmetic step.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Waits until `kib` (capped at the total) fits, then takes it.
+    pub fn acquire(&self, kib: u64) -> BudgetPermit<'_> {
+        let kib = kib.min(self.total_kib);
+        let mut st = self.lock();
+        let ticket = st.next_ticket;
+        st.next_ticket += 1;
+        while st.serving != ticket || st.in_use_kib + kib > self.total_kib {
+            st = self.changed.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+        st.in_use_kib += kib;
+        st.serving += 1;
+        drop(st);
+        // The next ticket may fit too.
+        self.changed.notify_all();
+        BudgetPermit { budget: self, kib }
+    }
+
+    /// The whole budget in KiB.
+    pub fn total_kib(&self) -> u64 {
+        self.total_kib
+    }
+
+    /// KiB held by running KDFs now.
+    pub fn in_use_kib(&self) -> u64 {
+        self.lock().in_use_kib
+    }
+
+    /// Callers waiting for memory now.
+    pub fn waiting(&self) -> u64 {
+        let st = self.lock();
+        st.next_ticket - st.serving
+    }
+}
+
+impl Drop for BudgetPermit<'_> {
+    fn drop(&mut self) {
+        let mut st = self.budget.lock();
+        st.in_use_kib -= self.kib;
+        drop(st);
+        self.budget.changed.notify_all();
+    }
+}
+
+static MEMORY_BUDGET: std::sync::OnceLock<MemoryBudget> = std::sync::OnceLock::new();
+
+/// Puts every Argon2 run of this process under a budget of `total_kib`.
+/// The long-running agent sets it once at start; the one-shot commands
+/// leave it unset. A second call keeps the first budget and returns it.
+/// This layer only offers the hook: it never decides the size.
+pub fn install_memory_budget(total_kib: u64) -> &'static MemoryBudget {
+    MEMORY_BUDGET.get_or_init(|| MemoryBudget::new(total_kib))
+}
+
+/// The process-wide budget, when one is installed.
+pub fn memory_budget() -> Option<&'static MemoryBudget> {
+    MEMORY_BUDGET.get()
 }
 
 /// Memory the kernel reports as available (`MemAvailable`), so that a
@@ -259,6 +366,87 @@ mod tests {
         assert_eq!(a.expose(), b.expose());
         let c = kdf.derive(b"px", b"saltsaltsaltsalt", 32).unwrap();
         assert_ne!(a.expose(), c.expose());
+    }
+
+    #[test]
+    fn memory_budget_bounds_concurrent_use_and_serves_in_order() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let budget = Arc::new(MemoryBudget::new(100));
+        let peak = Arc::new(AtomicU64::new(0));
+        let threads: Vec<_> = (0..8)
+            .map(|i| {
+                let (budget, peak) = (budget.clone(), peak.clone());
+                std::thread::spawn(move || {
+                    // 30, 40 or 200 (capped at 100: runs alone).
+                    let want = [30, 40, 200][i % 3];
+                    let _p = budget.acquire(want);
+                    let now = budget.in_use_kib();
+                    peak.fetch_max(now, Ordering::SeqCst);
+                    assert!(now <= 100, "{now} KiB in use");
+                    std::thread::sleep(Duration::from_millis(20));
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(budget.in_use_kib(), 0);
+        assert_eq!(budget.waiting(), 0);
+        assert!(peak.load(Ordering::SeqCst) <= 100);
+        // Nothing waits while it fits; a full budget makes the next wait.
+        let a = budget.acquire(60);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let b2 = budget.clone();
+        let waiter = std::thread::spawn(move || {
+            let _p = b2.acquire(50);
+            tx.send(()).unwrap();
+        });
+        assert!(rx.recv_timeout(Duration::from_millis(100)).is_err());
+        assert_eq!(budget.waiting(), 1);
+        drop(a);
+        rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        waiter.join().unwrap();
+    }
+
+    #[test]
+    fn argon2_runs_draw_from_the_installed_budget() {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        // Process-wide: other tests' Argon2 runs share it, which only
+        // makes them wait their turn.
+        let budget = install_memory_budget(48 * 1024);
+        let seen = AtomicU64::new(0);
+        let done = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                while !done.load(Ordering::SeqCst) {
+                    let now = budget.in_use_kib();
+                    assert!(now <= budget.total_kib(), "{now} KiB in use");
+                    seen.fetch_max(now, Ordering::SeqCst);
+                    std::thread::yield_now();
+                }
+            });
+            let runs: Vec<_> = (0..3)
+                .map(|_| {
+                    s.spawn(|| {
+                        Kdf::Argon2 {
+                            variant: Argon2Variant::Argon2id,
+                            time: 2,
+                            memory_kib: 32 * 1024,
+                            parallel: 1,
+                        }
+                        .derive(b"pw", b"saltsaltsaltsalt", 32)
+                        .unwrap()
+                    })
+                })
+                .collect();
+            for r in runs {
+                r.join().unwrap();
+            }
+            done.store(true, Ordering::SeqCst);
+        });
+        // Two 32 MiB runs never fit in 48 MiB together; each was counted.
+        assert!(seen.load(Ordering::SeqCst) >= 32 * 1024);
     }
 
     #[test]

@@ -920,6 +920,50 @@ pub fn volume_of_mapping(run_dir: &Path, mapping: &str) -> Option<String> {
     None
 }
 
+/// An attached volume as its attach record describes it.
+#[derive(Clone, Debug, Serialize)]
+pub struct AttachedVolume {
+    /// Cinder volume id.
+    pub volume_id: String,
+    /// The mapping name.
+    pub mapping: String,
+    /// The connector's device path.
+    pub device_path: PathBuf,
+    /// Where the device path pointed before attach repointed it.
+    pub original_target: Option<PathBuf>,
+}
+
+/// The volumes that attach records under `run_dir` describe, sorted by id
+/// (for status listings; records of other tools are skipped).
+pub fn attached_volumes(run_dir: &Path) -> Vec<AttachedVolume> {
+    let Ok(entries) = fs::read_dir(run_dir.join("volumes")) else {
+        return vec![];
+    };
+    let mut out: Vec<AttachedVolume> = entries
+        .flatten()
+        .filter_map(|entry| {
+            let path = entry.path();
+            if path.extension().and_then(|e| e.to_str()) != Some("json") {
+                return None;
+            }
+            let rec: VolumeRecord = serde_json::from_str(&fs::read_to_string(&path).ok()?).ok()?;
+            Some(AttachedVolume {
+                volume_id: path.file_stem()?.to_string_lossy().into_owned(),
+                mapping: rec.mapping,
+                device_path: rec.device_path,
+                original_target: rec.original_target,
+            })
+        })
+        .collect();
+    out.sort_by(|a, b| a.volume_id.cmp(&b.volume_id));
+    out
+}
+
+/// Whether `volume_id` is one the agent accepts (what attach checks first).
+pub fn valid_volume_id(volume_id: &str) -> bool {
+    Volumes::validate_id(volume_id).is_ok()
+}
+
 /// Atomically makes `link` a symlink to `target` (create beside, rename).
 fn replace_symlink(link: &Path, target: &Path) -> std::io::Result<()> {
     let tmp = link.with_file_name(format!(".{}.luks-agent-tmp", naming::basename(link)));

@@ -1,0 +1,220 @@
+//! Request and response bodies of the API, shared by the server and the
+//! CLI's client. Unknown fields are errors everywhere, except inside the
+//! `encryption` object: it is cinder's metadata dictionary exactly as the
+//! CLI's `--encryption` takes it, and cinder adds fields of its own.
+
+use std::fmt;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::keymgr::{RequestAuth, SecretString};
+
+/// How an attached volume reaches its user.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// A dm-crypt mapping on this host; the answer names its device.
+    #[default]
+    Dm,
+    /// A libvirt secret for QEMU's own LUKS driver (nova's native path).
+    /// Not available in this build: answered with `mode_unavailable`.
+    Libvirt,
+}
+
+impl Mode {
+    /// The name as the API spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Dm => "dm",
+            Mode::Libvirt => "libvirt",
+        }
+    }
+}
+
+/// A credential in a request body; redacted in `Debug`, zeroized on drop.
+#[derive(Clone)]
+pub struct Secret(pub SecretString);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret([REDACTED])")
+    }
+}
+
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = zeroize::Zeroizing::new(String::deserialize(d)?);
+        Ok(Secret(SecretString::new(&s)))
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.0.expose())
+    }
+}
+
+/// Whose credentials fetch the key: the CLI's `--token-file` and
+/// `--service-token-file`. Absent: the agent's own credentials.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Auth {
+    /// The caller's Keystone token.
+    pub token: Secret,
+    /// A service token to send along (`X-Service-Token`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_token: Option<Secret>,
+}
+
+impl Auth {
+    /// The key manager's form.
+    pub fn to_request_auth(auth: Option<&Auth>) -> RequestAuth {
+        match auth {
+            None => RequestAuth::Service,
+            Some(a) => RequestAuth::UserToken {
+                token: a.token.0.clone(),
+                service_token: a.service_token.as_ref().map(|s| s.0.clone()),
+            },
+        }
+    }
+}
+
+/// Body of `POST /v1/volumes/{id}/attach`, `.../detach` and `.../extend`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeBody {
+    /// The connector's device path (a block device or a symlink to one).
+    pub device: PathBuf,
+    /// Cinder's encryption metadata, the shape of the CLI's `--encryption`.
+    pub encryption: serde_json::Value,
+    /// Multipath WWN of the device (an older mapping name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub multipath_id: Option<String>,
+    /// Whose credentials fetch the key; absent: the agent's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<Auth>,
+    /// `dm` (default) or `libvirt`.
+    #[serde(default)]
+    pub mode: Mode,
+}
+
+/// Answer to an attach.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttachResponse {
+    /// Volume.
+    pub volume_id: String,
+    /// The device the guest should use.
+    pub path: PathBuf,
+    /// The mapping name (absent for volumes without front-end encryption).
+    pub mapping: Option<String>,
+    /// `created`, `identity` (already attached) or `no_op`.
+    pub action: String,
+    /// Whether this attach formatted the volume.
+    pub formatted: bool,
+    /// Time the operation took, in milliseconds.
+    pub duration_ms: f64,
+}
+
+/// Answer to a detach.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DetachResponse {
+    /// Volume.
+    pub volume_id: String,
+    /// The mapping name.
+    pub mapping: Option<String>,
+    /// `removed`, `identity` (was not attached) or `no_op`.
+    pub action: String,
+    /// Time the operation took, in milliseconds.
+    pub duration_ms: f64,
+}
+
+/// Answer to an extend.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExtendResponse {
+    /// Volume.
+    pub volume_id: String,
+    /// The mapping name.
+    pub mapping: Option<String>,
+    /// Size of the decrypted device in bytes.
+    pub new_size: u64,
+}
+
+/// A dm-crypt mapping as the kernel reports it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Mapping {
+    /// Name.
+    pub name: String,
+    /// DM uuid.
+    pub uuid: String,
+    /// `major:minor`.
+    pub device: String,
+    /// Number of openers.
+    pub open_count: i32,
+}
+
+/// One attached volume.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeStatus {
+    /// Volume.
+    pub volume_id: String,
+    /// The mapping its attach created.
+    pub mapping: String,
+    /// The connector's device path.
+    pub device_path: PathBuf,
+    /// Where the device path pointed before attach.
+    pub original_target: Option<PathBuf>,
+    /// The mapping as the kernel reports it; absent when it is gone or
+    /// device-mapper cannot be asked.
+    pub kernel: Option<Mapping>,
+}
+
+/// Answer to `GET /v1/volumes`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumesResponse {
+    /// Volumes with an attach record.
+    pub volumes: Vec<VolumeStatus>,
+    /// Every dm-crypt mapping (ours and cryptsetup's), as `luks-agent
+    /// status` lists them; absent when device-mapper cannot be asked.
+    pub mappings: Option<Vec<Mapping>>,
+    /// Why device-mapper could not be asked.
+    pub device_mapper_error: Option<String>,
+}
+
+/// Answer to `GET /healthz`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Health {
+    /// `ok`.
+    pub status: String,
+    /// The agent's version.
+    pub version: String,
+    /// Volume operations running now.
+    pub operations_in_flight: u64,
+}
+
+/// The body of every error answer.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ErrorBody {
+    /// The error.
+    pub error: ErrorDetail,
+}
+
+/// An error: a stable code for programs, a message for people.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ErrorDetail {
+    /// Stable snake_case code (see the README's table).
+    pub code: String,
+    /// What went wrong, with its causes; never key material.
+    pub message: String,
+    /// The volume, when the request named one.
+    pub volume_id: Option<String>,
+}

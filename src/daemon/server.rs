@@ -1,0 +1,730 @@
+//! The server: the listening socket (ours or systemd's), the accept loop
+//! with per-connection peer credentials and timeouts, the routes, and the
+//! way each volume operation runs (per-volume lock, then a blocking thread).
+
+use std::collections::HashMap;
+use std::os::fd::{FromRawFd, RawFd};
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path as UrlPath, State};
+use axum::http::{Method, Request, Response, StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::UnixListener;
+use tower::ServiceExt;
+
+use crate::config::{Config, ServerConfig};
+use crate::dm::DeviceMapper;
+use crate::keymgr::KeyManager;
+use crate::luks::kdf;
+use crate::volume::{self, AttachRequest, EncryptionSpec, VolumeOptions, Volumes};
+
+use super::api::{self, Mode, VolumeBody};
+use super::auth::{Peer, Policy};
+use super::errors::{ApiError, ErrorCode, chain};
+use super::metrics::{Metrics, route_label};
+use super::shutdown::Shutdown;
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The socket could not be set up.
+    #[error("{op} {path}")]
+    Socket {
+        /// What we did.
+        op: &'static str,
+        /// The socket.
+        path: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Another agent answers on the socket.
+    #[error("another agent is already listening on {0}")]
+    AlreadyRunning(String),
+    /// A configured group that does not exist.
+    #[error("socket_group '{0}' is not a group on this host")]
+    NoSuchGroup(String),
+    /// The key manager cannot be built from the configuration.
+    #[error("key manager")]
+    KeyManager(#[source] crate::keymgr::KeyError),
+    /// Signals could not be set up.
+    #[error("installing signal handlers")]
+    Signals(#[source] std::io::Error),
+}
+
+/// A volume operation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Op {
+    Attach,
+    Detach,
+    Extend,
+}
+
+impl Op {
+    fn name(self) -> &'static str {
+        match self {
+            Op::Attach => "attach",
+            Op::Detach => "detach",
+            Op::Extend => "extend",
+        }
+    }
+}
+
+/// In-process per-volume locks: callers of one volume queue here, without
+/// holding a thread, before the volume layer takes its cross-process flock.
+#[derive(Default)]
+struct VolumeLocks {
+    locks: Mutex<HashMap<String, Weak<tokio::sync::Mutex<()>>>>,
+}
+
+impl VolumeLocks {
+    fn get(&self, volume_id: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut map = self.locks.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(l) = map.get(volume_id).and_then(Weak::upgrade) {
+            return l;
+        }
+        // Forget volumes nobody holds or waits for any more.
+        map.retain(|_, w| w.strong_count() > 0);
+        let l = Arc::new(tokio::sync::Mutex::new(()));
+        map.insert(volume_id.to_string(), Arc::downgrade(&l));
+        l
+    }
+}
+
+/// What every request sees.
+struct Shared {
+    cfg: ServerConfig,
+    policy: Policy,
+    keys: Arc<dyn KeyManager>,
+    opts: VolumeOptions,
+    locks: VolumeLocks,
+    metrics: Metrics,
+    shutdown: Shutdown,
+    budget: &'static kdf::MemoryBudget,
+}
+
+type AppState = Arc<Shared>;
+
+/// The Argon2 budget when the configuration leaves it unset: a quarter of
+/// the machine's memory, at least 1 GiB.
+fn default_budget_kib() -> u64 {
+    let total = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .unwrap_or(0);
+    (total / 4).max(1024 * 1024)
+}
+
+/// The socket systemd passed (LISTEN_PID is us, LISTEN_FDS >= 1: fd 3).
+fn systemd_listener() -> Option<std::os::unix::net::UnixListener> {
+    const SD_LISTEN_FDS_START: RawFd = 3;
+    let pid: u32 = std::env::var("LISTEN_PID").ok()?.parse().ok()?;
+    let fds: u32 = std::env::var("LISTEN_FDS").ok()?.parse().ok()?;
+    if pid != std::process::id() || fds < 1 {
+        return None;
+    }
+    // SAFETY: systemd's protocol hands this process fd 3 as an open,
+    // listening socket that nothing else in the process owns (LISTEN_PID
+    // names us); we take ownership exactly once, here.
+    let l = unsafe { std::os::unix::net::UnixListener::from_raw_fd(SD_LISTEN_FDS_START) };
+    // The fd must not leak into anything we might spawn.
+    // SAFETY: fcntl on an fd we own, with a valid flag argument.
+    unsafe { libc::fcntl(SD_LISTEN_FDS_START, libc::F_SETFD, libc::FD_CLOEXEC) };
+    Some(l)
+}
+
+fn group_id(name: &str) -> Result<u32, ServeError> {
+    if let Ok(gid) = name.parse::<u32>() {
+        return Ok(gid);
+    }
+    let text = std::fs::read_to_string("/etc/group").unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            let mut f = l.split(':');
+            Some((f.next()?, f.nth(1)?))
+        })
+        .find(|(n, _)| *n == name)
+        .and_then(|(_, g)| g.parse().ok())
+        .ok_or_else(|| ServeError::NoSuchGroup(name.to_string()))
+}
+
+/// Binds the configured socket: refuses when another agent answers on it,
+/// replaces a stale one, then sets mode 0660 and the group.
+fn bind(cfg: &ServerConfig) -> Result<std::os::unix::net::UnixListener, ServeError> {
+    let path = &cfg.socket;
+    let shown = path.display().to_string();
+    let err = |op| {
+        let shown = shown.clone();
+        move |source| ServeError::Socket {
+            op,
+            path: shown,
+            source,
+        }
+    };
+    let gid = cfg.socket_group.as_deref().map(group_id).transpose()?;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(err("creating the directory of"))?;
+    }
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(ServeError::Socket {
+                op: "refusing to replace",
+                path: shown,
+                source: std::io::Error::from(std::io::ErrorKind::AlreadyExists),
+            });
+        }
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(ServeError::AlreadyRunning(shown));
+        }
+        std::fs::remove_file(path).map_err(err("removing stale socket"))?;
+    }
+    let l = std::os::unix::net::UnixListener::bind(path).map_err(err("binding"))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+        .map_err(err("setting the mode of"))?;
+    if let Some(gid) = gid {
+        std::os::unix::fs::chown(path, None, Some(gid)).map_err(err("setting the group of"))?;
+    }
+    Ok(l)
+}
+
+/// Runs the agent until SIGTERM or SIGINT and every started operation has
+/// finished. Builds its own multi-threaded runtime.
+pub fn serve(config: &Config) -> Result<(), ServeError> {
+    let cfg = config.server.clone();
+    // Take systemd's socket before anything else could open fd 3.
+    let (std_listener, own_socket) = match systemd_listener() {
+        Some(l) => (l, None),
+        None => (bind(&cfg)?, Some(cfg.socket.clone())),
+    };
+    std_listener
+        .set_nonblocking(true)
+        .map_err(|source| ServeError::Socket {
+            op: "configuring",
+            path: cfg.socket.display().to_string(),
+            source,
+        })?;
+    let keys: Arc<dyn KeyManager> =
+        Arc::from(config.key_manager().map_err(ServeError::KeyManager)?);
+    let budget =
+        kdf::install_memory_budget(cfg.kdf_memory_budget_kib.unwrap_or_else(default_budget_kib));
+    let shared = Arc::new(Shared {
+        policy: Policy::from_config(&cfg),
+        keys,
+        opts: super::volume_options(config),
+        locks: VolumeLocks::default(),
+        metrics: Metrics::default(),
+        shutdown: Shutdown::new(),
+        budget,
+        cfg,
+    });
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("luks-agent")
+        .build()
+        .map_err(ServeError::Signals)?;
+    let result = rt.block_on(run(shared, std_listener, own_socket.as_deref()));
+    // Every operation has finished; nothing left on blocking threads that
+    // could be cut short.
+    rt.shutdown_timeout(Duration::from_secs(1));
+    result
+}
+
+async fn run(
+    shared: AppState,
+    std_listener: std::os::unix::net::UnixListener,
+    own_socket: Option<&Path>,
+) -> Result<(), ServeError> {
+    let listener = UnixListener::from_std(std_listener).map_err(|source| ServeError::Socket {
+        op: "registering",
+        path: shared.cfg.socket.display().to_string(),
+        source,
+    })?;
+    let shutdown = shared.shutdown.clone();
+    let signals = tokio::spawn(shutdown.clone().on_signals());
+    tracing::info!(
+        socket = %own_socket.map(|p| p.display().to_string()).unwrap_or_else(|| "systemd (fd 3)".into()),
+        version = env!("CARGO_PKG_VERSION"),
+        kdf_memory_budget_kib = shared.budget.total_kib(),
+        allowed_uids = ?shared.cfg.allowed_uids,
+        allowed_gids = ?shared.cfg.allowed_gids,
+        "listening"
+    );
+    let router = router(shared.clone());
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_millis(shared.cfg.header_timeout_ms))
+        .keep_alive(true);
+    loop {
+        let stream = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.stopping() => break,
+        };
+        let peer = match Peer::of(&stream) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(error = %e, "no peer credentials; closing the connection");
+                continue;
+            }
+        };
+        let (shared, router) = (shared.clone(), router.clone());
+        let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+            handle(shared.clone(), router.clone(), peer, req)
+        });
+        let conn = builder.serve_connection(TokioIo::new(stream), svc);
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, uid = peer.uid, "connection ended");
+            }
+        });
+    }
+    drop(listener);
+    if let Some(p) = own_socket {
+        let _ = std::fs::remove_file(p);
+    }
+    let wait = Duration::from_millis(shared.cfg.shutdown_timeout_ms);
+    if tokio::time::timeout(wait, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            after_ms = shared.cfg.shutdown_timeout_ms,
+            "connections still open at the shutdown timeout; closing them"
+        );
+    }
+    if shared.shutdown.running() > 0 {
+        tracing::info!(
+            operations_in_flight = shared.shutdown.running(),
+            "waiting for running operations to finish"
+        );
+    }
+    shared.shutdown.idle().await;
+    signals.abort();
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Every request: peer check, metrics, then the router.
+async fn handle(
+    shared: AppState,
+    router: Router,
+    peer: Peer,
+    mut req: Request<hyper::body::Incoming>,
+) -> Result<Response<Body>, std::convert::Infallible> {
+    let started = Instant::now();
+    let route = route_label(req.uri().path());
+    shared.metrics.start();
+    let resp = if shared.policy.allows(&peer) {
+        req.extensions_mut().insert(peer);
+        match router.oneshot(req.map(Body::new)).await {
+            Ok(r) => r,
+            Err(never) => match never {},
+        }
+    } else {
+        tracing::warn!(
+            uid = peer.uid,
+            gid = peer.gid,
+            pid = peer.pid,
+            method = %req.method(),
+            route,
+            "caller not allowed"
+        );
+        ApiError::new(
+            "forbidden",
+            format!(
+                "uid {} gid {} may not call this agent (see [server] allowed_uids and allowed_gids)",
+                peer.uid, peer.gid
+            ),
+        )
+        .into_response()
+    };
+    let outcome = resp
+        .extensions()
+        .get::<ErrorCode>()
+        .map(|c| c.0)
+        .unwrap_or("ok");
+    shared.metrics.finish(route, outcome, started.elapsed());
+    Ok(resp)
+}
+
+fn router(shared: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .route("/v1/volumes", get(list_volumes))
+        .route("/v1/volumes/{id}", get(show_volume))
+        .route("/v1/volumes/{id}/attach", post(attach))
+        .route("/v1/volumes/{id}/detach", post(detach))
+        .route("/v1/volumes/{id}/extend", post(extend))
+        .fallback(|req: Request<Body>| async move { ApiError::not_found(req.uri().path()) })
+        .method_not_allowed_fallback(|method: Method| async move {
+            ApiError::new(
+                "method_not_allowed",
+                format!("method {method} is not allowed on this route"),
+            )
+        })
+        .with_state(shared)
+}
+
+fn json<T: serde::Serialize>(status: StatusCode, v: &T) -> Response<Body> {
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        serde_json::to_string(v).unwrap_or_default(),
+    )
+        .into_response()
+}
+
+async fn healthz(State(st): State<AppState>) -> Response<Body> {
+    if st.shutdown.is_stopping() {
+        return ApiError::shutting_down().into_response();
+    }
+    json(
+        StatusCode::OK,
+        &api::Health {
+            status: "ok".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            operations_in_flight: st.shutdown.running(),
+        },
+    )
+}
+
+async fn metrics(State(st): State<AppState>) -> Response<Body> {
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        st.metrics.render(st.shutdown.running(), Some(st.budget)),
+    )
+        .into_response()
+}
+
+fn mapping_json(m: &crate::dm::MappingInfo) -> api::Mapping {
+    api::Mapping {
+        name: m.name.clone(),
+        uuid: m.uuid.clone(),
+        device: m.device.clone(),
+        open_count: m.open_count,
+    }
+}
+
+/// Attach records and kernel mappings (on a blocking thread: ioctls).
+fn volumes_now(run_dir: &Path, only: Option<&str>) -> api::VolumesResponse {
+    let records: Vec<_> = volume::attached_volumes(run_dir)
+        .into_iter()
+        .filter(|v| only.is_none_or(|id| v.volume_id == id))
+        .collect();
+    let (mappings, dm_error) = match DeviceMapper::open().and_then(|dm| dm.list("CRYPT-")) {
+        Ok(m) => (Some(m), None),
+        Err(e) => (None, Some(chain(&e))),
+    };
+    let volumes = records
+        .into_iter()
+        .map(|r| api::VolumeStatus {
+            kernel: mappings
+                .as_ref()
+                .and_then(|ms| ms.iter().find(|m| m.name == r.mapping))
+                .map(mapping_json),
+            volume_id: r.volume_id,
+            mapping: r.mapping,
+            device_path: r.device_path,
+            original_target: r.original_target,
+        })
+        .collect();
+    api::VolumesResponse {
+        volumes,
+        mappings: mappings.map(|ms| ms.iter().map(mapping_json).collect()),
+        device_mapper_error: dm_error,
+    }
+}
+
+async fn list_volumes(State(st): State<AppState>) -> Response<Body> {
+    let run_dir = st.opts.run_dir.clone();
+    match tokio::task::spawn_blocking(move || volumes_now(&run_dir, None)).await {
+        Ok(v) => json(StatusCode::OK, &v),
+        Err(e) => ApiError::new("internal", e.to_string()).into_response(),
+    }
+}
+
+fn check_id(id: &str) -> Result<(), ApiError> {
+    if volume::valid_volume_id(id) {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            "invalid_volume_id",
+            format!(
+                "'{}': volume ids are 1-128 characters of letters, digits, '-', '_' and '.'",
+                id.escape_debug()
+            ),
+        ))
+    }
+}
+
+async fn show_volume(State(st): State<AppState>, UrlPath(id): UrlPath<String>) -> Response<Body> {
+    if let Err(e) = check_id(&id) {
+        return e.into_response();
+    }
+    let run_dir = st.opts.run_dir.clone();
+    let want = id.clone();
+    match tokio::task::spawn_blocking(move || volumes_now(&run_dir, Some(&want))).await {
+        Ok(mut v) => match v.volumes.pop() {
+            Some(one) => json(StatusCode::OK, &one),
+            None => ApiError::new(
+                "volume_not_found",
+                format!("volume {id} is not attached on this host"),
+            )
+            .for_volume(&id)
+            .into_response(),
+        },
+        Err(e) => ApiError::new("internal", e.to_string()).into_response(),
+    }
+}
+
+/// Reads and parses a body within the size and time limits.
+async fn read_body(st: &Shared, req: Request<Body>) -> Result<VolumeBody, ApiError> {
+    let limit = st.cfg.max_body_bytes;
+    let too_large = || {
+        ApiError::new(
+            "payload_too_large",
+            format!("request bodies are limited to {limit} bytes"),
+        )
+    };
+    if let Some(len) = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        && len > limit as u64
+    {
+        return Err(too_large());
+    }
+    let wait = Duration::from_millis(st.cfg.body_timeout_ms);
+    let bytes = match tokio::time::timeout(wait, axum::body::to_bytes(req.into_body(), limit)).await
+    {
+        Err(_) => {
+            return Err(ApiError::new(
+                "request_timeout",
+                format!(
+                    "the request body did not arrive within {} ms",
+                    st.cfg.body_timeout_ms
+                ),
+            ));
+        }
+        Ok(Err(e)) => {
+            let mut cur: Option<&dyn std::error::Error> = Some(&e);
+            while let Some(c) = cur {
+                if c.is::<http_body_util::LengthLimitError>() {
+                    return Err(too_large());
+                }
+                cur = c.source();
+            }
+            return Err(ApiError::new(
+                "invalid_request",
+                format!("reading the request body: {}", chain(&e)),
+            ));
+        }
+        Ok(Ok(b)) => b,
+    };
+    serde_json::from_slice::<VolumeBody>(&bytes).map_err(|e| {
+        use serde_json::error::Category;
+        let code = match e.classify() {
+            Category::Syntax | Category::Eof | Category::Io => "malformed_json",
+            Category::Data if e.to_string().starts_with("unknown field") => "unknown_field",
+            Category::Data => "invalid_request",
+        };
+        ApiError::new(code, format!("request body: {e}"))
+    })
+}
+
+async fn attach(st: State<AppState>, id: UrlPath<String>, req: Request<Body>) -> Response<Body> {
+    operate(st.0, id.0, Op::Attach, req).await
+}
+
+async fn detach(st: State<AppState>, id: UrlPath<String>, req: Request<Body>) -> Response<Body> {
+    operate(st.0, id.0, Op::Detach, req).await
+}
+
+async fn extend(st: State<AppState>, id: UrlPath<String>, req: Request<Body>) -> Response<Body> {
+    operate(st.0, id.0, Op::Extend, req).await
+}
+
+async fn operate(st: AppState, id: String, op: Op, req: Request<Body>) -> Response<Body> {
+    match operate_inner(st, &id, op, req).await {
+        Ok(r) => r,
+        Err(e) => {
+            let e = if e.volume_id.is_none() {
+                e.for_volume(&id)
+            } else {
+                e
+            };
+            e.into_response()
+        }
+    }
+}
+
+async fn operate_inner(
+    st: AppState,
+    id: &str,
+    op: Op,
+    req: Request<Body>,
+) -> Result<Response<Body>, ApiError> {
+    check_id(id)?;
+    let peer = req.extensions().get::<Peer>().copied();
+    let body = read_body(&st, req).await?;
+    if body.mode == Mode::Libvirt {
+        return Err(ApiError::new(
+            "mode_unavailable",
+            "mode 'libvirt' is not available in this build; use mode 'dm'",
+        ));
+    }
+    let spec: EncryptionSpec = serde_json::from_value(body.encryption.clone())
+        .map_err(|e| ApiError::new("invalid_spec", format!("encryption: {e}")))?;
+    let request = AttachRequest {
+        volume_id: id.to_string(),
+        device_path: body.device.clone(),
+        spec,
+        multipath_id: body.multipath_id.clone(),
+        auth: api::Auth::to_request_auth(body.auth.as_ref()),
+    };
+    // Queue for the volume without holding a thread; give up when the
+    // agent starts stopping (nothing of this operation has happened yet).
+    let lock = st.locks.get(id);
+    let guard = tokio::select! {
+        g = lock.lock_owned() => g,
+        _ = st.shutdown.stopping() => return Err(ApiError::shutting_down()),
+    };
+    if st.shutdown.is_stopping() {
+        return Err(ApiError::shutting_down());
+    }
+    let running = st.shutdown.start_operation();
+    let handle = tokio::runtime::Handle::current();
+    let shared = st.clone();
+    // The blocking task owns the lock and the operation guard: a caller
+    // that disconnects does not cut the operation short, and the next
+    // caller of this volume waits until it is really over.
+    let task = tokio::task::spawn_blocking(move || {
+        let _guard = guard;
+        let _running = running;
+        let started = Instant::now();
+        let volumes = Volumes::new(shared.keys.as_ref(), shared.opts.clone());
+        let vid = request.volume_id.as_str();
+        let result: Result<(serde_json::Value, &'static str), ApiError> = match op {
+            Op::Attach => handle.block_on(volumes.attach(&request)).map(|out| {
+                let action = action_name(out.action);
+                let ms = started.elapsed().as_secs_f64() * 1000.0;
+                (
+                    serde_json::to_value(api::AttachResponse {
+                        volume_id: vid.into(),
+                        path: out.path,
+                        mapping: out.mapping,
+                        action: action.into(),
+                        formatted: out.formatted,
+                        duration_ms: ms,
+                    })
+                    .unwrap_or_default(),
+                    action,
+                )
+            }),
+            Op::Detach => handle
+                .block_on(volumes.detach(
+                    vid,
+                    &request.device_path,
+                    &request.spec,
+                    request.multipath_id.as_deref(),
+                ))
+                .map(|out| {
+                    let action = action_name(out.action);
+                    let ms = started.elapsed().as_secs_f64() * 1000.0;
+                    (
+                        serde_json::to_value(api::DetachResponse {
+                            volume_id: vid.into(),
+                            mapping: out.mapping,
+                            action: action.into(),
+                            duration_ms: ms,
+                        })
+                        .unwrap_or_default(),
+                        action,
+                    )
+                }),
+            Op::Extend => handle.block_on(volumes.extend(&request)).map(|out| {
+                (
+                    serde_json::to_value(api::ExtendResponse {
+                        volume_id: vid.into(),
+                        mapping: out.mapping,
+                        new_size: out.new_size,
+                    })
+                    .unwrap_or_default(),
+                    "extended",
+                )
+            }),
+        }
+        .map_err(|e| ApiError::from_volume(vid, &e));
+        let ms = started.elapsed().as_secs_f64() * 1000.0;
+        let (uid, pid) = (peer.map(|p| p.uid), peer.and_then(|p| p.pid));
+        match &result {
+            Ok((_, action)) => tracing::info!(
+                op = op.name(),
+                volume_id = vid,
+                outcome = "ok",
+                action,
+                duration_ms = ms,
+                uid,
+                pid,
+                "volume operation"
+            ),
+            Err(e) => tracing::warn!(
+                op = op.name(),
+                volume_id = vid,
+                outcome = e.code,
+                error = %e.message,
+                duration_ms = ms,
+                uid,
+                pid,
+                "volume operation"
+            ),
+        }
+        result
+    });
+    match task.await {
+        Ok(Ok((v, _))) => Ok(json(StatusCode::OK, &v)),
+        Ok(Err(e)) => Err(e),
+        Err(e) => Err(ApiError::new(
+            "internal",
+            format!("the operation failed unexpectedly: {e}"),
+        )),
+    }
+}
+
+fn action_name(a: volume::Action) -> &'static str {
+    match a {
+        volume::Action::Created => "created",
+        volume::Action::Removed => "removed",
+        volume::Action::Identity => "identity",
+        volume::Action::NoOp => "no_op",
+    }
+}
+
+/// The socket the CLI should talk to: the configured one.
+pub fn socket_path(config: &Config) -> PathBuf {
+    config.server.socket.clone()
+}

@@ -1,0 +1,863 @@
+//! The agent's API over its Unix socket, against the real `luks-agent
+//! serve` binary with a temporary configuration and local key store. Every
+//! test asserts on the HTTP status and error code the server really sent.
+//!
+//! Runs as root on the host. The host kernel may lack device-mapper, so
+//! the operations checked here are the ones that get an answer without it
+//! (or that expect its absence); real attaches run in the VM tier
+//! (tests/vm/daemon.sh).
+
+use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+const AGENT: &str = env!("CARGO_BIN_EXE_luks-agent");
+const NOBODY: u32 = 65534;
+
+/// A running agent on a temporary socket; stopped (SIGTERM) on drop.
+struct Daemon {
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+    socket: PathBuf,
+}
+
+impl Daemon {
+    /// Starts an agent whose `[server]` section gets `server_extra`.
+    fn start(server_extra: &str) -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        // Other uids must reach the socket for the peer-credential tests.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let socket = dir.path().join("agent.sock");
+        let config = dir.path().join("agent.toml");
+        let p = dir.path().display();
+        std::fs::write(
+            &config,
+            format!(
+                "state_dir = \"{p}/state\"\nrun_dir = \"{p}/run\"\n\
+                 [key_manager.local]\ndir = \"{p}/keys\"\n\
+                 [server]\nsocket = \"{p}/agent.sock\"\nkdf_memory_budget_kib = 262144\n{server_extra}\n"
+            ),
+        )
+        .unwrap();
+        let mut d = Daemon {
+            child: None,
+            socket,
+            dir,
+        };
+        d.child = Some(d.spawn(Command::new(AGENT)));
+        d.wait_ready();
+        d
+    }
+
+    fn config(&self) -> PathBuf {
+        self.dir.path().join("agent.toml")
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("agent.log")
+    }
+
+    fn spawn(&self, mut cmd: Command) -> Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .unwrap();
+        cmd.args(["--config", self.config().to_str().unwrap(), "serve"])
+            .env("LUKS_AGENT_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap()
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(r) = try_request(&self.socket, "GET", "/healthz", &[], None)
+                && r.status == 200
+            {
+                return;
+            }
+            if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("agent exited with {st}: {}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("agent did not answer /healthz: {}", self.log());
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    fn get(&self, path: &str) -> Resp {
+        request(&self.socket, "GET", path, &[], None)
+    }
+
+    fn post(&self, path: &str, body: &[u8]) -> Resp {
+        request(&self.socket, "POST", path, body, None)
+    }
+
+    /// SIGTERM and the exit status.
+    fn stop(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().unwrap();
+        // SAFETY: kill has no memory preconditions; the pid is our child,
+        // not yet reaped.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                return st;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("agent did not stop on SIGTERM: {}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            let _ = self.stop();
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Resp {
+    status: u16,
+    head: String,
+    body: Vec<u8>,
+}
+
+impl Resp {
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+
+    /// The error code, after checking the error body's exact shape.
+    fn code(&self) -> String {
+        let v = self.json();
+        let e = v["error"].as_object().unwrap_or_else(|| panic!("{v}"));
+        let mut keys: Vec<_> = e.keys().cloned().collect();
+        keys.sort();
+        assert_eq!(keys, ["code", "message", "volume_id"], "{v}");
+        assert!(!e["message"].as_str().unwrap().is_empty(), "{v}");
+        e["code"].as_str().unwrap().to_string()
+    }
+
+    fn expect(&self, status: u16, code: &str) {
+        assert_eq!(
+            (self.status, self.code().as_str()),
+            (status, code),
+            "{}",
+            String::from_utf8_lossy(&self.body)
+        );
+        assert!(
+            self.head
+                .to_ascii_lowercase()
+                .contains("content-type: application/json"),
+            "{}",
+            self.head
+        );
+    }
+}
+
+/// Writes `raw` to the socket and reads the answer until the server closes.
+fn exchange(socket: &Path, raw: &[u8]) -> std::io::Result<Vec<u8>> {
+    let mut s = UnixStream::connect(socket)?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))?;
+    s.write_all(raw)?;
+    let mut out = vec![];
+    s.read_to_end(&mut out)?;
+    Ok(out)
+}
+
+fn parse(raw: &[u8]) -> Resp {
+    let text = String::from_utf8_lossy(raw);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("no HTTP answer: {text:?}"));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("bad status line: {head}"));
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(body.as_bytes())
+    } else {
+        body.as_bytes().to_vec()
+    };
+    Resp {
+        status,
+        head: head.to_string(),
+        body,
+    }
+}
+
+fn dechunk(mut b: &[u8]) -> Vec<u8> {
+    let mut out = vec![];
+    loop {
+        let line_end = b.windows(2).position(|w| w == b"\r\n").unwrap();
+        let n =
+            usize::from_str_radix(std::str::from_utf8(&b[..line_end]).unwrap().trim(), 16).unwrap();
+        if n == 0 {
+            return out;
+        }
+        out.extend_from_slice(&b[line_end + 2..line_end + 2 + n]);
+        b = &b[line_end + 2 + n + 2..];
+    }
+}
+
+fn raw_request(method: &str, path: &str, body: &[u8], extra_headers: Option<&str>) -> Vec<u8> {
+    let mut raw = format!(
+        "{method} {path} HTTP/1.1\r\nHost: luks-agent\r\nConnection: close\r\n{}",
+        extra_headers.unwrap_or("")
+    );
+    if method == "POST" && extra_headers.is_none_or(|h| !h.contains("Transfer-Encoding")) {
+        raw.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            body.len()
+        ));
+    }
+    raw.push_str("\r\n");
+    let mut raw = raw.into_bytes();
+    raw.extend_from_slice(body);
+    raw
+}
+
+fn try_request(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: &[u8],
+    extra_headers: Option<&str>,
+) -> std::io::Result<Resp> {
+    exchange(socket, &raw_request(method, path, body, extra_headers)).map(|r| parse(&r))
+}
+
+fn request(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: &[u8],
+    extra_headers: Option<&str>,
+) -> Resp {
+    try_request(socket, method, path, body, extra_headers).unwrap()
+}
+
+/// The exchange as another uid: a forked child drops to `uid`/`gid`,
+/// connects and relays the raw answer through a pipe. Between fork and
+/// `_exit` the child makes only system calls on memory prepared before the
+/// fork (the test process has other threads).
+fn request_as(uid: u32, gid: u32, socket: &Path, raw: &[u8]) -> Vec<u8> {
+    let path = std::ffi::CString::new(socket.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: all-zero is a valid sockaddr_un.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    let bytes = path.as_bytes_with_nul();
+    assert!(bytes.len() <= addr.sun_path.len());
+    for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = *s as libc::c_char;
+    }
+    let mut fds = [0; 2];
+    // SAFETY: fds has room for the two descriptors pipe writes.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    let mut buf = vec![0u8; 64 * 1024];
+    // SAFETY: the child below only calls async-signal-safe functions on
+    // memory allocated before the fork, then _exit()s.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0);
+    if pid == 0 {
+        // SAFETY: (child) plain system calls on valid, pre-allocated
+        // memory; every path ends in _exit.
+        unsafe {
+            libc::close(fds[0]);
+            if libc::setgroups(0, std::ptr::null()) != 0
+                || libc::setgid(gid) != 0
+                || libc::setuid(uid) != 0
+            {
+                libc::_exit(2);
+            }
+            let s = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
+            if s < 0
+                || libc::connect(
+                    s,
+                    (&raw const addr).cast(),
+                    std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
+                ) != 0
+            {
+                libc::_exit(3);
+            }
+            let mut off = 0;
+            while off < raw.len() {
+                let n = libc::write(s, raw[off..].as_ptr().cast(), raw.len() - off);
+                if n <= 0 {
+                    libc::_exit(4);
+                }
+                off += n as usize;
+            }
+            loop {
+                let n = libc::read(s, buf.as_mut_ptr().cast(), buf.len());
+                if n <= 0 {
+                    break;
+                }
+                libc::write(fds[1], buf.as_ptr().cast(), n as usize);
+            }
+            libc::_exit(0);
+        }
+    }
+    // SAFETY: closing our copy of the write end, an fd we own.
+    unsafe { libc::close(fds[1]) };
+    // SAFETY: fds[0] is the pipe's read end, owned from here on.
+    let mut f = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fds[0]) };
+    let mut out = vec![];
+    f.read_to_end(&mut out).unwrap();
+    let mut status = 0;
+    // SAFETY: waiting for our own child.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "child as uid {uid} failed: {status:#x}"
+    );
+    out
+}
+
+fn spec(provider: &str, key_id: &str, location: &str) -> Value {
+    json!({"provider": provider, "control_location": location, "cipher": "aes-xts-plain64",
+           "key_size": 256, "encryption_key_id": key_id})
+}
+
+fn dm_available() -> bool {
+    luks_agent::dm::DeviceMapper::open().is_ok()
+}
+
+#[test]
+fn healthz_and_metrics_in_prometheus_text() {
+    let d = Daemon::start("");
+    let h = d.get("/healthz");
+    assert_eq!(h.status, 200);
+    let v = h.json();
+    assert_eq!(v["status"], "ok");
+    assert_eq!(v["version"], env!("CARGO_PKG_VERSION"));
+    d.get("/nope").expect(404, "not_found");
+    let m = d.get("/metrics");
+    assert_eq!(m.status, 200);
+    assert!(
+        m.head
+            .to_ascii_lowercase()
+            .contains("content-type: text/plain"),
+        "{}",
+        m.head
+    );
+    let text = String::from_utf8(m.body).unwrap();
+    for want in [
+        "# TYPE luks_agent_requests_total counter",
+        "luks_agent_requests_total{route=\"/healthz\",outcome=\"ok\"} ",
+        "luks_agent_requests_total{route=\"other\",outcome=\"not_found\"} 1\n",
+        "# TYPE luks_agent_request_duration_seconds histogram",
+        "luks_agent_request_duration_seconds_bucket{route=\"/healthz\",le=\"+Inf\"} ",
+        "luks_agent_requests_in_flight 1\n",
+        "luks_agent_operations_in_flight 0\n",
+        "luks_agent_kdf_memory_budget_kib 262144\n",
+        "luks_agent_kdf_memory_in_use_kib 0\n",
+    ] {
+        assert!(text.contains(want), "missing {want:?} in\n{text}");
+    }
+    // Every sample line is `name{labels} number` or `name number`.
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let (name, value) = line.rsplit_once(' ').unwrap();
+        assert!(value.parse::<f64>().is_ok(), "{line}");
+        let bare = name.split('{').next().unwrap();
+        assert!(
+            bare.starts_with("luks_agent_")
+                && bare.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'),
+            "{line}"
+        );
+        assert_eq!(name.contains('{'), name.ends_with('}'), "{line}");
+    }
+}
+
+#[test]
+fn peers_not_configured_get_403_and_a_log_line() {
+    // The socket's group lets nobody connect; the policy must still refuse.
+    let mut d = Daemon::start(&format!(
+        "socket_group = \"{NOBODY}\"\nallowed_uids = [4242]"
+    ));
+    let meta = std::fs::metadata(&d.socket).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o660);
+    assert_eq!(std::os::unix::fs::MetadataExt::gid(&meta), NOBODY);
+    let raw = raw_request("GET", "/healthz", &[], None);
+    let r = parse(&request_as(NOBODY, NOBODY, &d.socket, &raw));
+    r.expect(403, "forbidden");
+    let body = spec("luks", "k", "front-end");
+    let raw = raw_request(
+        "POST",
+        "/v1/volumes/v1/attach",
+        json!({"device": "/dev/null", "encryption": body})
+            .to_string()
+            .as_bytes(),
+        None,
+    );
+    parse(&request_as(NOBODY, NOBODY, &d.socket, &raw)).expect(403, "forbidden");
+    // Root always may.
+    assert_eq!(d.get("/healthz").status, 200);
+    let m = String::from_utf8(d.get("/metrics").body).unwrap();
+    assert!(
+        m.contains("luks_agent_requests_total{route=\"/healthz\",outcome=\"forbidden\"} 1\n"),
+        "{m}"
+    );
+    d.stop();
+    let log = d.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("caller not allowed"))
+        .unwrap_or_else(|| panic!("no log line for the refused peer:\n{log}"));
+    assert!(
+        line.contains("uid=65534") && line.contains("gid=65534") && line.contains("pid="),
+        "{line}"
+    );
+}
+
+#[test]
+fn configured_uid_and_gid_may_call() {
+    let d = Daemon::start(&format!(
+        "socket_group = \"{NOBODY}\"\nallowed_uids = [{NOBODY}]"
+    ));
+    let raw = raw_request("GET", "/healthz", &[], None);
+    let r = parse(&request_as(NOBODY, NOBODY, &d.socket, &raw));
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    drop(d);
+    let d = Daemon::start(&format!(
+        "socket_group = \"{NOBODY}\"\nallowed_gids = [{NOBODY}]"
+    ));
+    let r = parse(&request_as(NOBODY, NOBODY, &d.socket, &raw));
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+}
+
+#[test]
+fn malformed_unknown_oversize_and_unrouted_requests() {
+    let d = Daemon::start("max_body_bytes = 4096");
+    let good = json!({"device": "/dev/null", "encryption": spec("luks", "k", "back-end")});
+    // Sanity: the well-formed request is accepted (a back-end volume is a
+    // no-op that needs no device-mapper).
+    let ok = d.post("/v1/volumes/v1/attach", good.to_string().as_bytes());
+    assert_eq!(ok.status, 200, "{}", String::from_utf8_lossy(&ok.body));
+    assert_eq!(ok.json()["action"], "no_op");
+    assert_eq!(ok.json()["path"], "/dev/null");
+
+    d.post("/v1/volumes/v1/attach", b"{\"device\": ")
+        .expect(400, "malformed_json");
+    d.post("/v1/volumes/v1/attach", b"not json")
+        .expect(400, "malformed_json");
+    d.post("/v1/volumes/v1/attach", b"")
+        .expect(400, "malformed_json");
+    let mut extra = good.clone();
+    extra["devise"] = json!("/dev/null");
+    let r = d.post("/v1/volumes/v1/attach", extra.to_string().as_bytes());
+    r.expect(400, "unknown_field");
+    assert!(
+        r.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("devise")
+    );
+    let mut extra = good.clone();
+    extra["auth"] = json!({"token": "t", "scope": "x"});
+    d.post("/v1/volumes/v1/attach", extra.to_string().as_bytes())
+        .expect(400, "unknown_field");
+    d.post(
+        "/v1/volumes/v1/detach",
+        json!({"device": "/dev/null"}).to_string().as_bytes(),
+    )
+    .expect(400, "invalid_request");
+    d.post(
+        "/v1/volumes/v1/attach",
+        json!({"device": 5, "encryption": {}})
+            .to_string()
+            .as_bytes(),
+    )
+    .expect(400, "invalid_request");
+
+    // Oversize, announced by Content-Length and sent chunked.
+    let mut big = good.clone();
+    big["multipath_id"] = json!("x".repeat(5000));
+    let r = d.post("/v1/volumes/v1/attach", big.to_string().as_bytes());
+    r.expect(413, "payload_too_large");
+    let text = big.to_string();
+    let chunked = format!("{:x}\r\n{text}\r\n0\r\n\r\n", text.len());
+    request(
+        &d.socket,
+        "POST",
+        "/v1/volumes/v1/attach",
+        chunked.as_bytes(),
+        Some("Transfer-Encoding: chunked\r\n"),
+    )
+    .expect(413, "payload_too_large");
+
+    d.get("/v2/volumes").expect(404, "not_found");
+    d.post("/v1/volumes/v1/format", good.to_string().as_bytes())
+        .expect(404, "not_found");
+    d.get("/v1/volumes/v1/attach")
+        .expect(405, "method_not_allowed");
+    d.get("/v1/volumes/never-attached")
+        .expect(404, "volume_not_found");
+    assert_eq!(
+        d.get("/v1/volumes/never-attached").json()["error"]["volume_id"],
+        "never-attached"
+    );
+    d.get("/v1/volumes/..").expect(400, "invalid_volume_id");
+    d.post("/v1/volumes/a%20b/attach", good.to_string().as_bytes())
+        .expect(400, "invalid_volume_id");
+    d.get("/v1/volumes/.hidden")
+        .expect(400, "invalid_volume_id");
+
+    // Encryption metadata that cannot be used: 422 invalid_spec.
+    let bad = json!({"device": "/dev/null", "encryption": {"provider": "rot13", "encryption_key_id": "k"}});
+    d.post("/v1/volumes/v1/attach", bad.to_string().as_bytes())
+        .expect(422, "invalid_spec");
+    let bad = json!({"device": "/dev/null", "encryption": {"provider": "luks"}});
+    d.post("/v1/volumes/v1/attach", bad.to_string().as_bytes())
+        .expect(422, "invalid_spec");
+    let bad = json!({"device": "/dev/null", "encryption": {"key_size": "big"}});
+    d.post("/v1/volumes/v1/attach", bad.to_string().as_bytes())
+        .expect(422, "invalid_spec");
+
+    // The libvirt mode is part of the API but not of this build.
+    let mut lv = good.clone();
+    lv["mode"] = json!("libvirt");
+    d.post("/v1/volumes/v1/attach", lv.to_string().as_bytes())
+        .expect(501, "mode_unavailable");
+    lv["mode"] = json!("qemu");
+    d.post("/v1/volumes/v1/attach", lv.to_string().as_bytes())
+        .expect(400, "invalid_request");
+}
+
+#[test]
+fn slow_clients_are_cut_off() {
+    let d = Daemon::start("header_timeout_ms = 300\nbody_timeout_ms = 300");
+    // Headers never finish: the server closes the connection.
+    let mut s = UnixStream::connect(&d.socket).unwrap();
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let started = Instant::now();
+    let mut out = vec![];
+    let _ = s.read_to_end(&mut out);
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(5),
+        "connection held for {took:?}"
+    );
+    assert!(!String::from_utf8_lossy(&out).contains(" 200 "), "{out:?}");
+    // A body that stops halfway: 408 request_timeout.
+    let mut s = UnixStream::connect(&d.socket).unwrap();
+    s.write_all(
+        b"POST /v1/volumes/v1/attach HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
+          Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"device\":",
+    )
+    .unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut out = vec![];
+    let _ = s.read_to_end(&mut out);
+    parse(&out).expect(408, "request_timeout");
+    // A kept-alive connection left idle is closed too.
+    let mut s = UnixStream::connect(&d.socket).unwrap();
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut buf = [0u8; 4096];
+    let n = s.read(&mut buf).unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "{:?}", &buf[..n]);
+    let started = Instant::now();
+    let mut rest = vec![];
+    let _ = s.read_to_end(&mut rest);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "idle connection held for {:?}",
+        started.elapsed()
+    );
+    // The server still serves others.
+    assert_eq!(d.get("/healthz").status, 200);
+}
+
+#[test]
+fn volume_operations_and_listing_without_device_mapper() {
+    let d = Daemon::start("");
+    let body = json!({"device": "/dev/null", "encryption": spec("luks2", "0f8a6c70-0000-4000-8000-000000000001", "front-end")});
+    let r = d.post("/v1/volumes/v1/detach", body.to_string().as_bytes());
+    let list = d.get("/v1/volumes");
+    assert_eq!(list.status, 200);
+    let v = list.json();
+    assert_eq!(v["volumes"], json!([]));
+    if dm_available() {
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        assert_eq!(r.json()["action"], "identity");
+        assert!(v["mappings"].is_array(), "{v}");
+    } else {
+        r.expect(500, "device_mapper_error");
+        assert_eq!(r.json()["error"]["volume_id"], "v1");
+        assert!(v["mappings"].is_null(), "{v}");
+        assert!(
+            v["device_mapper_error"]
+                .as_str()
+                .unwrap()
+                .contains("device-mapper")
+        );
+    }
+    // An attach record makes the volume known to GET /v1/volumes/{id}.
+    let run = d.dir.path().join("run/volumes");
+    std::fs::create_dir_all(&run).unwrap();
+    std::fs::write(
+        run.join("v2.json"),
+        r#"{"mapping":"crypt-sdx","device_path":"/dev/disk/by-id/x","original_target":"/dev/sdx"}"#,
+    )
+    .unwrap();
+    let one = d.get("/v1/volumes/v2");
+    assert_eq!(one.status, 200);
+    assert_eq!(one.json()["mapping"], "crypt-sdx");
+    assert_eq!(one.json()["kernel"], Value::Null);
+    assert_eq!(d.get("/v1/volumes").json()["volumes"][0]["volume_id"], "v2");
+}
+
+/// Runs the CLI against the agent's config; (exit code, stdout, stderr).
+fn cli(d: &Daemon, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(AGENT)
+        .arg("--config")
+        .arg(d.config())
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn attach_requests(d: &Daemon) -> u64 {
+    let m = String::from_utf8(d.get("/metrics").body).unwrap();
+    m.lines()
+        .filter(|l| l.starts_with("luks_agent_requests_total{route=\"/v1/volumes/{id}/attach\""))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum()
+}
+
+#[test]
+fn cli_through_the_agent_and_locally_prints_and_exits_alike() {
+    let mut d = Daemon::start("");
+    let noop = spec("luks", "k", "back-end").to_string();
+    let bad = json!({"provider": "rot13", "encryption_key_id": "k"}).to_string();
+    let attach = |d: &Daemon, enc: &str, extra: &[&str]| {
+        let mut a = vec![
+            "attach",
+            "--volume-id",
+            "v1",
+            "--device",
+            "/dev/null",
+            "--encryption",
+            enc,
+        ];
+        a.extend_from_slice(extra);
+        cli(d, &a)
+    };
+    let before = attach_requests(&d);
+    let remote = attach(&d, &noop, &[]);
+    assert_eq!(
+        attach_requests(&d),
+        before + 1,
+        "the CLI did not use the agent"
+    );
+    let local = attach(&d, &noop, &["--local"]);
+    assert_eq!(attach_requests(&d), before + 1, "--local used the agent");
+    assert_eq!((remote.0, &remote.1), (0, &"/dev/null\n".to_string()));
+    assert_eq!((local.0, &local.1), (0, &"/dev/null\n".to_string()));
+    let strip_ms = |s: &str| s.split(" in ").next().unwrap().to_string();
+    assert_eq!(strip_ms(&remote.2), strip_ms(&local.2));
+    assert!(remote.2.starts_with("volume v1: NoOp"), "{}", remote.2);
+
+    let remote = attach(&d, &noop, &["--json"]);
+    let local = attach(&d, &noop, &["--local", "--json"]);
+    let mut r: Value = serde_json::from_str(&remote.1).unwrap();
+    let mut l: Value = serde_json::from_str(&local.1).unwrap();
+    r["duration_ms"] = json!(0);
+    l["duration_ms"] = json!(0);
+    assert_eq!(r, l);
+
+    // Errors: same message and exit code (1: invalid metadata).
+    let remote = attach(&d, &bad, &[]);
+    let local = attach(&d, &bad, &["--local"]);
+    assert_eq!(remote.0, 1, "{}", remote.2);
+    assert_eq!((remote.0, &remote.2), (local.0, &local.2));
+    assert_eq!(attach_requests(&d), before + 3);
+
+    // status: same output and exit code either way.
+    let remote = cli(&d, &["status"]);
+    let local = cli(&d, &["status", "--local"]);
+    assert_eq!(remote, local);
+    if !dm_available() {
+        assert_eq!(remote.0, 4, "{}", remote.2);
+    }
+
+    // No agent: the CLI acts directly.
+    d.stop();
+    assert!(!d.socket.exists(), "socket left behind");
+    let direct = attach(&d, &noop, &[]);
+    assert_eq!(
+        (direct.0, direct.1.as_str()),
+        (0, "/dev/null\n"),
+        "{}",
+        direct.2
+    );
+}
+
+#[test]
+fn refuses_a_second_agent_on_the_same_socket_and_stops_cleanly() {
+    let mut d = Daemon::start("");
+    let second = Command::new(AGENT)
+        .args(["--config", d.config().to_str().unwrap(), "serve"])
+        .output()
+        .unwrap();
+    assert_eq!(second.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&second.stderr).contains("already listening"),
+        "{second:?}"
+    );
+    assert_eq!(d.get("/healthz").status, 200);
+    let st = d.stop();
+    assert!(st.success(), "{st}");
+    assert!(!d.socket.exists());
+    let log = d.log();
+    assert!(log.contains("SIGTERM") && log.contains("stopped"), "{log}");
+}
+
+#[test]
+fn accepts_a_socket_from_systemd() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().display();
+    let config = dir.path().join("agent.toml");
+    // The configured socket must stay untouched: systemd's is used.
+    std::fs::write(
+        &config,
+        format!(
+            "state_dir = \"{p}/state\"\nrun_dir = \"{p}/run\"\n[server]\nsocket = \"{p}/unused.sock\"\n"
+        ),
+    )
+    .unwrap();
+    let sock = dir.path().join("activated.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&listener);
+    let mut cmd = Command::new("/bin/sh");
+    cmd.args([
+        "-c",
+        "export LISTEN_PID=$$ LISTEN_FDS=1; exec \"$0\" \"$@\"",
+        AGENT,
+        "--config",
+        config.to_str().unwrap(),
+        "serve",
+    ])
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped());
+    // SAFETY: dup2 is async-signal-safe; it runs in the forked child on
+    // descriptors that exist there.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+            // dup2 onto itself keeps close-on-exec: clear it instead.
+            let r = if fd == 3 {
+                libc::fcntl(3, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(fd, 3)
+            };
+            if r < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let ok = loop {
+        if let Ok(r) = try_request(&sock, "GET", "/healthz", &[], None) {
+            break r;
+        }
+        assert!(Instant::now() < deadline, "no answer on the passed socket");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(ok.status, 200);
+    assert!(!dir.path().join("unused.sock").exists());
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("systemd"));
+}
+
+#[test]
+fn logs_hold_no_credentials_or_keys() {
+    let mut d = Daemon::start("log_format = \"json\"");
+    // A real key in the store; its bytes, hex, base64 and passphrase must
+    // never reach a log line, nor the tokens callers send.
+    let key_id = cli(&d, &["keys", "create"]).1.trim().to_string();
+    let token = "gAAAAABtoken-SECRET-7c1f0e5a9b";
+    let service = "gAAAAABservice-SECRET-3e8d21";
+    let body = json!({"device": "/dev/null",
+        "encryption": spec("luks2", &key_id, "front-end"),
+        "auth": {"token": token, "service_token": service}});
+    for op in ["attach", "detach", "extend"] {
+        let r = d.post(&format!("/v1/volumes/v1/{op}"), body.to_string().as_bytes());
+        assert!(r.status >= 400 || dm_available(), "{r:?}");
+    }
+    let mut noop = body.clone();
+    noop["encryption"] = spec("luks2", &key_id, "back-end");
+    assert_eq!(
+        d.post("/v1/volumes/v1/attach", noop.to_string().as_bytes())
+            .status,
+        200
+    );
+    let reveal = cli(&d, &["keys", "fetch", "--key-id", &key_id, "--reveal"]);
+    let hex = reveal
+        .1
+        .lines()
+        .find_map(|l| l.strip_prefix("passphrase: "))
+        .unwrap()
+        .to_string();
+    let raw = hex::decode(&hex).unwrap();
+    d.stop();
+    let log = std::fs::read(d.log_path()).unwrap();
+    let text = String::from_utf8_lossy(&log);
+    assert!(text.contains("volume operation"), "{text}");
+    // One JSON object per line.
+    for line in text.lines() {
+        serde_json::from_str::<Value>(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+    }
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(&raw);
+    for (what, needle) in [
+        ("token", token.as_bytes()),
+        ("service token", service.as_bytes()),
+        ("hex key", hex.as_bytes()),
+        ("hex key upper", hex.to_uppercase().as_bytes()),
+        ("base64 key", b64.as_bytes()),
+        ("raw key", &raw[..]),
+    ] {
+        assert!(
+            !log.windows(needle.len()).any(|w| w == needle),
+            "{what} in the logs"
+        );
+    }
+}
