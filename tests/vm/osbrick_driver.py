@@ -191,7 +191,7 @@ def serve(driver, inp, out):
 
 def quiet_warnings():
     # oslo.privsep imports eventlet, which warns about its own deprecation.
-    warnings.filterwarnings('ignore', message='.*Eventlet is deprecated')
+    warnings.filterwarnings('ignore', message=r'\s*Eventlet is deprecated')
 
 
 def main(argv=None):
