@@ -26,19 +26,19 @@ stamp_text() {
         "$(python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
 }
 
-complete() {
+venv_ok() {
     [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$(stamp_text)" ] || return 1
     [ -x "$VENV/bin/python" ] && [ -x "$VENV/bin/privsep-helper" ] || return 1
     [ "$("$VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("os-brick"))' 2>/dev/null)" = "$PIN" ]
 }
 
 install() {
-    complete && return 0
+    venv_ok && return 0
     mkdir -p "$(dirname "$VENV")"
     # One installer at a time (parallel test runs share the venv).
     exec 9>"$VENV.lock"
     flock -w 1800 9 || die "timed out waiting for $VENV.lock"
-    complete && return 0
+    venv_ok && return 0
     rm -f "$STAMP"
     if [ -e "$VENV" ] && ! "$VENV/bin/python" -c '' >/dev/null 2>&1; then
         [ -f "$VENV/pyvenv.cfg" ] || die "$VENV exists and is not a venv; refusing to touch it"
@@ -53,12 +53,12 @@ install() {
     "$VENV/bin/python" -m pip install --disable-pip-version-check --no-input --quiet -r "$LOCK" \
         || die "pip install -r $LOCK failed"
     stamp_text >"$STAMP"
-    complete || die "venv $VENV incomplete after install (os-brick $PIN, privsep-helper)"
+    venv_ok || die "venv $VENV incomplete after install (os-brick $PIN, privsep-helper)"
 }
 
 case "${1:-}" in
     install) install ;;
-    check) complete || die "os-brick venv $VENV missing or incomplete: run tests/harness/osbrick.sh install" ;;
+    check) venv_ok || die "os-brick venv $VENV missing or incomplete: run tests/harness/osbrick.sh install" ;;
     path) echo "$VENV" ;;
     *) die "usage: $0 install|check|path" ;;
 esac

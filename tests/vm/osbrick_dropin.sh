@@ -135,7 +135,7 @@ for provider in luks luks2; do
     pass "$provider: os-brick attaches it again in ${BRICK_S} s and reads what we wrote"
     OUT=$($A attach --volume-id "$VID" --device "$LINK" --encryption "$ENC" --json)
     echo "$OUT" | grep -q '"action":"identity"' || fail "$provider: our attach over os-brick's mapping: $OUT"
-    [ "$(dmsetup ls | grep -c "^$MAP[[:space:]]")" -eq 1 ] || fail "$provider: not exactly one mapping"
+    [ "$(dmsetup ls | grep -c "^${MAP}[[:space:]]")" -eq 1 ] || fail "$provider: not exactly one mapping"
     $A detach --volume-id "$VID" --device "$LINK" --encryption "$ENC" >/dev/null
     [ ! -e "/dev/mapper/$MAP" ] || fail "$provider: our detach left os-brick's mapping"
     if cryptsetup status "$MAP" >/dev/null 2>&1; then fail "$provider: cryptsetup still sees $MAP"; fi
