@@ -30,7 +30,6 @@ sys.path.insert(0, os.path.join(REPO, 'tests', 'vm'))
 import osbrick_driver  # noqa: E402
 
 TIME_BIN = '/usr/bin/time'
-PROVIDERS = ('luks', 'luks2')
 CONC_RSS_LIMIT_KIB = 64 * 1024
 ATTACH_RATIO_TARGET = 50.0
 
@@ -103,6 +102,11 @@ class Bench:
             except (OSError, ValueError, IndexError):
                 pass
             os.unlink(rssf)
+
+    def spawn_floor(self, n=10):
+        """Median ms to spawn and reap /bin/true here: the process-start cost
+        that every luks-agent (and cryptsetup) run pays under this load."""
+        return statistics.median(self.run(['/bin/true'])[1] for _ in range(n)) * 1000
 
     def fail(self, what, detail=''):
         self.failures.append({'what': what, 'detail': detail[-2000:]})
@@ -295,7 +299,7 @@ class Bench:
         s = self.samples.get((scen, provider, tool))
         return statistics.median(s) if s else None
 
-    def report(self, conc):
+    def report(self, conc, providers):
         rows = []
         fmt = '%-24s %-5s %10s %10s %10s %8s %8s %9s %9s'
         log()
@@ -303,7 +307,7 @@ class Bench:
             ' os-brick RSS = its largest command)' % self.a.reps)
         log(fmt % ('operation', 'LUKS', 'agent', 'agent-in', 'os-brick', 'speedup', 'spd-in',
                    'RSS agent', 'RSS brick'))
-        for provider in PROVIDERS:
+        for provider in providers:
             for scen in ('first-use attach', 'attach, our header', 'attach, os-brick header',
                          'detach, our header', 'detach, os-brick header', 'detach'):
                 a, b = self.med(scen, provider, 'agent'), self.med(scen, provider, 'os-brick')
@@ -327,7 +331,7 @@ class Bench:
         log('spd-in = os-brick / agent-in; "detach" = the detach after the first-use attach')
         log()
         targets = []
-        for provider in PROVIDERS:
+        for provider in providers:
             a = self.med('attach, our header', provider, 'agent')
             b = self.med('attach, os-brick header', provider, 'os-brick')
             ai = self.med('attach, our header', provider, 'agent-inner')
@@ -377,6 +381,8 @@ def main():
     ap.add_argument('--providers', default='luks,luks2')
     ap.add_argument('--json-out', help='also write the result document here')
     a = ap.parse_args()
+    if not a.providers or set(a.providers.split(',')) - {'luks', 'luks2'}:
+        ap.error('--providers: a comma list of luks and luks2')
     osbrick_driver.quiet_warnings()
     # os-brick logs expected warnings (isLuks on a blank device); keep errors.
     import logging
@@ -394,6 +400,8 @@ def main():
     b.brick.warmup()
     b.run([b.bin, '--version'])
     log('  %.1f s' % (time.perf_counter() - t0))
+    floor0 = b.spawn_floor()
+    log('process start floor (/bin/true, median of 10): %.1f ms' % floor0)
     e = b.env()
     log('os-brick %s, %s, kernel %s, %d CPU, %d MiB, loop devices %d MiB, %d reps'
         % (e['os_brick'], e['cryptsetup'], e['kernel'], e['cpus'], e['mem_kib'] // 1024, a.size_mib, a.reps))
@@ -405,7 +413,10 @@ def main():
     except BenchError as err:
         log('ERROR: %s' % err)
         return 2
-    doc = b.report(conc)
+    floor1 = b.spawn_floor()
+    doc = b.report(conc, a.providers.split(','))
+    doc['env']['true_spawn_ms'] = {'start': round(floor0, 2), 'end': round(floor1, 2)}
+    log('process start floor (/bin/true): %.1f ms at the start, %.1f ms at the end' % (floor0, floor1))
     log()
     log('headers: ' + json.dumps(b.notes.get('headers')))
     text = json.dumps(doc)

@@ -34,6 +34,11 @@ VENV=$(tests/harness/osbrick.sh path)
 cargo build --release --locked --quiet
 [ "$(id -u)" -eq 0 ] || { echo "osbrick-vs-agent.sh: run as root (QEMU shares the host root)" >&2; exit 2; }
 mkdir -p "$OUT"
-exec vm/run.sh --timeout 1800 --smp "$SMP" --mem "$MEM" --results "$OUT" -- \
+# Other work on the host slows the guest unevenly (process starts most).
+echo "host load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
+rc=0
+vm/run.sh --timeout 1800 --smp "$SMP" --mem "$MEM" --results "$OUT" -- \
     /bin/sh -c "exec $VENV/bin/python bench/osbrick-vs-agent.py --reps $REPS --concurrency $CONC \
-        --size-mib $SIZE --providers $PROVIDERS --json-out \$VM_RESULTS/osbrick-vs-agent.json"
+        --size-mib $SIZE --providers $PROVIDERS --json-out \$VM_RESULTS/osbrick-vs-agent.json" || rc=$?
+echo "host load average after: $(cut -d' ' -f1-3 /proc/loadavg)"
+exit "$rc"
