@@ -108,6 +108,30 @@ class Bench:
         that every luks-agent (and cryptsetup) run pays under this load."""
         return statistics.median(self.run(['/bin/true'])[1] for _ in range(n)) * 1000
 
+    @staticmethod
+    def python_hwm():
+        """Peak RSS (VmHWM, KiB) of this process (os-brick imported, as in
+        nova-compute) and of os-brick's privsep daemon(s)."""
+        def hwm(pid):
+            try:
+                with open('/proc/%s/status' % pid) as f:
+                    for line in f:
+                        if line.startswith('VmHWM:'):
+                            return int(line.split()[1])
+            except OSError:
+                return None
+        daemons = []
+        for pid in os.listdir('/proc'):
+            if not pid.isdigit():
+                continue
+            try:
+                with open('/proc/%s/cmdline' % pid, 'rb') as f:
+                    if b'privsep-helper' in f.read():
+                        daemons.append(hwm(pid))
+            except OSError:
+                pass
+        return {'runner_kib': hwm('self'), 'privsep_daemons_kib': daemons}
+
     def fail(self, what, detail=''):
         self.failures.append({'what': what, 'detail': detail[-2000:]})
         log('  FAILURE: %s %s' % (what, detail.strip()[-600:]))
@@ -416,6 +440,10 @@ def main():
     floor1 = b.spawn_floor()
     doc = b.report(conc, a.providers.split(','))
     doc['env']['true_spawn_ms'] = {'start': round(floor0, 2), 'end': round(floor1, 2)}
+    doc['env']['python_hwm'] = b.python_hwm()
+    log('os-brick side, not counted above: this Python process (os-brick imported) peaked at %s KiB,'
+        ' its privsep daemon(s) at %s KiB' % (doc['env']['python_hwm']['runner_kib'],
+                                             doc['env']['python_hwm']['privsep_daemons_kib']))
     log('process start floor (/bin/true): %.1f ms at the start, %.1f ms at the end' % (floor0, floor1))
     log()
     log('headers: ' + json.dumps(b.notes.get('headers')))

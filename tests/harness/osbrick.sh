@@ -33,7 +33,10 @@ venv_ok() {
 }
 
 install() {
-    venv_ok && return 0
+    if venv_ok; then
+        echo "osbrick.sh: already installed: $VENV (os-brick $PIN)" >&2
+        return 0
+    fi
     mkdir -p "$(dirname "$VENV")"
     # One installer at a time (parallel test runs share the venv).
     exec 9>"$VENV.lock"
