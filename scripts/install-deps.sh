@@ -2,8 +2,8 @@
 # Installs what the test suite needs on Debian 12, idempotently: the
 # reference tools the tests compare against (cryptsetup, QEMU's LUKS
 # driver), filesystem and volume tools whose signatures the format guard
-# must see, a venv with Keystone and Barbican, the guest kernel and QEMU
-# for the VM tier, and cargo-fuzz. Safe to run again; installs only what is missing.
+# must see, a venv with Keystone and Barbican, a venv with os-brick, the
+# guest kernel and QEMU for the VM tier, and cargo-fuzz. Safe to run again; installs only what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -55,6 +55,10 @@ fi
 
 # Keystone and Barbican (pinned) for the key manager tests; idempotent.
 python3 tests/harness/openstack.py install
+
+# os-brick (pinned), the system we replace, driven in the VM tier and the
+# benchmark; idempotent, no network when already installed.
+tests/harness/osbrick.sh install
 
 # The guest kernel, QEMU and busybox for the VM tier (real dm-crypt).
 vm/install.sh

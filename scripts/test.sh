@@ -4,7 +4,8 @@
 #   host   - tests/ against real cryptsetup and qemu-img/qemu-io on files,
 #            and real Keystone + Barbican on 127.0.0.1 (tests/harness)
 #   vm     - attach/detach against real dm-crypt in a QEMU guest (vm/), the
-#            host kernel having no device-mapper
+#            host kernel having no device-mapper, and drop-in both ways with
+#            os-brick's LUKS encryptors (PyPI) in that guest
 #   fuzz   - a short bounded cargo-fuzz run of every target
 # A tier that cannot run fails the suite; nothing is skipped silently.
 # FUZZ_SECONDS (default 30) sets the fuzzing time per target.
@@ -31,6 +32,11 @@ echo "== vm tier (real dm-crypt in a guest)"
 cargo build --release --locked
 vm/run.sh --timeout 600 -- /bin/sh tests/vm/attach_detach.sh
 vm/run.sh --timeout 300 -- /bin/sh tests/vm/daemon.sh
+# Drop-in both ways with the real os-brick (PyPI, pinned; installed above).
+vm/run.sh --timeout 600 -- /bin/sh tests/vm/osbrick_dropin.sh
+
+echo "== package tier (.deb built, installed, started from its units)"
+tests/packaging/deb_install.sh
 
 echo "== fuzz (${FUZZ_SECONDS:-30} s per target)"
 scripts/fuzz.sh "${FUZZ_SECONDS:-30}"
