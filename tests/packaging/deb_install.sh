@@ -45,7 +45,7 @@ dpkg -i "$deb" >/dev/null || fail "dpkg -i failed"
 [ "$(/usr/bin/luks-agent --version)" = "luks-agent $version" ] || fail "installed binary: $(/usr/bin/luks-agent --version)"
 getent group luks-agent >/dev/null || fail "postinst did not create the luks-agent group"
 [ "$(stat -c %a /etc/luks-agent/agent.toml)" = 600 ] || fail "agent.toml is not 0600"
-zcat /usr/share/man/man1/luks-agent-attach.1.gz | grep -q -- '--volume-id' || fail "man page lacks attach options"
+zcat /usr/share/man/man1/luks-agent-attach.1.gz | grep -qF -- '\-\-volume\-id' || fail "man page lacks attach options"
 pass "dpkg -i installed luks-agent $version (group, 0600 config, man pages)"
 
 if systemd-analyze verify --man=no /lib/systemd/system/luks-agent.service /lib/systemd/system/luks-agent.socket 2>&1 |
