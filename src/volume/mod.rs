@@ -796,7 +796,13 @@ impl<'k> Volumes<'k> {
         let mut options = self.opts.crypt.clone();
         if sector > 512 {
             options.sector_size = sector_size;
-            options.iv_large_sectors = true;
+            // LUKS2 counts IVs in 512-byte sectors whatever its encryption
+            // sector size: cryptsetup loads `sector_size:4096` without
+            // `iv_large_sectors` (which only plain mode and BitLocker
+            // use). With it every sector would be encrypted under another
+            // IV than cryptsetup and os-brick use, and each side would
+            // read the other's data as noise.
+            options.iv_large_sectors = false;
         }
         Ok(CryptTarget {
             cipher: cipher.to_string(),
