@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use clap::Args;
 
 use luks_agent::config::Config;
-use luks_agent::dm::{CryptOptions, DeviceMapper};
+use luks_agent::dm::DeviceMapper;
 use luks_agent::keymgr::{RequestAuth, SecretString};
 use luks_agent::volume::{AttachRequest, EncryptionSpec, VolumeOptions, Volumes};
 
@@ -62,7 +62,7 @@ fn options(config: &Config) -> VolumeOptions {
         max_argon2_memory_kib: config.kdf.max_argon2_memory_kib,
         detach_attempts: 6,
         detach_backoff: Duration::from_millis(100),
-        crypt: CryptOptions::default(),
+        crypt: config.crypt.options(),
     }
 }
 
