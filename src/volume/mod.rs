@@ -342,6 +342,15 @@ impl<'k> Volumes<'k> {
             Some(m) => self.settle_existing(vid, &dm, m)?,
             None => None,
         };
+        // An attach record whose mapping is gone: a detach killed after it
+        // removed the mapping (or the mapping removed by hand). The device
+        // path may still lead to the old /dev/mapper node; finish the
+        // detach before the path is resolved.
+        if let Some(r) = self.read_record(vid)
+            && dm.info(&r.mapping).map_err(dm_err(&r.mapping))?.is_none()
+        {
+            self.undo_map(vid, &dm, &r.mapping)?;
+        }
         if let Some(existing) = existing {
             self.point_symlink(vid, &req.device_path, &existing)?;
             return Ok(Attached {
@@ -564,9 +573,10 @@ impl<'k> Volumes<'k> {
         })
     }
 
-    /// Rollback of `map` after the mapping was created: removes it, puts
-    /// the device path back where the attach record says it pointed and
-    /// drops the record. The keyring entry needs no undo: it lives only
+    /// Undoes an attach: removes the mapping (and its node) if it is there,
+    /// puts the device path back where the attach record says it pointed
+    /// and drops the record. The rollback of `map`, and the end of a detach
+    /// that was killed. The keyring entry needs no undo: it lives only
     /// while the table loads. Every step is tried; the first failure is
     /// returned.
     fn undo_map(&self, vid: &str, dm: &DeviceMapper, name: &str) -> Result<(), VolumeError> {
