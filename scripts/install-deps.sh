@@ -29,6 +29,9 @@ command -v sfdisk >/dev/null 2>&1 || need_apt+=(fdisk)
 command -v mdadm >/dev/null 2>&1 || need_apt+=(mdadm)
 command -v pvcreate >/dev/null 2>&1 || need_apt+=(lvm2)
 command -v wipefs >/dev/null 2>&1 || need_apt+=(util-linux)
+# The VM tier kills the agent at exact system calls and injects faults
+# with the host's strace (the guest runs host binaries).
+command -v strace >/dev/null 2>&1 || need_apt+=(strace)
 command -v dmsetup >/dev/null 2>&1 || need_apt+=(dmsetup)
 # The package tier: build the .deb, check the units and the RPM spec, and
 # start the installed daemon as its units would.

@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::dm::CryptOptions;
+
 use crate::keymgr::barbican::{Barbican, BarbicanConfig};
 use crate::keymgr::fixed::WithFixedKey;
 use crate::keymgr::http::{self, HttpConfig};
@@ -51,6 +53,9 @@ pub struct Config {
     /// The long-running agent (`luks-agent serve`) and its API socket.
     #[serde(default)]
     pub server: ServerConfig,
+    /// dm-crypt options of the mappings the agent creates.
+    #[serde(default)]
+    pub crypt: CryptConfig,
 }
 
 impl Default for Config {
@@ -61,6 +66,7 @@ impl Default for Config {
             kdf: KdfConfig::default(),
             run_dir: default_run_dir(),
             server: ServerConfig::default(),
+            crypt: CryptConfig::default(),
         }
     }
 }
@@ -197,6 +203,40 @@ impl Default for ServerConfig {
             shutdown_timeout_ms: 30_000,
             kdf_memory_budget_kib: None,
             log_format: LogFormat::Human,
+        }
+    }
+}
+
+/// The `[crypt]` section: optional dm-crypt parameters of every mapping
+/// the agent creates (LUKS and plain). All off by default, as with
+/// cryptsetup. The encryption sector size is not here: it comes from each
+/// LUKS2 header.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CryptConfig {
+    /// Pass discard (TRIM) requests through to the backing device
+    /// (`allow_discards`). Lets thin storage reclaim space, but shows the
+    /// backend which blocks are unused.
+    #[serde(default)]
+    pub allow_discards: bool,
+    /// Decrypt reads in the context that submitted them instead of
+    /// dm-crypt's workqueue (`no_read_workqueue`): lower latency on fast
+    /// storage.
+    #[serde(default)]
+    pub no_read_workqueue: bool,
+    /// Encrypt writes in the submitting context (`no_write_workqueue`).
+    #[serde(default)]
+    pub no_write_workqueue: bool,
+}
+
+impl CryptConfig {
+    /// The table options these settings ask for.
+    pub fn options(&self) -> CryptOptions {
+        CryptOptions {
+            allow_discards: self.allow_discards,
+            no_read_workqueue: self.no_read_workqueue,
+            no_write_workqueue: self.no_write_workqueue,
+            ..CryptOptions::default()
         }
     }
 }
@@ -418,6 +458,19 @@ mod tests {
         assert_eq!(cfg.server.allowed_uids, vec![107]);
         assert_eq!(cfg.server.log_format, LogFormat::Json);
         assert_eq!(cfg.server.header_timeout_ms, 10_000);
+    }
+
+    #[test]
+    fn crypt_options_parse_and_reach_the_table_options() {
+        let cfg: Config = toml::from_str("").unwrap();
+        assert_eq!(cfg.crypt.options(), CryptOptions::default());
+        let cfg: Config =
+            toml::from_str("[crypt]\nallow_discards = true\nno_write_workqueue = true\n").unwrap();
+        let o = cfg.crypt.options();
+        assert!(o.allow_discards && !o.no_read_workqueue && o.no_write_workqueue);
+        assert_eq!(o.sector_size, 0, "the sector size comes from the header");
+        let e = toml::from_str::<Config>("[crypt]\nallow_discard = true\n").unwrap_err();
+        assert!(e.to_string().contains("allow_discard"), "{e}");
     }
 
     #[test]

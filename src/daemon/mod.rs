@@ -28,7 +28,6 @@ pub mod shutdown;
 use std::time::Duration;
 
 use crate::config::Config;
-use crate::dm::CryptOptions;
 use crate::volume::VolumeOptions;
 
 /// The volume layer's options as the configuration sets them; the same for
@@ -40,6 +39,6 @@ pub fn volume_options(config: &Config) -> VolumeOptions {
         max_argon2_memory_kib: config.kdf.max_argon2_memory_kib,
         detach_attempts: 6,
         detach_backoff: Duration::from_millis(100),
-        crypt: CryptOptions::default(),
+        crypt: config.crypt.options(),
     }
 }

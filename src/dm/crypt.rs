@@ -14,7 +14,9 @@ pub struct CryptOptions {
     pub no_write_workqueue: bool,
     /// Encryption sector size (512 = default, no option).
     pub sector_size: u32,
-    /// IVs count in `sector_size` units (LUKS2 with larger sectors).
+    /// IVs count in `sector_size` units (cryptsetup plain mode's
+    /// `--iv-large-sectors`). Never for LUKS2, whose IVs count 512-byte
+    /// sectors whatever its sector size.
     pub iv_large_sectors: bool,
 }
 

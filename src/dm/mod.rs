@@ -69,14 +69,29 @@ pub enum DmError {
         #[source]
         source: std::io::Error,
     },
-    /// A failed create whose rollback failed too.
-    #[error("{cause}; rolling back also failed: {rollback}")]
+    /// A failed create whose rollback failed too. Both errors are shown
+    /// with their whole chains: an error has one `source`, and either
+    /// chain alone would hide half of what happened.
+    #[error("{}; rolling back also failed: {}", chain(.cause.as_ref()), chain(.rollback.as_ref()))]
     RollbackFailed {
         /// The original failure.
         cause: Box<DmError>,
         /// The rollback failure.
         rollback: Box<DmError>,
     },
+}
+
+/// `e` and its sources, joined as `{:#}` of anyhow joins them: for errors
+/// that carry two independent failures (an operation and its rollback).
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut next = e.source();
+    while let Some(cur) = next {
+        s.push_str(": ");
+        s.push_str(&cur.to_string());
+        next = cur.source();
+    }
+    s
 }
 
 /// A mapping as the kernel reports it.
@@ -90,6 +105,13 @@ pub struct MappingInfo {
     pub device: String,
     /// Number of openers.
     pub open_count: i32,
+    /// Whether a table is live (loaded and resumed at least once). A
+    /// mapping without one is what a create interrupted between its ioctls
+    /// (create, table load, resume) leaves behind: it has no size and
+    /// serves no I/O.
+    pub live_table: bool,
+    /// Whether the mapping is suspended (I/O to it blocks).
+    pub suspended: bool,
 }
 
 impl MappingInfo {
@@ -137,6 +159,8 @@ impl DeviceMapper {
                 uuid: info.uuid().map(|u| u.to_string()).unwrap_or_default(),
                 device: format!("{}:{}", info.device().major, info.device().minor),
                 open_count: info.open_count(),
+                live_table: info.flags().contains(DmFlags::DM_ACTIVE_PRESENT),
+                suspended: info.flags().contains(DmFlags::DM_SUSPEND),
             })),
             Err(e) if is_enxio(&e) => Ok(None),
             Err(e) => Err(Self::op("info", name)(e)),
@@ -285,6 +309,26 @@ impl DeviceMapper {
         Ok(())
     }
 
+    /// Makes sure `/dev/mapper/<name>` is the node of `info`'s device (an
+    /// attach killed between the resume and the mknod leaves none).
+    pub fn ensure_node(&self, info: &MappingInfo) -> Result<(), DmError> {
+        ensure_node(info)
+    }
+
+    /// Resumes a suspended mapping (one whose reload was interrupted after
+    /// the suspend) and makes sure its node exists.
+    pub fn resume(&self, name: &str) -> Result<Option<MappingInfo>, DmError> {
+        let id = DevId::Name(name_of(name)?);
+        self.dm
+            .device_suspend(&id, DmOptions::default())
+            .map_err(Self::op("resume", name))?;
+        let info = self.info(name)?;
+        if let Some(i) = &info {
+            ensure_node(i)?;
+        }
+        Ok(info)
+    }
+
     fn remove_once(&self, name: &str) -> Result<(), DmError> {
         let id = DevId::Name(name_of(name)?);
         self.dm
@@ -355,35 +399,50 @@ fn is_ebusy(e: &devicemapper::DmError) -> bool {
 /// Creates `/dev/mapper/<name>` if udev has not (it does not run in every
 /// environment, and libdevmapper does the same).
 fn ensure_node(info: &MappingInfo) -> Result<(), DmError> {
-    let path = info.path();
-    if let Ok(meta) = std::fs::symlink_metadata(&path)
-        && (meta.file_type().is_block_device() || meta.file_type().is_symlink())
+    ensure_node_in(std::path::Path::new(MAPPER_DIR), info)
+}
+
+/// `ensure_node` in `dir`. A node is kept only when it is (or links to) the
+/// mapping's own block device: without udev nothing removes a node whose
+/// mapping went away behind our back (a detach killed between the remove
+/// ioctl and the unlink), and device-mapper hands the number to the next
+/// mapping created, so a stale node of the same name could lead to another
+/// volume. Such a node is replaced; a directory in its place is an error.
+fn ensure_node_in(dir: &std::path::Path, info: &MappingInfo) -> Result<(), DmError> {
+    use std::os::unix::fs::MetadataExt;
+    let path = dir.join(&info.name);
+    let (major, minor) = info.device.split_once(':').unwrap_or(("0", "0"));
+    let (major, minor): (u32, u32) = (major.parse().unwrap_or(0), minor.parse().unwrap_or(0));
+    let want = libc::makedev(major, minor);
+    // metadata() follows udev's `/dev/mapper/NAME -> ../dm-N` links.
+    if let Ok(meta) = std::fs::metadata(&path)
+        && meta.file_type().is_block_device()
+        && meta.rdev() == want
     {
         return Ok(());
     }
-    let (major, minor) = info.device.split_once(':').unwrap_or(("0", "0"));
-    let (major, minor): (u32, u32) = (major.parse().unwrap_or(0), minor.parse().unwrap_or(0));
-    let node_err = |source| DmError::Node {
-        op: "creating node",
+    let node_err = |op, source| DmError::Node {
+        op,
         path: path.display().to_string(),
         source,
     };
-    std::fs::create_dir_all(MAPPER_DIR).map_err(node_err)?;
-    let c_path = CString::new(path.as_os_str().as_encoded_bytes())
-        .map_err(|_| node_err(std::io::ErrorKind::InvalidInput.into()))?;
-    // SAFETY: mknod reads a NUL-terminated path that outlives the call.
-    let rc = unsafe {
-        libc::mknod(
-            c_path.as_ptr(),
-            libc::S_IFBLK | 0o600,
-            libc::makedev(major, minor),
-        )
-    };
-    if rc != 0 {
-        let e = std::io::Error::last_os_error();
-        if e.kind() != std::io::ErrorKind::AlreadyExists {
-            return Err(node_err(e));
+    match std::fs::symlink_metadata(&path) {
+        Ok(meta) if meta.is_dir() => {
+            return Err(node_err(
+                "a directory stands where the node must go:",
+                std::io::ErrorKind::AlreadyExists.into(),
+            ));
         }
+        Ok(_) => std::fs::remove_file(&path).map_err(|e| node_err("removing stale node", e))?,
+        Err(_) => {}
+    }
+    std::fs::create_dir_all(dir).map_err(|e| node_err("creating node", e))?;
+    let c_path = CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| node_err("creating node", std::io::ErrorKind::InvalidInput.into()))?;
+    // SAFETY: mknod reads a NUL-terminated path that outlives the call.
+    let rc = unsafe { libc::mknod(c_path.as_ptr(), libc::S_IFBLK | 0o600, want) };
+    if rc != 0 {
+        return Err(node_err("creating node", std::io::Error::last_os_error()));
     }
     Ok(())
 }
@@ -399,5 +458,78 @@ fn remove_node(name: &str) -> Result<(), DmError> {
             path: path.display().to_string(),
             source,
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    fn info(name: &str, device: &str) -> MappingInfo {
+        MappingInfo {
+            name: name.into(),
+            uuid: format!("CRYPT-PLAIN-{name}"),
+            device: device.into(),
+            open_count: 0,
+            live_table: true,
+            suspended: false,
+        }
+    }
+
+    fn is_root() -> bool {
+        // SAFETY: geteuid has no preconditions.
+        unsafe { libc::geteuid() == 0 }
+    }
+
+    #[test]
+    fn stale_nodes_are_replaced_and_directories_refused() {
+        if !is_root() {
+            eprintln!("skipped: mknod needs root");
+            return;
+        }
+        let d = tempfile::tempdir().unwrap();
+        let node = d.path().join("crypt-a");
+        let rdev = |p: &std::path::Path| std::fs::metadata(p).unwrap().rdev();
+
+        // Missing: created.
+        ensure_node_in(d.path(), &info("crypt-a", "254:3")).unwrap();
+        assert_eq!(rdev(&node), libc::makedev(254, 3));
+        let ino = std::fs::metadata(&node).unwrap().ino();
+        // Right device: kept as it is.
+        ensure_node_in(d.path(), &info("crypt-a", "254:3")).unwrap();
+        assert_eq!(std::fs::metadata(&node).unwrap().ino(), ino);
+        // A node left by an earlier mapping with another number: replaced.
+        ensure_node_in(d.path(), &info("crypt-a", "254:7")).unwrap();
+        assert_eq!(rdev(&node), libc::makedev(254, 7));
+        // A regular file or a dangling link: replaced.
+        std::fs::remove_file(&node).unwrap();
+        std::fs::write(&node, b"x").unwrap();
+        ensure_node_in(d.path(), &info("crypt-a", "254:8")).unwrap();
+        assert_eq!(rdev(&node), libc::makedev(254, 8));
+        std::fs::remove_file(&node).unwrap();
+        std::os::unix::fs::symlink("../dm-99", &node).unwrap();
+        ensure_node_in(d.path(), &info("crypt-a", "254:9")).unwrap();
+        assert!(
+            std::fs::symlink_metadata(&node)
+                .unwrap()
+                .file_type()
+                .is_block_device()
+        );
+        // A link to the right device (what udev makes): kept.
+        let dm = d.path().join("dm-9");
+        std::fs::rename(&node, &dm).unwrap();
+        std::os::unix::fs::symlink(&dm, &node).unwrap();
+        ensure_node_in(d.path(), &info("crypt-a", "254:9")).unwrap();
+        assert!(
+            std::fs::symlink_metadata(&node)
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
+        // A directory is not ours to remove.
+        std::fs::create_dir(d.path().join("crypt-b")).unwrap();
+        let e = ensure_node_in(d.path(), &info("crypt-b", "254:1")).unwrap_err();
+        assert!(e.to_string().contains("directory"), "{e}");
     }
 }

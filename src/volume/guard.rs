@@ -28,6 +28,13 @@
 //!   sets the marker if it is missing and drops the record.
 //! * After `Done`, a missing header with the marker present is refused:
 //!   the volume held data and something destroyed its header.
+//! * Killed while mapping (after `Done`): the next attach finishes or
+//!   redoes the mapping (see `Volumes::settle_existing`); the header is
+//!   only read.
+//!
+//! `tests/vm/kill_format.sh` proves this with real dm-crypt: SIGKILL on
+//! entry to each state-changing system call of a first-use attach and of
+//! a normal one, and after increasing delays, then attach again.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;

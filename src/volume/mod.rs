@@ -91,8 +91,14 @@ pub enum VolumeError {
         #[source]
         source: std::io::Error,
     },
-    /// An attach failed and undoing it failed too.
-    #[error("{cause}; rollback also failed: {rollback}")]
+    /// An attach failed and undoing it failed too. Both are shown with
+    /// their whole chains (an error has one `source`; either alone would
+    /// hide half of what happened).
+    #[error(
+        "{}; rollback also failed: {}",
+        crate::dm::chain(.cause.as_ref()),
+        crate::dm::chain(.rollback.as_ref())
+    )]
     Rollback {
         /// The failure.
         cause: Box<VolumeError>,
@@ -269,7 +275,13 @@ impl<'k> Volumes<'k> {
             .create(dir)
             .map_err(io_err(volume_id, "creating", dir))?;
         let text = serde_json::to_string(rec).unwrap_or_default();
-        fs::write(&path, text).map_err(io_err(volume_id, "writing", &path))
+        // Beside and renamed: a process killed mid-write leaves the old
+        // record or the new one, never a truncated one that would lose the
+        // symlink's original target.
+        let tmp = path.with_extension("json.tmp");
+        fs::write(&tmp, text)
+            .and_then(|_| fs::rename(&tmp, &path))
+            .map_err(io_err(volume_id, "writing", &path))
     }
 
     fn validate_id(volume_id: &str) -> Result<(), VolumeError> {
@@ -326,7 +338,20 @@ impl<'k> Volumes<'k> {
         let name = naming::choose_name(&req.device_path, req.multipath_id.as_deref(), |n| {
             matches!(dm.info(n), Ok(Some(_)))
         });
-        if let Some(existing) = dm.info(&name).map_err(dm_err(&name))? {
+        let existing = match dm.info(&name).map_err(dm_err(&name))? {
+            Some(m) => self.settle_existing(vid, &dm, m)?,
+            None => None,
+        };
+        // An attach record whose mapping is gone: a detach killed after it
+        // removed the mapping (or the mapping removed by hand). The device
+        // path may still lead to the old /dev/mapper node; finish the
+        // detach before the path is resolved.
+        if let Some(r) = self.read_record(vid)
+            && dm.info(&r.mapping).map_err(dm_err(&r.mapping))?.is_none()
+        {
+            self.undo_map(vid, &dm, &r.mapping)?;
+        }
+        if let Some(existing) = existing {
             self.point_symlink(vid, &req.device_path, &existing)?;
             return Ok(Attached {
                 path: existing.path(),
@@ -453,8 +478,63 @@ impl<'k> Volumes<'k> {
         Ok(attached)
     }
 
-    /// Creates the mapping and repoints the device path; undoes the mapping
-    /// when the symlink cannot be set.
+    /// A mapping of the volume's name found at attach, as a killed attach or
+    /// extend may have left it: without a live table (killed between the
+    /// create, table load and resume ioctls) it serves no I/O and is removed
+    /// so that attach creates it afresh; suspended (killed inside a reload)
+    /// it is resumed; without its /dev/mapper node (killed before the mknod)
+    /// the node is made. Mappings whose uuid is not a crypt one are not
+    /// touched: they are someone else's.
+    fn settle_existing(
+        &self,
+        vid: &str,
+        dm: &DeviceMapper,
+        m: MappingInfo,
+    ) -> Result<Option<MappingInfo>, VolumeError> {
+        let dm_err = |source| VolumeError::Dm {
+            volume_id: vid.into(),
+            mapping: m.name.clone(),
+            source,
+        };
+        if m.live_table && !m.suspended {
+            dm.ensure_node(&m).map_err(dm_err)?;
+            return Ok(Some(m));
+        }
+        if !m.uuid.starts_with("CRYPT-") {
+            return Err(VolumeError::Unsupported {
+                volume_id: vid.into(),
+                what: format!(
+                    "mapping {} exists {} and is not a crypt mapping (uuid '{}')",
+                    m.name,
+                    if m.live_table {
+                        "suspended"
+                    } else {
+                        "without a table"
+                    },
+                    m.uuid
+                ),
+            });
+        }
+        if m.live_table {
+            tracing::warn!(
+                volume_id = vid,
+                mapping = m.name,
+                "resuming a suspended mapping"
+            );
+            return dm.resume(&m.name).map_err(dm_err);
+        }
+        tracing::warn!(
+            volume_id = vid,
+            mapping = m.name,
+            "removing a mapping without a table, left by an interrupted attach"
+        );
+        dm.remove(&m.name, self.opts.detach_attempts, self.opts.detach_backoff)
+            .map_err(dm_err)?;
+        Ok(None)
+    }
+
+    /// Creates the mapping and repoints the device path; when the symlink
+    /// cannot be set, undoes everything (mapping, record, symlink).
     #[allow(clippy::too_many_arguments)]
     fn map(
         &self,
@@ -476,9 +556,7 @@ impl<'k> Volumes<'k> {
             .map_err(dm_err)?;
         drop(volume_key);
         if let Err(cause) = self.point_symlink(vid, device_path, &info) {
-            let rollback = dm
-                .remove(name, 3, Duration::from_millis(50))
-                .map_err(dm_err);
+            let rollback = self.undo_map(vid, dm, name);
             return Err(match rollback {
                 Ok(_) => cause,
                 Err(r) => VolumeError::Rollback {
@@ -493,6 +571,39 @@ impl<'k> Volumes<'k> {
             action: Action::Created,
             formatted: false,
         })
+    }
+
+    /// Undoes an attach: removes the mapping (and its node) if it is there,
+    /// puts the device path back where the attach record says it pointed
+    /// and drops the record. The rollback of `map`, and the end of a detach
+    /// that was killed. The keyring entry needs no undo: it lives only
+    /// while the table loads. Every step is tried; the first failure is
+    /// returned.
+    fn undo_map(&self, vid: &str, dm: &DeviceMapper, name: &str) -> Result<(), VolumeError> {
+        let mut first = dm
+            .remove(name, 3, Duration::from_millis(50))
+            .map(|_| ())
+            .map_err(|source| VolumeError::Dm {
+                volume_id: vid.into(),
+                mapping: name.into(),
+                source,
+            });
+        if let Some(r) = self.read_record(vid).filter(|r| r.mapping == name) {
+            let mapped = PathBuf::from(crate::dm::MAPPER_DIR).join(name);
+            if let Some(orig) = &r.original_target
+                && fs::read_link(&r.device_path).ok().as_deref() == Some(mapped.as_path())
+                && let Err(e) = replace_symlink(&r.device_path, orig)
+            {
+                first = first.and(Err(io_err(vid, "restoring", &r.device_path)(e)));
+            }
+            let p = self.record_path(vid);
+            if let Err(e) = fs::remove_file(&p)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                first = first.and(Err(io_err(vid, "removing", &p)(e)));
+            }
+        }
+        first
     }
 
     async fn heal_marker(
@@ -695,7 +806,13 @@ impl<'k> Volumes<'k> {
         let mut options = self.opts.crypt.clone();
         if sector > 512 {
             options.sector_size = sector_size;
-            options.iv_large_sectors = true;
+            // LUKS2 counts IVs in 512-byte sectors whatever its encryption
+            // sector size: cryptsetup loads `sector_size:4096` without
+            // `iv_large_sectors` (which only plain mode and BitLocker
+            // use). With it every sector would be encrypted under another
+            // IV than cryptsetup and os-brick use, and each side would
+            // read the other's data as noise.
+            options.iv_large_sectors = false;
         }
         Ok(CryptTarget {
             cipher: cipher.to_string(),
