@@ -170,8 +170,11 @@ pub struct ServerConfig {
     pub socket_group: Option<String>,
     /// Peer uids allowed to call the API besides root.
     pub allowed_uids: Vec<u32>,
-    /// Peer gids (primary group of the calling process) allowed to call.
+    /// Peer gids allowed to call (the calling process's primary group or
+    /// one of its supplementary groups).
     pub allowed_gids: Vec<u32>,
+    /// The same by group name (or number), resolved when the agent starts.
+    pub allowed_groups: Vec<String>,
     /// Largest accepted request body in bytes.
     pub max_body_bytes: usize,
     /// Time a client has to send a request's headers, and the longest a
@@ -197,6 +200,7 @@ impl Default for ServerConfig {
             socket_group: None,
             allowed_uids: vec![],
             allowed_gids: vec![],
+            allowed_groups: vec![],
             max_body_bytes: 64 * 1024,
             header_timeout_ms: 10_000,
             body_timeout_ms: 10_000,

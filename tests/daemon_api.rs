@@ -265,6 +265,17 @@ fn request(
 /// `_exit` the child makes only system calls on memory prepared before the
 /// fork (the test process has other threads).
 fn request_as(uid: u32, gid: u32, socket: &Path, raw: &[u8]) -> Vec<u8> {
+    request_with_groups(uid, gid, &[], socket, raw)
+}
+
+/// As `request_as`, with supplementary groups `groups` in the child.
+fn request_with_groups(
+    uid: u32,
+    gid: u32,
+    groups: &[libc::gid_t],
+    socket: &Path,
+    raw: &[u8],
+) -> Vec<u8> {
     let path = std::ffi::CString::new(socket.as_os_str().as_encoded_bytes()).unwrap();
     // SAFETY: all-zero is a valid sockaddr_un.
     let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
@@ -287,7 +298,7 @@ fn request_as(uid: u32, gid: u32, socket: &Path, raw: &[u8]) -> Vec<u8> {
         // memory; every path ends in _exit.
         unsafe {
             libc::close(fds[0]);
-            if libc::setgroups(0, std::ptr::null()) != 0
+            if libc::setgroups(groups.len(), groups.as_ptr()) != 0
                 || libc::setgid(gid) != 0
                 || libc::setuid(uid) != 0
             {
@@ -447,6 +458,44 @@ fn configured_uid_and_gid_may_call() {
     ));
     let r = parse(&request_as(NOBODY, NOBODY, &d.socket, &raw));
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+}
+
+#[test]
+fn a_supplementary_group_named_in_allowed_groups_may_call() {
+    // "disk" exists on every Debian system; the caller has it only as a
+    // supplementary group, which the kernel reports with SO_PEERGROUPS.
+    let disk = std::fs::read_to_string("/etc/group")
+        .unwrap()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("disk:x:")?
+                .split(':')
+                .next()?
+                .parse::<u32>()
+                .ok()
+        })
+        .expect("no disk group");
+    let d = Daemon::start(&format!(
+        "socket_group = \"{NOBODY}\"\nallowed_groups = [\"disk\"]"
+    ));
+    let raw = raw_request("GET", "/healthz", &[], None);
+    let r = parse(&request_with_groups(
+        NOBODY,
+        NOBODY,
+        &[disk],
+        &d.socket,
+        &raw,
+    ));
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    parse(&request_with_groups(NOBODY, NOBODY, &[], &d.socket, &raw)).expect(403, "forbidden");
+    parse(&request_with_groups(
+        NOBODY,
+        NOBODY,
+        &[disk + 1],
+        &d.socket,
+        &raw,
+    ))
+    .expect(403, "forbidden");
 }
 
 #[test]

@@ -219,7 +219,13 @@ pub fn serve(config: &Config) -> Result<(), ServeError> {
     let budget =
         kdf::install_memory_budget(cfg.kdf_memory_budget_kib.unwrap_or_else(default_budget_kib));
     let shared = Arc::new(Shared {
-        policy: Policy::from_config(&cfg),
+        policy: Policy::new(
+            &cfg,
+            &cfg.allowed_groups
+                .iter()
+                .map(|g| group_id(g))
+                .collect::<Result<Vec<_>, _>>()?,
+        ),
         keys,
         opts: super::volume_options(config),
         locks: VolumeLocks::default(),
@@ -287,15 +293,15 @@ async fn run(
                 continue;
             }
         };
-        let (shared, router) = (shared.clone(), router.clone());
+        let (shared, router, peer_uid) = (shared.clone(), router.clone(), peer.uid);
         let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-            handle(shared.clone(), router.clone(), peer, req)
+            handle(shared.clone(), router.clone(), peer.clone(), req)
         });
         let conn = builder.serve_connection(TokioIo::new(stream), svc);
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
             if let Err(e) = conn.await {
-                tracing::debug!(error = %e, uid = peer.uid, "connection ended");
+                tracing::debug!(error = %e, uid = peer_uid, "connection ended");
             }
         });
     }
@@ -336,7 +342,7 @@ async fn handle(
     let route = route_label(req.uri().path());
     shared.metrics.start();
     let resp = if shared.policy.allows(&peer) {
-        req.extensions_mut().insert(peer);
+        req.extensions_mut().insert(peer.clone());
         match router.oneshot(req.map(Body::new)).await {
             Ok(r) => r,
             Err(never) => match never {},
@@ -353,7 +359,7 @@ async fn handle(
         ApiError::new(
             "forbidden",
             format!(
-                "uid {} gid {} may not call this agent (see [server] allowed_uids and allowed_gids)",
+                "uid {} gid {} may not call this agent (see [server] allowed_uids, allowed_gids and allowed_groups)",
                 peer.uid, peer.gid
             ),
         )
@@ -589,7 +595,7 @@ async fn operate_inner(
     req: Request<Body>,
 ) -> Result<Response<Body>, ApiError> {
     check_id(id)?;
-    let peer = req.extensions().get::<Peer>().copied();
+    let peer = req.extensions().get::<Peer>().cloned();
     let body = read_body(&st, req).await?;
     if body.mode == Mode::Libvirt {
         return Err(ApiError::new(
@@ -680,7 +686,10 @@ async fn operate_inner(
         }
         .map_err(|e| ApiError::from_volume(vid, &e));
         let ms = started.elapsed().as_secs_f64() * 1000.0;
-        let (uid, pid) = (peer.map(|p| p.uid), peer.and_then(|p| p.pid));
+        let (uid, pid) = (
+            peer.as_ref().map(|p| p.uid),
+            peer.as_ref().and_then(|p| p.pid),
+        );
         match &result {
             Ok((_, action)) => tracing::info!(
                 op = op.name(),
