@@ -38,6 +38,9 @@ pub struct Config {
     /// Limits on the cost of LUKS key derivation.
     #[serde(default)]
     pub kdf: KdfConfig,
+    /// libvirt secrets for QEMU-native LUKS (attach `--mode libvirt`).
+    #[serde(default)]
+    pub libvirt: LibvirtConfig,
 }
 
 impl Default for Config {
@@ -46,6 +49,7 @@ impl Default for Config {
             state_dir: default_state_dir(),
             key_manager: KeyManagerConfig::default(),
             kdf: KdfConfig::default(),
+            libvirt: LibvirtConfig::default(),
         }
     }
 }
@@ -122,6 +126,34 @@ impl Default for KdfConfig {
     fn default() -> Self {
         KdfConfig {
             max_argon2_memory_kib: default_max_argon2_memory_kib(),
+        }
+    }
+}
+
+fn default_libvirt_uri() -> String {
+    "qemu:///system".into()
+}
+
+/// The `[libvirt]` section.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LibvirtConfig {
+    /// Connection URI; nova's secrets live in `qemu:///system`.
+    #[serde(default = "default_libvirt_uri")]
+    pub uri: String,
+    /// Define secrets persistent (`ephemeral='no'`): guests can restart
+    /// without the key manager, but libvirtd then keeps the passphrase in
+    /// plain base64 in `/etc/libvirt/secrets/<uuid>.base64`. Default: off,
+    /// secrets live in libvirtd's memory only.
+    #[serde(default)]
+    pub persistent: bool,
+}
+
+impl Default for LibvirtConfig {
+    fn default() -> Self {
+        LibvirtConfig {
+            uri: default_libvirt_uri(),
+            persistent: false,
         }
     }
 }
@@ -329,6 +361,8 @@ mod tests {
         let cfg: Config = toml::from_str(text).unwrap();
         assert_eq!(cfg.key_manager.backend, Backend::Local);
         assert_eq!(cfg.key_manager.http.deadline_ms, 30000);
+        assert_eq!(cfg.libvirt.uri, "qemu:///system");
+        assert!(!cfg.libvirt.persistent);
     }
 
     #[test]

@@ -6,6 +6,7 @@ pub mod blockdev;
 pub mod config;
 pub mod dm;
 pub mod keymgr;
+pub mod libvirt;
 pub mod luks;
 pub mod secret;
 pub mod volume;

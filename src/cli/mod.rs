@@ -2,12 +2,14 @@
 
 mod keys_cmd;
 mod luks_cmd;
+mod secrets_cmd;
 mod volume_cmd;
 
 use clap::{Parser, Subcommand};
 
 use luks_agent::config;
 use luks_agent::keymgr::KeyError;
+use luks_agent::libvirt::LibvirtError;
 use luks_agent::luks::LuksError;
 use luks_agent::luks::kdf::KdfError;
 use luks_agent::volume::VolumeError;
@@ -33,6 +35,10 @@ pub const EXIT_KEY_ACCESS: u8 = 7;
 pub const EXIT_KEY_UNAVAILABLE: u8 = 8;
 /// The key manager answered nonsense or the key cannot be a volume key.
 pub const EXIT_KEY_INVALID: u8 = 9;
+/// libvirtd cannot be reached (libvirt mode).
+pub const EXIT_LIBVIRT_UNAVAILABLE: u8 = 10;
+/// libvirt refused or failed an operation on a secret (libvirt mode).
+pub const EXIT_LIBVIRT: u8 = 11;
 
 const EXIT_CODES_HELP: &str = "\
 Exit codes:
@@ -48,6 +54,8 @@ Exit codes:
   7  the key manager refused the credentials or access to the key
   8  the key manager is unavailable or timed out (after bounded retries)
   9  the key manager answered nonsense, or the key cannot be a volume key
+ 10  libvirtd cannot be reached (--mode libvirt, secrets)
+ 11  libvirt refused or failed an operation on a secret
 
 Key material is read only from --key-file PATH or --key-file - (stdin),
 never from the command line.";
@@ -84,6 +92,9 @@ enum Command {
     Status(volume_cmd::StatusArgs),
     /// For udev rules: print the volume id of one of our mappings.
     UdevId(volume_cmd::UdevIdArgs),
+    /// List the libvirt secrets of QEMU-native volumes (never values).
+    #[command(subcommand, after_help = EXIT_CODES_HELP)]
+    Secrets(secrets_cmd::SecretsCommand),
     /// Manage the local key store and check keys of the key manager.
     #[command(subcommand, after_help = EXIT_CODES_HELP)]
     Keys(keys_cmd::KeysCommand),
@@ -99,6 +110,7 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
     match cli.command {
         Command::Luks(cmd) => luks_cmd::run(cmd, &cfg),
         Command::Keys(cmd) => keys_cmd::run(cmd, &cfg),
+        Command::Secrets(cmd) => secrets_cmd::run(cmd, &cfg),
         Command::Attach(a) => volume_cmd::attach(a, &cfg),
         Command::Detach(a) => volume_cmd::detach(a, &cfg),
         Command::Extend(a) => volume_cmd::extend(a, &cfg),
@@ -123,8 +135,12 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
     if let Some(e) = err.downcast_ref::<KeyError>() {
         return keys_cmd::exit_code(e);
     }
+    if let Some(e) = err.downcast_ref::<LibvirtError>() {
+        return libvirt_exit_code(e);
+    }
     if let Some(e) = err.downcast_ref::<VolumeError>() {
         return match e {
+            VolumeError::Libvirt { source, .. } => libvirt_exit_code(source),
             VolumeError::Key { source, .. } => keys_cmd::exit_code(source),
             VolumeError::Spec { .. } | VolumeError::Unsupported { .. } => EXIT_USAGE,
             VolumeError::Luks {
@@ -145,5 +161,12 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
         }) => EXIT_NO_MEMORY,
         Some(_) => EXIT_DEVICE,
         None => EXIT_DEVICE,
+    }
+}
+
+fn libvirt_exit_code(e: &LibvirtError) -> u8 {
+    match e {
+        LibvirtError::Unavailable { .. } => EXIT_LIBVIRT_UNAVAILABLE,
+        LibvirtError::Secret { .. } => EXIT_LIBVIRT,
     }
 }

@@ -1,13 +1,17 @@
-//! `luks-agent attach | detach | status`: volumes, acting directly as root.
+//! `luks-agent attach | detach | extend | status`: volumes, acting directly
+//! as root, as dm-crypt mappings (`--mode dm`) or for QEMU to decrypt
+//! through a libvirt secret (`--mode libvirt`).
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use clap::Args;
+use clap::{Args, ValueEnum};
 
 use luks_agent::config::Config;
 use luks_agent::dm::{CryptOptions, DeviceMapper};
 use luks_agent::keymgr::{RequestAuth, SecretString};
+use luks_agent::libvirt::SecretFlags;
+use luks_agent::volume::native::{NativeOptions, SecretAction};
 use luks_agent::volume::{AttachRequest, EncryptionSpec, VolumeOptions, Volumes};
 
 use super::{EXIT_OK, UsageError};
@@ -46,6 +50,24 @@ pub struct VolumeArgs {
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
+    /// `dm`: a dm-crypt mapping on the host. `libvirt`: QEMU decrypts the
+    /// volume itself with a passphrase held in a libvirt secret (provider
+    /// `luks` only); attach prints the disk's `<encryption>` element.
+    #[arg(long, value_enum, default_value_t = Mode::Dm)]
+    mode: Mode,
+    /// Detach in libvirt mode: leave the volume's secret defined (as nova
+    /// does across a hard reboot).
+    #[arg(long)]
+    keep_secret: bool,
+}
+
+/// Where the decryption happens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Mode {
+    /// dm-crypt on the host.
+    Dm,
+    /// QEMU's own LUKS driver, fed through a libvirt secret.
+    Libvirt,
 }
 
 #[derive(Args, Debug)]
@@ -64,6 +86,114 @@ fn options(config: &Config) -> VolumeOptions {
         detach_backoff: Duration::from_millis(100),
         crypt: CryptOptions::default(),
     }
+}
+
+fn native_options(config: &Config) -> NativeOptions {
+    NativeOptions {
+        uri: config.libvirt.uri.clone(),
+        flags: SecretFlags {
+            ephemeral: !config.libvirt.persistent,
+            private: true,
+        },
+    }
+}
+
+/// `--keep-secret` only means something for a detach in libvirt mode.
+fn check_keep_secret(a: &VolumeArgs, detach: bool) -> anyhow::Result<()> {
+    if a.keep_secret && !(detach && a.mode == Mode::Libvirt) {
+        return Err(
+            UsageError("--keep-secret applies only to detach --mode libvirt".into()).into(),
+        );
+    }
+    Ok(())
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}
+
+fn attach_libvirt(a: VolumeArgs, config: &Config) -> anyhow::Result<u8> {
+    let req = request_of(&a)?;
+    let keys = config.key_manager()?;
+    let volumes = Volumes::new(keys.as_ref(), options(config));
+    let native = native_options(config);
+    let started = Instant::now();
+    let r = runtime()?.block_on(volumes.attach_native(&req, &native));
+    let ms = started.elapsed().as_secs_f64() * 1000.0;
+    match &r {
+        Ok(out) => {
+            tracing::info!(volume_id = a.volume_id, secret = ?out.secret, duration_ms = ms, "attach (libvirt)")
+        }
+        Err(e) => {
+            tracing::info!(volume_id = a.volume_id, error = %e, duration_ms = ms, "attach (libvirt) failed")
+        }
+    }
+    let out = r?;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({"volume_id": a.volume_id, "mode": "libvirt", "path": out.path, "secret_uuid": out.secret_uuid, "encryption_xml": out.encryption_xml, "secret": out.secret, "ephemeral": out.flags.map(|f| f.ephemeral), "private": out.flags.map(|f| f.private), "formatted": out.formatted, "duration_ms": ms})
+        );
+    } else {
+        match &out.encryption_xml {
+            Some(xml) => println!("{xml}"),
+            None => println!("{}", out.path.display()),
+        }
+        eprintln!(
+            "volume {}: secret {} ({:?}){} in {ms:.1} ms",
+            a.volume_id,
+            out.secret_uuid.as_deref().unwrap_or("-"),
+            out.secret,
+            if out.formatted {
+                ", formatted on first use"
+            } else {
+                ""
+            }
+        );
+    }
+    Ok(EXIT_OK)
+}
+
+fn detach_libvirt(a: VolumeArgs, config: &Config) -> anyhow::Result<u8> {
+    let spec = spec_of(&a)?;
+    let keys = config.key_manager()?;
+    let volumes = Volumes::new(keys.as_ref(), options(config));
+    let started = Instant::now();
+    let out = volumes.detach_native(&a.volume_id, &spec, &native_options(config), a.keep_secret)?;
+    let ms = started.elapsed().as_secs_f64() * 1000.0;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({"volume_id": a.volume_id, "mode": "libvirt", "secret_uuid": out.secret_uuid, "secret": out.secret, "duration_ms": ms})
+        );
+    } else {
+        let what = match out.secret {
+            SecretAction::Removed => "secret undefined",
+            SecretAction::Kept => "secret kept",
+            SecretAction::NoOp => "nothing to do",
+            _ => "had no secret",
+        };
+        eprintln!("volume {}: detached, {what}, in {ms:.1} ms", a.volume_id);
+    }
+    Ok(EXIT_OK)
+}
+
+fn extend_libvirt(a: VolumeArgs, config: &Config) -> anyhow::Result<u8> {
+    let req = request_of(&a)?;
+    let keys = config.key_manager()?;
+    let volumes = Volumes::new(keys.as_ref(), options(config));
+    let out = volumes.extend_native(&req)?;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({"volume_id": a.volume_id, "mode": "libvirt", "device_size": out.device_size, "payload_offset": out.payload_offset, "new_size": out.new_size})
+        );
+    } else {
+        println!("{}", out.new_size);
+    }
+    Ok(EXIT_OK)
 }
 
 fn spec_of(a: &VolumeArgs) -> anyhow::Result<EncryptionSpec> {
@@ -105,6 +235,10 @@ fn request_of(a: &VolumeArgs) -> anyhow::Result<AttachRequest> {
 }
 
 pub fn attach(a: VolumeArgs, config: &Config) -> anyhow::Result<u8> {
+    check_keep_secret(&a, false)?;
+    if a.mode == Mode::Libvirt {
+        return attach_libvirt(a, config);
+    }
     let req = request_of(&a)?;
     let keys = config.key_manager()?;
     let volumes = Volumes::new(keys.as_ref(), options(config));
@@ -145,6 +279,10 @@ pub fn attach(a: VolumeArgs, config: &Config) -> anyhow::Result<u8> {
 }
 
 pub fn detach(a: VolumeArgs, config: &Config) -> anyhow::Result<u8> {
+    check_keep_secret(&a, true)?;
+    if a.mode == Mode::Libvirt {
+        return detach_libvirt(a, config);
+    }
     let spec = spec_of(&a)?;
     let keys = config.key_manager()?;
     let volumes = Volumes::new(keys.as_ref(), options(config));
@@ -174,6 +312,10 @@ pub fn detach(a: VolumeArgs, config: &Config) -> anyhow::Result<u8> {
 }
 
 pub fn extend(a: VolumeArgs, config: &Config) -> anyhow::Result<u8> {
+    check_keep_secret(&a, false)?;
+    if a.mode == Mode::Libvirt {
+        return extend_libvirt(a, config);
+    }
     let req = request_of(&a)?;
     let keys = config.key_manager()?;
     let volumes = Volumes::new(keys.as_ref(), options(config));
