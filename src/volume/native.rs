@@ -13,8 +13,10 @@
 //! keeps a record per volume in the run directory (root only, cleared at
 //! boot, like ephemeral secrets): the secret's UUID and a SHA-256
 //! fingerprint of the UUID and passphrase. Same UUID, same fingerprint,
-//! same flags: reuse without writing. Anything else: the secret is
-//! redefined under the same UUID with our flags and given the value.
+//! same flags: reuse without writing. Anything else (another value, an
+//! unknown one, nova's persistent readable secret): the value is set
+//! again, and a secret with other flags is first defined anew under the
+//! same UUID with ours.
 
 use std::fs;
 use std::os::unix::fs::DirBuilderExt;
@@ -250,13 +252,22 @@ impl Volumes<'_> {
                 // Forget the old value first: if what follows fails, the
                 // next attach must not take the secret for ours.
                 self.remove_secret_record(vid)?;
-                let uuid = secrets
-                    .define(vid, native.flags, Some(&s.uuid))
-                    .map_err(lv_err(vid))?;
+                if !s.ours || s.flags != native.flags {
+                    // Not ours (nova's: persistent and readable) or other
+                    // flags: undefine, then define ours under the same UUID
+                    // so a disk that names it still finds it. Redefining in
+                    // place would not do: libvirt 9.0 turning a persistent
+                    // secret ephemeral deletes its value file but leaves
+                    // its XML file, which a libvirtd restart loads again.
+                    secrets.undefine(vid, &s.uuid).map_err(lv_err(vid))?;
+                    secrets
+                        .define(vid, native.flags, Some(&s.uuid))
+                        .map_err(lv_err(vid))?;
+                }
                 secrets
-                    .set_value(vid, &uuid, &passphrase)
+                    .set_value(vid, &s.uuid, &passphrase)
                     .map_err(lv_err(vid))?;
-                (uuid, SecretAction::Replaced)
+                (s.uuid, SecretAction::Replaced)
             }
             None => {
                 let uuid = secrets
