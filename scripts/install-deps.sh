@@ -3,7 +3,8 @@
 # reference tools the tests compare against (cryptsetup, QEMU's LUKS
 # driver), filesystem and volume tools whose signatures the format guard
 # must see, a venv with Keystone and Barbican, the guest kernel and QEMU
-# for the VM tier, and cargo-fuzz. Safe to run again; installs only what is missing.
+# for the VM tier, libvirt (daemon, QEMU driver, clients, headers) for the
+# libvirt-mode tests, and cargo-fuzz. Safe to run again; installs only what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,6 +31,13 @@ command -v mdadm >/dev/null 2>&1 || need_apt+=(mdadm)
 command -v pvcreate >/dev/null 2>&1 || need_apt+=(lvm2)
 command -v wipefs >/dev/null 2>&1 || need_apt+=(util-linux)
 command -v dmsetup >/dev/null 2>&1 || need_apt+=(dmsetup)
+# libvirt mode: the virt crate builds against libvirt-dev and links
+# libvirt.so.0; its tests run a real libvirtd (with the QEMU driver and
+# virtlogd) and virsh. QEMU itself comes from vm/install.sh below.
+pkg-config --exists libvirt 2>/dev/null || need_apt+=(libvirt-dev pkg-config)
+command -v libvirtd >/dev/null 2>&1 || need_apt+=(libvirt-daemon)
+dpkg -s libvirt-daemon-driver-qemu >/dev/null 2>&1 || need_apt+=(libvirt-daemon-driver-qemu)
+command -v virsh >/dev/null 2>&1 || need_apt+=(libvirt-clients)
 
 if [ ${#need_apt[@]} -gt 0 ]; then
     if [ "$(id -u)" -ne 0 ]; then
