@@ -109,7 +109,8 @@ struct SecretRecord {
 
 /// SHA-256 over a domain tag, the UUID and the passphrase: equal only for
 /// the same value in the same secret, and the UUID keeps fingerprints of
-/// one passphrase in different secrets apart.
+/// one passphrase in different secrets apart. The hasher wipes its buffer
+/// when dropped (sha2's `zeroize` feature).
 fn fingerprint(uuid: &str, passphrase: &Passphrase) -> String {
     let mut h = Sha256::new();
     h.update(b"luks-agent libvirt secret v1\0");
