@@ -391,6 +391,14 @@ fn secret_is_found_by_usage_private_ephemeral_and_idempotent() {
     let c = fx.attach(&vid, &img);
     assert_eq!(c["secret"], "created");
     assert_eq!(c["formatted"], false);
+    // An ephemeral secret dies with libvirtd; the next attach defines it
+    // again although the agent's record of the old one is still there.
+    harness(&["restart"]).unwrap();
+    assert_eq!(lookup_uuid(&vid), None, "an ephemeral secret survived");
+    let d = fx.attach(&vid, &img);
+    assert_eq!(d["secret"], "created");
+    assert_eq!(d["formatted"], false);
+    assert_eq!(count_secrets(&vid), 1);
 }
 
 #[test]
