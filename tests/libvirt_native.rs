@@ -598,7 +598,10 @@ fn concurrent_attaches_of_one_volume_make_one_secret() {
     let vid = fx.volume();
     let img = fx.image("vol.img", 32 * MIB);
     let enc = fx.encryption("luks");
-    let children: Vec<_> = (0..8)
+    // Each process first reads a (for the local key store, unused) token
+    // from its stdin: they all start, block there, and are released
+    // together when the pipes close, so their attaches really overlap.
+    let mut children: Vec<_> = (0..8)
         .map(|_| {
             Command::new(AGENT)
                 .arg("--config")
@@ -606,13 +609,20 @@ fn concurrent_attaches_of_one_volume_make_one_secret() {
                 .args(["attach", "--mode", "libvirt", "--json", "--volume-id", &vid])
                 .arg("--device")
                 .arg(&img)
-                .args(["--encryption", &enc])
+                .args(["--encryption", &enc, "--token-file", "/dev/stdin"])
+                .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
                 .spawn()
                 .unwrap()
         })
         .collect();
+    for c in &mut children {
+        c.stdin.as_mut().unwrap().write_all(b"token").unwrap();
+    }
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let stdins: Vec<_> = children.iter_mut().map(|c| c.stdin.take()).collect();
+    drop(stdins);
     let outs: Vec<Value> = children
         .into_iter()
         .map(|c| {
