@@ -53,7 +53,17 @@ start_libvirtd() {
     if ! alive "$state/virtlogd.pid" && [ ! -S /run/libvirt/virtlogd-sock ]; then
         virtlogd -d -p "$state/virtlogd.pid" 9>&-
     fi
-    LIBVIRT_LOG_OUTPUTS="3:file:$state/libvirtd.log" libvirtd -d -p "$state/libvirtd.pid" 9>&-
+    # /dev/kvm exists on these machines but nested virtualisation does not
+    # work: QEMU's KVM probe hangs until libvirt gives up, and libvirt
+    # probes again (about 30 s) on every domain definition. In a private
+    # mount namespace /dev/kvm is /dev/null for libvirtd and its QEMUs, so
+    # they probe TCG once. Everything else (/dev, /etc/libvirt) is shared.
+    if [ -c /dev/kvm ] && [ "${LIBVIRTD_KEEP_KVM:-}" != 1 ]; then
+        LIBVIRT_LOG_OUTPUTS="3:file:$state/libvirtd.log" unshare --mount --propagation slave \
+            sh -c 'mount --bind /dev/null /dev/kvm && exec libvirtd -d -p "$1"' sh "$state/libvirtd.pid" 9>&-
+    else
+        LIBVIRT_LOG_OUTPUTS="3:file:$state/libvirtd.log" libvirtd -d -p "$state/libvirtd.pid" 9>&-
+    fi
     wait_answers
 }
 
