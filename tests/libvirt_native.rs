@@ -586,6 +586,24 @@ fn a_foreign_secret_with_another_value_is_replaced_in_place() {
     drop(s);
     conn.close().unwrap();
     assert!(!secret_files(&novas).is_empty());
+    // `secrets list` shows only ours; --all shows nova's too, flagged.
+    let listed = |args: &[&str]| -> Vec<Value> {
+        let out = fx.agent(args);
+        assert!(out.status.success(), "{}", text(&out));
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .filter(|s| s["volume_id"] == vid.as_str())
+            .cloned()
+            .collect()
+    };
+    assert!(listed(&["secrets", "list", "--json"]).is_empty());
+    let all = listed(&["secrets", "list", "--json", "--all"]);
+    assert_eq!(all.len(), 1);
+    assert_eq!(all[0]["ours"], false);
+    assert_eq!(all[0]["ephemeral"], false);
+    assert_eq!(all[0]["private"], false);
     let dev = fx.loop_device("vol.img", 64 * MIB);
     let a = fx.attach(&vid, &dev);
     assert_eq!(a["secret"], "replaced");
