@@ -139,6 +139,11 @@ impl Drop for Fx {
             }
             let _ = conn.close();
         }
+        // The agent's per-volume lock and secret record (run directory).
+        for v in &self.volumes {
+            let _ = fs::remove_file(format!("/run/luks-agent/secrets/{v}.json"));
+            let _ = fs::remove_file(format!("/run/luks-agent/locks/{v}.lock"));
+        }
         // Loop devices detach when dropped.
         self.loops.clear();
     }
