@@ -3,7 +3,9 @@
 # reference tools the tests compare against (cryptsetup, QEMU's LUKS
 # driver), filesystem and volume tools whose signatures the format guard
 # must see, a venv with Keystone and Barbican, a venv with os-brick, the
-# guest kernel and QEMU for the VM tier, and cargo-fuzz. Safe to run again; installs only what is missing.
+# guest kernel and QEMU for the VM tier, libvirt (daemon, QEMU driver,
+# clients, headers) for the libvirt-mode tests, the packaging tools, and
+# cargo-fuzz. Safe to run again; installs only what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -40,6 +42,13 @@ command -v rpmspec >/dev/null 2>&1 || need_apt+=(rpm)
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)
 command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)
 command -v systemd-socket-activate >/dev/null 2>&1 || need_apt+=(systemd)
+# libvirt mode: the virt crate builds against libvirt-dev and links
+# libvirt.so.0; its tests run a real libvirtd (with the QEMU driver and
+# virtlogd) and virsh. QEMU itself comes from vm/install.sh below.
+pkg-config --exists libvirt 2>/dev/null || need_apt+=(libvirt-dev pkg-config)
+command -v libvirtd >/dev/null 2>&1 || need_apt+=(libvirt-daemon)
+dpkg -s libvirt-daemon-driver-qemu >/dev/null 2>&1 || need_apt+=(libvirt-daemon-driver-qemu)
+command -v virsh >/dev/null 2>&1 || need_apt+=(libvirt-clients)
 
 if [ ${#need_apt[@]} -gt 0 ]; then
     if [ "$(id -u)" -ne 0 ]; then

@@ -56,6 +56,9 @@ pub struct Config {
     /// dm-crypt options of the mappings the agent creates.
     #[serde(default)]
     pub crypt: CryptConfig,
+    /// libvirt secrets for QEMU-native LUKS (attach `--mode libvirt`).
+    #[serde(default)]
+    pub libvirt: LibvirtConfig,
 }
 
 impl Default for Config {
@@ -67,6 +70,7 @@ impl Default for Config {
             run_dir: default_run_dir(),
             server: ServerConfig::default(),
             crypt: CryptConfig::default(),
+            libvirt: LibvirtConfig::default(),
         }
     }
 }
@@ -241,6 +245,34 @@ impl CryptConfig {
             no_read_workqueue: self.no_read_workqueue,
             no_write_workqueue: self.no_write_workqueue,
             ..CryptOptions::default()
+        }
+    }
+}
+
+fn default_libvirt_uri() -> String {
+    "qemu:///system".into()
+}
+
+/// The `[libvirt]` section.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LibvirtConfig {
+    /// Connection URI; nova's secrets live in `qemu:///system`.
+    #[serde(default = "default_libvirt_uri")]
+    pub uri: String,
+    /// Define secrets persistent (`ephemeral='no'`): guests can restart
+    /// without the key manager, but libvirtd then keeps the passphrase in
+    /// plain base64 in `/etc/libvirt/secrets/<uuid>.base64`. Default: off,
+    /// secrets live in libvirtd's memory only.
+    #[serde(default)]
+    pub persistent: bool,
+}
+
+impl Default for LibvirtConfig {
+    fn default() -> Self {
+        LibvirtConfig {
+            uri: default_libvirt_uri(),
+            persistent: false,
         }
     }
 }
@@ -451,6 +483,8 @@ mod tests {
         assert_eq!(cfg.server.max_body_bytes, 65536);
         assert_eq!(cfg.server.socket, Path::new(DEFAULT_SOCKET));
         assert_eq!(cfg.run_dir, Path::new(DEFAULT_RUN_DIR));
+        assert_eq!(cfg.libvirt.uri, "qemu:///system");
+        assert!(!cfg.libvirt.persistent);
     }
 
     #[test]

@@ -7,6 +7,7 @@ pub mod config;
 pub mod daemon;
 pub mod dm;
 pub mod keymgr;
+pub mod libvirt;
 pub mod luks;
 pub mod secret;
 pub mod volume;

@@ -586,11 +586,20 @@ fn malformed_unknown_oversize_and_unrouted_requests() {
     d.post("/v1/volumes/v1/attach", bad.to_string().as_bytes())
         .expect(422, "invalid_spec");
 
-    // The libvirt mode is part of the API but not of this build.
+    // The libvirt mode: a back-end volume is a no-op there too (no secret,
+    // no libvirtd needed); keep_secret belongs to a libvirt detach only.
     let mut lv = good.clone();
     lv["mode"] = json!("libvirt");
+    let r = d.post("/v1/volumes/v1/attach", lv.to_string().as_bytes());
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["action"], "no_op");
+    assert!(r.json().get("secret_uuid").is_none(), "{}", r.json());
+    lv["keep_secret"] = json!(true);
     d.post("/v1/volumes/v1/attach", lv.to_string().as_bytes())
-        .expect(501, "mode_unavailable");
+        .expect(400, "invalid_request");
+    let r = d.post("/v1/volumes/v1/detach", lv.to_string().as_bytes());
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    lv["keep_secret"] = json!(false);
     lv["mode"] = json!("qemu");
     d.post("/v1/volumes/v1/attach", lv.to_string().as_bytes())
         .expect(400, "invalid_request");

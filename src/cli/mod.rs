@@ -3,6 +3,7 @@
 mod docs_cmd;
 mod keys_cmd;
 mod luks_cmd;
+mod secrets_cmd;
 mod serve_cmd;
 mod volume_cmd;
 
@@ -12,6 +13,7 @@ use luks_agent::config;
 use luks_agent::daemon::client::{ClientError, RemoteError};
 use luks_agent::daemon::errors::ApiError;
 use luks_agent::keymgr::KeyError;
+use luks_agent::libvirt::LibvirtError;
 use luks_agent::luks::LuksError;
 use luks_agent::luks::kdf::KdfError;
 use luks_agent::volume::VolumeError;
@@ -39,6 +41,10 @@ pub const EXIT_KEY_UNAVAILABLE: u8 = 8;
 pub const EXIT_KEY_INVALID: u8 = 9;
 /// The agent refused the caller, is stopping, or could not be talked to.
 pub const EXIT_AGENT: u8 = 10;
+/// libvirtd cannot be reached (libvirt mode).
+pub const EXIT_LIBVIRT_UNAVAILABLE: u8 = 11;
+/// libvirt refused or failed an operation on a secret (libvirt mode).
+pub const EXIT_LIBVIRT: u8 = 12;
 
 const EXIT_CODES_HELP: &str = "\
 Exit codes:
@@ -57,6 +63,8 @@ Exit codes:
   9  the key manager answered nonsense, or the key cannot be a volume key
  10  the agent (luks-agent serve) refused the caller, is shutting down, or
      could not be talked to
+ 11  libvirtd cannot be reached (--mode libvirt, secrets)
+ 12  libvirt refused or failed an operation on a secret
 
 attach, detach, extend and status ask the agent when it answers on its
 socket and act directly otherwise (or with --local); the exit codes are the
@@ -103,6 +111,9 @@ enum Command {
     Status(volume_cmd::StatusArgs),
     /// For udev rules: print the volume id of one of our mappings.
     UdevId(volume_cmd::UdevIdArgs),
+    /// List the libvirt secrets of QEMU-native volumes (never values).
+    #[command(subcommand, after_help = EXIT_CODES_HELP)]
+    Secrets(secrets_cmd::SecretsCommand),
     /// Manage the local key store and check keys of the key manager.
     #[command(subcommand, after_help = EXIT_CODES_HELP)]
     Keys(keys_cmd::KeysCommand),
@@ -136,6 +147,7 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
     match command {
         Command::Luks(cmd) => luks_cmd::run(cmd, &cfg),
         Command::Keys(cmd) => keys_cmd::run(cmd, &cfg),
+        Command::Secrets(cmd) => secrets_cmd::run(cmd, &cfg),
         Command::Attach(a) => volume_cmd::attach(a, &cfg),
         Command::Detach(a) => volume_cmd::detach(a, &cfg),
         Command::Extend(a) => volume_cmd::extend(a, &cfg),
@@ -165,6 +177,9 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
     if let Some(e) = err.downcast_ref::<KeyError>() {
         return keys_cmd::exit_code(e);
     }
+    if let Some(e) = err.downcast_ref::<LibvirtError>() {
+        return libvirt_exit_code(e);
+    }
     // Volume errors go through the agent's error codes, so that a command
     // exits the same way whether it acted itself or the agent did.
     if let Some(e) = err.downcast_ref::<VolumeError>() {
@@ -189,12 +204,19 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
     }
 }
 
+fn libvirt_exit_code(e: &LibvirtError) -> u8 {
+    match e {
+        LibvirtError::Unavailable { .. } => EXIT_LIBVIRT_UNAVAILABLE,
+        LibvirtError::Secret { .. } => EXIT_LIBVIRT,
+    }
+}
+
 /// The exit code of an error code the agent answers with.
 pub fn exit_code_of_api(code: &str) -> u8 {
     match code {
         "malformed_json" | "unknown_field" | "invalid_request" | "invalid_volume_id"
         | "payload_too_large" | "invalid_spec" | "invalid_key_id" | "unsupported"
-        | "not_attached" | "mode_unavailable" | "key_manager_config" => EXIT_USAGE,
+        | "not_attached" | "key_manager_config" => EXIT_USAGE,
         "wrong_key" => EXIT_WRONG_PASSPHRASE,
         "out_of_memory" => EXIT_NO_MEMORY,
         "format_refused" | "refused" => EXIT_REFUSED,
@@ -202,6 +224,8 @@ pub fn exit_code_of_api(code: &str) -> u8 {
         "key_access_denied" => EXIT_KEY_ACCESS,
         "key_manager_unavailable" | "key_manager_timeout" => EXIT_KEY_UNAVAILABLE,
         "key_manager_error" | "invalid_key_material" => EXIT_KEY_INVALID,
+        "libvirt_unavailable" => EXIT_LIBVIRT_UNAVAILABLE,
+        "libvirt_error" => EXIT_LIBVIRT,
         "forbidden" | "shutting_down" | "request_timeout" | "method_not_allowed" | "not_found" => {
             EXIT_AGENT
         }
@@ -217,7 +241,7 @@ mod tests {
     fn every_api_code_has_a_documented_exit_code() {
         for (code, _) in luks_agent::daemon::errors::CODES {
             let exit = exit_code_of_api(code);
-            assert!((1..=EXIT_AGENT).contains(&exit), "{code}");
+            assert!((1..=EXIT_LIBVIRT).contains(&exit), "{code}");
         }
         assert_eq!(
             exit_code_of_api("key_manager_timeout"),

@@ -1,7 +1,9 @@
-//! `luks-agent attach | detach | extend | status`: volumes. Each asks the
-//! agent when it answers on its socket, and acts directly (as root) when no
-//! agent runs or with `--local`; output and exit codes are the same either
-//! way.
+//! `luks-agent attach | detach | extend | status`: volumes, as dm-crypt
+//! mappings (`--mode dm`) or for QEMU to decrypt through a libvirt secret
+//! (`--mode libvirt`). Each asks the agent when it answers on its socket,
+//! and acts directly (as root) when no agent runs or with `--local`; both
+//! run the same operation code, so output and exit codes are the same
+//! either way.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -13,10 +15,11 @@ use luks_agent::daemon::api::{
     self, AttachResponse, DetachResponse, ExtendResponse, Mode, VolumeBody, VolumesResponse,
 };
 use luks_agent::daemon::client::{self, ClientError, RemoteError};
-use luks_agent::daemon::volume_options;
+use luks_agent::daemon::ops::{self, Op};
+use luks_agent::daemon::{native_options, volume_options};
 use luks_agent::dm::DeviceMapper;
 use luks_agent::keymgr::{RequestAuth, SecretString};
-use luks_agent::volume::{Action, AttachRequest, EncryptionSpec, Volumes};
+use luks_agent::volume::{AttachRequest, EncryptionSpec, Volumes};
 
 use super::{EXIT_OK, UsageError};
 
@@ -59,6 +62,15 @@ pub struct VolumeArgs {
     /// Act directly, as root, even when the agent runs.
     #[arg(long)]
     local: bool,
+    /// `dm`: a dm-crypt mapping on the host. `libvirt`: QEMU decrypts the
+    /// volume itself with a passphrase held in a libvirt secret (provider
+    /// `luks` only); attach prints the disk's `<encryption>` element.
+    #[arg(long, value_enum, default_value_t = Mode::Dm)]
+    mode: Mode,
+    /// Detach in libvirt mode: leave the volume's secret defined (as nova
+    /// does across a hard reboot).
+    #[arg(long)]
+    keep_secret: bool,
 }
 
 #[derive(Args, Debug)]
@@ -134,8 +146,71 @@ fn body_of(a: &VolumeArgs) -> anyhow::Result<VolumeBody> {
         encryption,
         multipath_id: a.multipath_id.clone(),
         auth,
-        mode: Mode::Dm,
+        mode: a.mode,
+        keep_secret: a.keep_secret,
     })
+}
+
+/// `--keep-secret` only means something for a detach in libvirt mode.
+fn check_keep_secret(a: &VolumeArgs, op: Op) -> anyhow::Result<()> {
+    if a.keep_secret && !(op == Op::Detach && a.mode == Mode::Libvirt) {
+        return Err(
+            UsageError("--keep-secret applies only to detach --mode libvirt".into()).into(),
+        );
+    }
+    Ok(())
+}
+
+/// Runs `op` through the agent, or directly when none answers or with
+/// `--local`; either way the answer is the API's response body.
+fn run_op(a: &VolumeArgs, config: &Config, op: Op) -> anyhow::Result<serde_json::Value> {
+    check_keep_secret(a, op)?;
+    let body = body_of(a)?;
+    if !a.local
+        && let Some(out) = ask_agent::<serde_json::Value>(
+            config,
+            hyper::Method::POST,
+            &volume_path(a, op.name()),
+            Some(serde_json::to_vec(&body)?),
+        )?
+    {
+        return Ok(out);
+    }
+    let req = request_of(a)?;
+    let keys = config.key_manager()?;
+    let volumes = Volumes::new(keys.as_ref(), volume_options(config));
+    let native = native_options(config);
+    let started = Instant::now();
+    let r = runtime()?.block_on(ops::perform(
+        &volumes,
+        &native,
+        op,
+        a.mode,
+        a.keep_secret,
+        &req,
+    ));
+    let ms = started.elapsed().as_secs_f64() * 1000.0;
+    let (op_name, mode) = (op.name(), a.mode.name());
+    match &r {
+        Ok(out) => tracing::info!(
+            op = op_name,
+            mode,
+            volume_id = a.volume_id,
+            outcome = "ok",
+            action = out.action,
+            duration_ms = ms,
+            "volume operation"
+        ),
+        Err(e) => tracing::info!(
+            op = op_name,
+            mode,
+            volume_id = a.volume_id,
+            error = %e,
+            duration_ms = ms,
+            "volume operation"
+        ),
+    }
+    Ok(r?.body)
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -188,80 +263,52 @@ fn action_word(action: &str) -> &str {
     }
 }
 
-fn action_name(a: Action) -> String {
-    serde_json::to_value(a)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_default()
-}
-
 fn print_attached(out: &AttachResponse, json: bool) -> anyhow::Result<u8> {
     if json {
         println!("{}", serde_json::to_string(out)?);
+        return Ok(EXIT_OK);
+    }
+    let formatted = if out.formatted {
+        ", formatted on first use"
     } else {
-        println!("{}", out.path.display());
-        eprintln!(
-            "volume {}: {}{} in {:.1} ms",
-            out.volume_id,
-            action_word(&out.action),
-            if out.formatted {
-                ", formatted on first use"
-            } else {
-                ""
-            },
-            out.duration_ms
-        );
+        ""
+    };
+    match (&out.encryption_xml, &out.secret_uuid) {
+        (Some(xml), Some(uuid)) => {
+            println!("{xml}");
+            eprintln!(
+                "volume {}: secret {uuid} {}{formatted} in {:.1} ms",
+                out.volume_id, out.action, out.duration_ms
+            );
+        }
+        _ => {
+            println!("{}", out.path.display());
+            eprintln!(
+                "volume {}: {}{formatted} in {:.1} ms",
+                out.volume_id,
+                action_word(&out.action),
+                out.duration_ms
+            );
+        }
     }
     Ok(EXIT_OK)
 }
 
 pub fn attach(a: VolumeArgs, config: &Config) -> anyhow::Result<u8> {
-    if !a.local {
-        let body = serde_json::to_vec(&body_of(&a)?)?;
-        if let Some(out) = ask_agent::<AttachResponse>(
-            config,
-            hyper::Method::POST,
-            &volume_path(&a, "attach"),
-            Some(body),
-        )? {
-            return print_attached(&out, a.json);
-        }
-    }
-    let req = request_of(&a)?;
-    let keys = config.key_manager()?;
-    let volumes = Volumes::new(keys.as_ref(), volume_options(config));
-    let started = Instant::now();
-    let r = runtime()?.block_on(volumes.attach(&req));
-    let ms = started.elapsed().as_secs_f64() * 1000.0;
-    match &r {
-        Ok(out) => {
-            tracing::info!(volume_id = a.volume_id, outcome = ?out.action, duration_ms = ms, "attach")
-        }
-        Err(e) => {
-            tracing::info!(volume_id = a.volume_id, error = %e, duration_ms = ms, "attach failed")
-        }
-    }
-    let out = r?;
-    print_attached(
-        &AttachResponse {
-            volume_id: a.volume_id.clone(),
-            path: out.path,
-            mapping: out.mapping,
-            action: action_name(out.action),
-            formatted: out.formatted,
-            duration_ms: ms,
-        },
-        a.json,
-    )
+    let out: AttachResponse = serde_json::from_value(run_op(&a, config, Op::Attach)?)?;
+    print_attached(&out, a.json)
 }
 
-fn print_detached(out: &DetachResponse, json: bool) -> anyhow::Result<u8> {
+fn print_detached(out: &DetachResponse, mode: Mode, json: bool) -> anyhow::Result<u8> {
     if json {
         println!("{}", serde_json::to_string(out)?);
     } else {
-        let what = match out.action.as_str() {
-            "removed" | "created" => "mapping removed",
-            "identity" => "was not attached",
+        let what = match (mode, out.action.as_str()) {
+            (Mode::Dm, "removed" | "created") => "mapping removed",
+            (Mode::Dm, "identity") => "was not attached",
+            (Mode::Libvirt, "removed") => "secret undefined",
+            (Mode::Libvirt, "kept") => "secret kept",
+            (Mode::Libvirt, "absent") => "had no secret",
             _ => "nothing to do",
         };
         eprintln!(
@@ -273,37 +320,8 @@ fn print_detached(out: &DetachResponse, json: bool) -> anyhow::Result<u8> {
 }
 
 pub fn detach(a: VolumeArgs, config: &Config) -> anyhow::Result<u8> {
-    if !a.local {
-        let body = serde_json::to_vec(&body_of(&a)?)?;
-        if let Some(out) = ask_agent::<DetachResponse>(
-            config,
-            hyper::Method::POST,
-            &volume_path(&a, "detach"),
-            Some(body),
-        )? {
-            return print_detached(&out, a.json);
-        }
-    }
-    let spec = spec_of(&a)?;
-    let keys = config.key_manager()?;
-    let volumes = Volumes::new(keys.as_ref(), volume_options(config));
-    let started = Instant::now();
-    let out = runtime()?.block_on(volumes.detach(
-        &a.volume_id,
-        &a.device,
-        &spec,
-        a.multipath_id.as_deref(),
-    ))?;
-    let ms = started.elapsed().as_secs_f64() * 1000.0;
-    print_detached(
-        &DetachResponse {
-            volume_id: a.volume_id.clone(),
-            mapping: out.mapping,
-            action: action_name(out.action),
-            duration_ms: ms,
-        },
-        a.json,
-    )
+    let out: DetachResponse = serde_json::from_value(run_op(&a, config, Op::Detach)?)?;
+    print_detached(&out, a.mode, a.json)
 }
 
 fn print_extended(out: &ExtendResponse, json: bool) -> anyhow::Result<u8> {
@@ -316,29 +334,8 @@ fn print_extended(out: &ExtendResponse, json: bool) -> anyhow::Result<u8> {
 }
 
 pub fn extend(a: VolumeArgs, config: &Config) -> anyhow::Result<u8> {
-    if !a.local {
-        let body = serde_json::to_vec(&body_of(&a)?)?;
-        if let Some(out) = ask_agent::<ExtendResponse>(
-            config,
-            hyper::Method::POST,
-            &volume_path(&a, "extend"),
-            Some(body),
-        )? {
-            return print_extended(&out, a.json);
-        }
-    }
-    let req = request_of(&a)?;
-    let keys = config.key_manager()?;
-    let volumes = Volumes::new(keys.as_ref(), volume_options(config));
-    let out = runtime()?.block_on(volumes.extend(&req))?;
-    print_extended(
-        &ExtendResponse {
-            volume_id: a.volume_id.clone(),
-            mapping: out.mapping,
-            new_size: out.new_size,
-        },
-        a.json,
-    )
+    let out: ExtendResponse = serde_json::from_value(run_op(&a, config, Op::Extend)?)?;
+    print_extended(&out, a.json)
 }
 
 #[derive(Args, Debug)]

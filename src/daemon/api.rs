@@ -11,14 +11,15 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use crate::keymgr::{RequestAuth, SecretString};
 
 /// How an attached volume reaches its user.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum Mode {
     /// A dm-crypt mapping on this host; the answer names its device.
     #[default]
     Dm,
-    /// A libvirt secret for QEMU's own LUKS driver (nova's native path).
-    /// Not available in this build: answered with `mode_unavailable`.
+    /// QEMU decrypts the volume itself with a passphrase held in a libvirt
+    /// secret (nova's native path, provider `luks` only); the answer
+    /// carries the disk's `<encryption>` element.
     Libvirt,
 }
 
@@ -97,10 +98,14 @@ pub struct VolumeBody {
     /// `dm` (default) or `libvirt`.
     #[serde(default)]
     pub mode: Mode,
+    /// Detach in libvirt mode: leave the volume's secret defined (as nova
+    /// does across a hard reboot).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub keep_secret: bool,
 }
 
 /// Answer to an attach.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AttachResponse {
     /// Volume.
@@ -109,12 +114,26 @@ pub struct AttachResponse {
     pub path: PathBuf,
     /// The mapping name (absent for volumes without front-end encryption).
     pub mapping: Option<String>,
-    /// `created`, `identity` (already attached) or `no_op`.
+    /// dm mode: `created`, `identity` (already attached) or `no_op`.
+    /// libvirt mode, what happened to the secret: `created`, `reused`,
+    /// `replaced` or `no_op`.
     pub action: String,
     /// Whether this attach formatted the volume.
     pub formatted: bool,
     /// Time the operation took, in milliseconds.
     pub duration_ms: f64,
+    /// libvirt mode: the volume's secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_uuid: Option<String>,
+    /// libvirt mode: the `<encryption>` element for the disk's XML.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption_xml: Option<String>,
+    /// libvirt mode: whether the secret lives in libvirtd's memory only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ephemeral: Option<bool>,
+    /// libvirt mode: whether the secret's value cannot be read back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub private: Option<bool>,
 }
 
 /// Answer to a detach.
@@ -125,10 +144,15 @@ pub struct DetachResponse {
     pub volume_id: String,
     /// The mapping name.
     pub mapping: Option<String>,
-    /// `removed`, `identity` (was not attached) or `no_op`.
+    /// dm mode: `removed`, `identity` (was not attached) or `no_op`.
+    /// libvirt mode, what happened to the secret: `removed`, `kept`,
+    /// `absent` or `no_op`.
     pub action: String,
     /// Time the operation took, in milliseconds.
     pub duration_ms: f64,
+    /// libvirt mode: the volume's secret, if there was one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_uuid: Option<String>,
 }
 
 /// Answer to an extend.
@@ -139,8 +163,15 @@ pub struct ExtendResponse {
     pub volume_id: String,
     /// The mapping name.
     pub mapping: Option<String>,
-    /// Size of the decrypted device in bytes.
+    /// Size of the decrypted device in bytes (libvirt mode: what the
+    /// guest sees, device size minus payload offset, as nova computes it).
     pub new_size: u64,
+    /// libvirt mode: the device's size in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_size: Option<u64>,
+    /// libvirt mode: where the encrypted payload starts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload_offset: Option<u64>,
 }
 
 /// A dm-crypt mapping as the kernel reports it.

@@ -11,6 +11,7 @@ use axum::response::{IntoResponse, Response};
 
 use crate::dm::DmError;
 use crate::keymgr::KeyError;
+use crate::libvirt::LibvirtError;
 use crate::luks::LuksError;
 use crate::luks::kdf::KdfError;
 use crate::volume::VolumeError;
@@ -67,11 +68,12 @@ pub const CODES: &[(&str, u16)] = &[
     ("rollback_failed", 500),
     ("key_manager_config", 500),
     ("key_store_error", 500),
-    ("mode_unavailable", 501),
     ("key_manager_unavailable", 502),
     ("key_manager_error", 502),
+    ("libvirt_error", 502),
     ("out_of_memory", 503),
     ("shutting_down", 503),
+    ("libvirt_unavailable", 503),
     ("key_manager_timeout", 504),
 ];
 
@@ -158,6 +160,10 @@ impl ApiError {
                 }
             }
             VolumeError::Rollback { .. } => "rollback_failed",
+            VolumeError::Libvirt { source, .. } => match source.as_ref() {
+                LibvirtError::Unavailable { .. } => "libvirt_unavailable",
+                LibvirtError::Secret { .. } => "libvirt_error",
+            },
             VolumeError::Unsupported { what, .. } => {
                 if what.starts_with("not attached") {
                     "not_attached"

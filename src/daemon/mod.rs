@@ -22,13 +22,16 @@ pub mod client;
 pub mod errors;
 pub mod logging;
 pub mod metrics;
+pub mod ops;
 pub mod server;
 pub mod shutdown;
 
 use std::time::Duration;
 
 use crate::config::Config;
+use crate::libvirt::SecretFlags;
 use crate::volume::VolumeOptions;
+use crate::volume::native::NativeOptions;
 
 /// The volume layer's options as the configuration sets them; the same for
 /// the agent and for the CLI acting directly.
@@ -40,5 +43,17 @@ pub fn volume_options(config: &Config) -> VolumeOptions {
         detach_attempts: 6,
         detach_backoff: Duration::from_millis(100),
         crypt: config.crypt.options(),
+    }
+}
+
+/// Where and how libvirt-mode secrets are defined, as the configuration
+/// sets it.
+pub fn native_options(config: &Config) -> NativeOptions {
+    NativeOptions {
+        uri: config.libvirt.uri.clone(),
+        flags: SecretFlags {
+            ephemeral: !config.libvirt.persistent,
+            private: true,
+        },
     }
 }

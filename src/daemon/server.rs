@@ -23,12 +23,14 @@ use crate::config::{Config, ServerConfig};
 use crate::dm::DeviceMapper;
 use crate::keymgr::KeyManager;
 use crate::luks::kdf;
-use crate::volume::{self, AttachRequest, EncryptionSpec, VolumeOptions, Volumes};
+use crate::volume::native::NativeOptions;
+use crate::volume::{self, VolumeOptions, Volumes};
 
 use super::api::{self, Mode, VolumeBody};
 use super::auth::{Peer, Policy};
 use super::errors::{ApiError, ErrorCode, chain};
 use super::metrics::{Metrics, route_label};
+use super::ops::{self, Op};
 use super::shutdown::Shutdown;
 
 /// Why the server could not start.
@@ -59,24 +61,6 @@ pub enum ServeError {
     Signals(#[source] std::io::Error),
 }
 
-/// A volume operation.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Op {
-    Attach,
-    Detach,
-    Extend,
-}
-
-impl Op {
-    fn name(self) -> &'static str {
-        match self {
-            Op::Attach => "attach",
-            Op::Detach => "detach",
-            Op::Extend => "extend",
-        }
-    }
-}
-
 /// In-process per-volume locks: callers of one volume queue here, without
 /// holding a thread, before the volume layer takes its cross-process flock.
 #[derive(Default)]
@@ -104,6 +88,7 @@ struct Shared {
     policy: Policy,
     keys: Arc<dyn KeyManager>,
     opts: VolumeOptions,
+    native: NativeOptions,
     locks: VolumeLocks,
     metrics: Metrics,
     shutdown: Shutdown,
@@ -228,6 +213,7 @@ pub fn serve(config: &Config) -> Result<(), ServeError> {
         ),
         keys,
         opts: super::volume_options(config),
+        native: super::native_options(config),
         locks: VolumeLocks::default(),
         metrics: Metrics::default(),
         shutdown: Shutdown::new(),
@@ -597,21 +583,14 @@ async fn operate_inner(
     check_id(id)?;
     let peer = req.extensions().get::<Peer>().cloned();
     let body = read_body(&st, req).await?;
-    if body.mode == Mode::Libvirt {
+    if body.keep_secret && !(op == Op::Detach && body.mode == Mode::Libvirt) {
         return Err(ApiError::new(
-            "mode_unavailable",
-            "mode 'libvirt' is not available in this build; use mode 'dm'",
+            "invalid_request",
+            "keep_secret applies only to a detach in libvirt mode",
         ));
     }
-    let spec: EncryptionSpec = serde_json::from_value(body.encryption.clone())
-        .map_err(|e| ApiError::new("invalid_spec", format!("encryption: {e}")))?;
-    let request = AttachRequest {
-        volume_id: id.to_string(),
-        device_path: body.device.clone(),
-        spec,
-        multipath_id: body.multipath_id.clone(),
-        auth: api::Auth::to_request_auth(body.auth.as_ref()),
-    };
+    let request =
+        ops::request_of(id, &body).map_err(|message| ApiError::new("invalid_spec", message))?;
     // Queue for the volume without holding a thread; give up when the
     // agent starts stopping (nothing of this operation has happened yet).
     let lock = st.locks.get(id);
@@ -634,57 +613,17 @@ async fn operate_inner(
         let started = Instant::now();
         let volumes = Volumes::new(shared.keys.as_ref(), shared.opts.clone());
         let vid = request.volume_id.as_str();
-        let result: Result<(serde_json::Value, &'static str), ApiError> = match op {
-            Op::Attach => handle.block_on(volumes.attach(&request)).map(|out| {
-                let action = action_name(out.action);
-                let ms = started.elapsed().as_secs_f64() * 1000.0;
-                (
-                    serde_json::to_value(api::AttachResponse {
-                        volume_id: vid.into(),
-                        path: out.path,
-                        mapping: out.mapping,
-                        action: action.into(),
-                        formatted: out.formatted,
-                        duration_ms: ms,
-                    })
-                    .unwrap_or_default(),
-                    action,
-                )
-            }),
-            Op::Detach => handle
-                .block_on(volumes.detach(
-                    vid,
-                    &request.device_path,
-                    &request.spec,
-                    request.multipath_id.as_deref(),
-                ))
-                .map(|out| {
-                    let action = action_name(out.action);
-                    let ms = started.elapsed().as_secs_f64() * 1000.0;
-                    (
-                        serde_json::to_value(api::DetachResponse {
-                            volume_id: vid.into(),
-                            mapping: out.mapping,
-                            action: action.into(),
-                            duration_ms: ms,
-                        })
-                        .unwrap_or_default(),
-                        action,
-                    )
-                }),
-            Op::Extend => handle.block_on(volumes.extend(&request)).map(|out| {
-                (
-                    serde_json::to_value(api::ExtendResponse {
-                        volume_id: vid.into(),
-                        mapping: out.mapping,
-                        new_size: out.new_size,
-                    })
-                    .unwrap_or_default(),
-                    "extended",
-                )
-            }),
-        }
-        .map_err(|e| ApiError::from_volume(vid, &e));
+        let result = handle
+            .block_on(ops::perform(
+                &volumes,
+                &shared.native,
+                op,
+                body.mode,
+                body.keep_secret,
+                &request,
+            ))
+            .map(|o| (o.body, o.action))
+            .map_err(|e| ApiError::from_volume(vid, &e));
         let ms = started.elapsed().as_secs_f64() * 1000.0;
         let (uid, pid) = (
             peer.as_ref().map(|p| p.uid),
@@ -721,15 +660,6 @@ async fn operate_inner(
             "internal",
             format!("the operation failed unexpectedly: {e}"),
         )),
-    }
-}
-
-fn action_name(a: volume::Action) -> &'static str {
-    match a {
-        volume::Action::Created => "created",
-        volume::Action::Removed => "removed",
-        volume::Action::Identity => "identity",
-        volume::Action::NoOp => "no_op",
     }
 }
 

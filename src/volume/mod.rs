@@ -5,6 +5,7 @@
 
 pub mod guard;
 pub mod naming;
+pub mod native;
 pub mod spec;
 
 use std::fs::{self, File, OpenOptions};
@@ -104,6 +105,15 @@ pub enum VolumeError {
         cause: Box<VolumeError>,
         /// The rollback failure.
         rollback: Box<VolumeError>,
+    },
+    /// A libvirt operation (QEMU-native mode) failed.
+    #[error("volume {volume_id}")]
+    Libvirt {
+        /// Volume.
+        volume_id: String,
+        /// Why.
+        #[source]
+        source: Box<crate::libvirt::LibvirtError>,
     },
     /// This operation is not supported for this volume.
     #[error("volume {volume_id}: {what}")]
@@ -367,12 +377,6 @@ impl<'k> Volumes<'k> {
         ))?;
         let (key_id, key) = self.fetch_key(vid, key_id_text, &req.auth).await?;
         let passphrase = key.passphrase();
-        let dev_name = device.display().to_string();
-        let luks_err = |source| VolumeError::Luks {
-            volume_id: vid.into(),
-            device: dev_name.clone(),
-            source,
-        };
 
         if provider == Provider::Plain {
             // cryptsetup create: no header; key derived from the passphrase.
@@ -380,84 +384,9 @@ impl<'k> Volumes<'k> {
             let uuid = naming::dm_uuid("PLAIN", None, &name);
             return self.map(vid, &dm, &req.device_path, &name, &uuid, &target, key);
         }
-        let (header, volume_key, formatted) = {
-            let file = blockdev::open(&device, true).map_err(io_err(vid, "opening", &device))?;
-            let disk = FileDisk::new(file, dev_name.clone());
-            let limits = KdfLimits::default();
-            let recorded = self.records.is_recorded(vid);
-            // Only an interrupted format of our own may be redone: our
-            // record says it started here, and no marker says it finished.
-            let redo_ours = recorded
-                && !self
-                    .keys
-                    .is_marked_formatted(&key_id, &req.auth)
-                    .await
-                    .map_err(|source| VolumeError::Key {
-                        volume_id: vid.into(),
-                        source,
-                    })?;
-            match Header::read(&disk) {
-                Ok(h) => match h.unlock(&disk, &passphrase, None, &limits) {
-                    Ok(u) => {
-                        self.heal_marker(vid, &key_id, &req.auth).await?;
-                        (h, u.volume_key, false)
-                    }
-                    Err(LuksError::WrongPassphrase { .. }) if redo_ours => {
-                        let (h, k) = self
-                            .format(vid, &disk, provider, &req.spec, &key, &key_id, &req.auth)
-                            .await?;
-                        (h, k, true)
-                    }
-                    Err(e) => return Err(luks_err(e)),
-                },
-                Err(LuksError::NotLuks { .. }) => {
-                    if self
-                        .keys
-                        .is_marked_formatted(&key_id, &req.auth)
-                        .await
-                        .map_err(|source| VolumeError::Key {
-                            volume_id: vid.into(),
-                            source,
-                        })?
-                    {
-                        return Err(VolumeError::FormatRefused {
-                            volume_id: vid.into(),
-                            device: dev_name.clone(),
-                            reason: format!(
-                                "no LUKS header, but the key manager records key {key_id} as formatted: the header was destroyed or the device is not the volume"
-                            ),
-                        });
-                    }
-                    let seen = Inspection::of(&disk).map_err(io_err(vid, "probing", &device))?;
-                    if !seen.is_blank() && !redo_ours {
-                        return Err(VolumeError::FormatRefused {
-                            volume_id: vid.into(),
-                            device: dev_name.clone(),
-                            reason: format!("the device is not blank: {}", seen.describe()),
-                        });
-                    }
-                    let (h, k) = self
-                        .format(vid, &disk, provider, &req.spec, &key, &key_id, &req.auth)
-                        .await?;
-                    (h, k, true)
-                }
-                Err(
-                    e @ (LuksError::InvalidHeader { .. }
-                    | LuksError::Unsupported { .. }
-                    | LuksError::TooSmall { .. }),
-                ) => {
-                    if redo_ours {
-                        let (h, k) = self
-                            .format(vid, &disk, provider, &req.spec, &key, &key_id, &req.auth)
-                            .await?;
-                        (h, k, true)
-                    } else {
-                        return Err(luks_err(e));
-                    }
-                }
-                Err(e) => return Err(luks_err(e)),
-            }
-        };
+        let (header, volume_key, formatted) = self
+            .open_or_format(vid, &device, provider, &req.spec, &key_id, &key, &req.auth)
+            .await?;
         let target = self.luks_target(vid, &device, &header, &name)?;
         let kind = if header.version() == LuksVersion::Luks1 {
             "LUKS1"
@@ -531,6 +460,108 @@ impl<'k> Volumes<'k> {
         dm.remove(&m.name, self.opts.detach_attempts, self.opts.detach_backoff)
             .map_err(dm_err)?;
         Ok(None)
+    }
+
+    /// Opens the volume's LUKS header with its key, or formats the device
+    /// on first use when the guard allows it (the state machine is in
+    /// `guard.rs`). Returns the header, the volume key and whether this
+    /// call formatted. Shared by the dm-crypt and the QEMU-native attach,
+    /// so both refuse and format under exactly the same rules.
+    #[allow(clippy::too_many_arguments)]
+    async fn open_or_format(
+        &self,
+        vid: &str,
+        device: &Path,
+        provider: Provider,
+        spec: &EncryptionSpec,
+        key_id: &KeyId,
+        key: &crate::keymgr::Key,
+        auth: &RequestAuth,
+    ) -> Result<(Header, VolumeKey, bool), VolumeError> {
+        let passphrase = key.passphrase();
+        let dev_name = device.display().to_string();
+        let luks_err = |source| VolumeError::Luks {
+            volume_id: vid.into(),
+            device: dev_name.clone(),
+            source,
+        };
+        let file = blockdev::open(device, true).map_err(io_err(vid, "opening", device))?;
+        let disk = FileDisk::new(file, dev_name.clone());
+        let limits = KdfLimits::default();
+        let recorded = self.records.is_recorded(vid);
+        // Only an interrupted format of our own may be redone: our
+        // record says it started here, and no marker says it finished.
+        let redo_ours = recorded
+            && !self
+                .keys
+                .is_marked_formatted(key_id, auth)
+                .await
+                .map_err(|source| VolumeError::Key {
+                    volume_id: vid.into(),
+                    source,
+                })?;
+        let opened = match Header::read(&disk) {
+            Ok(h) => match h.unlock(&disk, &passphrase, None, &limits) {
+                Ok(u) => {
+                    self.heal_marker(vid, key_id, auth).await?;
+                    (h, u.volume_key, false)
+                }
+                Err(LuksError::WrongPassphrase { .. }) if redo_ours => {
+                    let (h, k) = self
+                        .format(vid, &disk, provider, spec, key, key_id, auth)
+                        .await?;
+                    (h, k, true)
+                }
+                Err(e) => return Err(luks_err(e)),
+            },
+            Err(LuksError::NotLuks { .. }) => {
+                if self
+                    .keys
+                    .is_marked_formatted(key_id, auth)
+                    .await
+                    .map_err(|source| VolumeError::Key {
+                        volume_id: vid.into(),
+                        source,
+                    })?
+                {
+                    return Err(VolumeError::FormatRefused {
+                        volume_id: vid.into(),
+                        device: dev_name.clone(),
+                        reason: format!(
+                            "no LUKS header, but the key manager records key {key_id} as formatted: the header was destroyed or the device is not the volume"
+                        ),
+                    });
+                }
+                let seen = Inspection::of(&disk).map_err(io_err(vid, "probing", device))?;
+                if !seen.is_blank() && !redo_ours {
+                    return Err(VolumeError::FormatRefused {
+                        volume_id: vid.into(),
+                        device: dev_name.clone(),
+                        reason: format!("the device is not blank: {}", seen.describe()),
+                    });
+                }
+                let (h, k) = self
+                    .format(vid, &disk, provider, spec, key, key_id, auth)
+                    .await?;
+                (h, k, true)
+            }
+            Err(
+                e @ (LuksError::InvalidHeader { .. }
+                | LuksError::Unsupported { .. }
+                | LuksError::TooSmall { .. }),
+            ) => {
+                if redo_ours {
+                    let (h, k) = self
+                        .format(vid, &disk, provider, spec, key, key_id, auth)
+                        .await?;
+                    (h, k, true)
+                } else {
+                    return Err(luks_err(e));
+                }
+            }
+            Err(e) => return Err(luks_err(e)),
+        };
+        Ok(opened)
     }
 
     /// Creates the mapping and repoints the device path; when the symlink

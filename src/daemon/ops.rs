@@ -1,0 +1,183 @@
+//! One volume operation, from the API's request body to its response body:
+//! attach, detach or extend, as a dm-crypt mapping or QEMU-native through a
+//! libvirt secret. The agent's server and the CLI acting directly
+//! (`--local`) both run operations through here, so they answer alike.
+
+use std::time::Instant;
+
+use super::api::{self, AttachResponse, DetachResponse, ExtendResponse, Mode, VolumeBody};
+use crate::volume::native::{NativeOptions, SecretAction};
+use crate::volume::{Action, AttachRequest, EncryptionSpec, VolumeError, Volumes};
+
+/// What a caller asks of a volume.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    /// Attach (format on first use).
+    Attach,
+    /// Detach.
+    Detach,
+    /// Grow to the device's new size.
+    Extend,
+}
+
+impl Op {
+    /// The route's last segment and the log's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Op::Attach => "attach",
+            Op::Detach => "detach",
+            Op::Extend => "extend",
+        }
+    }
+}
+
+/// The name of a dm-mode action in answers and logs.
+pub fn action_name(a: Action) -> &'static str {
+    match a {
+        Action::Created => "created",
+        Action::Removed => "removed",
+        Action::Identity => "identity",
+        Action::NoOp => "no_op",
+    }
+}
+
+fn secret_action_name(a: SecretAction) -> &'static str {
+    match a {
+        SecretAction::Created => "created",
+        SecretAction::Reused => "reused",
+        SecretAction::Replaced => "replaced",
+        SecretAction::Removed => "removed",
+        SecretAction::Kept => "kept",
+        SecretAction::Absent => "absent",
+        SecretAction::NoOp => "no_op",
+    }
+}
+
+/// The volume layer's request for `body`; `Err` carries the message of an
+/// `invalid_spec` answer.
+pub fn request_of(volume_id: &str, body: &VolumeBody) -> Result<AttachRequest, String> {
+    let spec: EncryptionSpec =
+        serde_json::from_value(body.encryption.clone()).map_err(|e| format!("encryption: {e}"))?;
+    Ok(AttachRequest {
+        volume_id: volume_id.to_string(),
+        device_path: body.device.clone(),
+        spec,
+        multipath_id: body.multipath_id.clone(),
+        auth: api::Auth::to_request_auth(body.auth.as_ref()),
+    })
+}
+
+/// The answer of one operation: its JSON body and the action for the log.
+pub struct Outcome {
+    /// The response body (an `AttachResponse`, `DetachResponse` or
+    /// `ExtendResponse`).
+    pub body: serde_json::Value,
+    /// What happened, for the operation's log line.
+    pub action: &'static str,
+}
+
+/// Runs `op` for `request` in `mode`. The caller holds no lock: the volume
+/// layer serialises per volume itself.
+pub async fn perform(
+    volumes: &Volumes<'_>,
+    native: &NativeOptions,
+    op: Op,
+    mode: Mode,
+    keep_secret: bool,
+    request: &AttachRequest,
+) -> Result<Outcome, VolumeError> {
+    let started = Instant::now();
+    let ms = || started.elapsed().as_secs_f64() * 1000.0;
+    let vid = request.volume_id.clone();
+    let (body, action) = match (op, mode) {
+        (Op::Attach, Mode::Dm) => {
+            let out = volumes.attach(request).await?;
+            let action = action_name(out.action);
+            let r = AttachResponse {
+                volume_id: vid,
+                path: out.path,
+                mapping: out.mapping,
+                action: action.into(),
+                formatted: out.formatted,
+                duration_ms: ms(),
+                ..AttachResponse::default()
+            };
+            (serde_json::to_value(r), action)
+        }
+        (Op::Attach, Mode::Libvirt) => {
+            let out = volumes.attach_native(request, native).await?;
+            let action = secret_action_name(out.secret);
+            let r = AttachResponse {
+                volume_id: vid,
+                path: out.path,
+                mapping: None,
+                action: action.into(),
+                formatted: out.formatted,
+                duration_ms: ms(),
+                secret_uuid: out.secret_uuid,
+                encryption_xml: out.encryption_xml,
+                ephemeral: out.flags.map(|f| f.ephemeral),
+                private: out.flags.map(|f| f.private),
+            };
+            (serde_json::to_value(r), action)
+        }
+        (Op::Detach, Mode::Dm) => {
+            let out = volumes
+                .detach(
+                    &vid,
+                    &request.device_path,
+                    &request.spec,
+                    request.multipath_id.as_deref(),
+                )
+                .await?;
+            let action = action_name(out.action);
+            let r = DetachResponse {
+                volume_id: vid,
+                mapping: out.mapping,
+                action: action.into(),
+                duration_ms: ms(),
+                secret_uuid: None,
+            };
+            (serde_json::to_value(r), action)
+        }
+        (Op::Detach, Mode::Libvirt) => {
+            let out = volumes.detach_native(&vid, &request.spec, native, keep_secret)?;
+            let action = secret_action_name(out.secret);
+            let r = DetachResponse {
+                volume_id: vid,
+                mapping: None,
+                action: action.into(),
+                duration_ms: ms(),
+                secret_uuid: out.secret_uuid,
+            };
+            (serde_json::to_value(r), action)
+        }
+        (Op::Extend, Mode::Dm) => {
+            let out = volumes.extend(request).await?;
+            let r = ExtendResponse {
+                volume_id: vid,
+                mapping: out.mapping,
+                new_size: out.new_size,
+                device_size: None,
+                payload_offset: None,
+            };
+            (serde_json::to_value(r), "extended")
+        }
+        (Op::Extend, Mode::Libvirt) => {
+            let out = volumes.extend_native(request)?;
+            let r = ExtendResponse {
+                volume_id: vid,
+                mapping: None,
+                new_size: out.new_size,
+                device_size: Some(out.device_size),
+                payload_offset: Some(out.payload_offset),
+            };
+            (serde_json::to_value(r), "extended")
+        }
+    };
+    Ok(Outcome {
+        // Plain structs of strings and numbers always serialise.
+        body: body.unwrap_or_default(),
+        action,
+    })
+}

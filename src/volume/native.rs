@@ -1,0 +1,394 @@
+//! QEMU-native LUKS ("libvirt mode"), nova's path for `luks` volumes: no
+//! dm-crypt mapping on the host; QEMU opens the LUKS1 header itself with
+//! a passphrase it gets from a libvirt secret that the disk's
+//! `<encryption>` element names.
+//!
+//! Attach fetches the key and runs the same first-use guard and format as
+//! the dm-crypt path (as LUKS1, the only version QEMU opens), then defines
+//! or reuses the volume's secret. Everything runs under the per-volume
+//! lock, so concurrent attaches of one volume make one secret.
+//!
+//! Whether an existing private secret already holds the right value cannot
+//! be asked of libvirt (a private value cannot be read back). The agent
+//! keeps a record per volume in the run directory (root only, cleared at
+//! boot, like ephemeral secrets): the secret's UUID and a SHA-256
+//! fingerprint of the UUID and passphrase. Same UUID, same fingerprint,
+//! same flags: reuse without writing. Anything else (another value, an
+//! unknown one, nova's persistent readable secret): the value is set
+//! again, and a secret with other flags is first defined anew under the
+//! same UUID with ours.
+
+use std::fs;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::{AttachRequest, EncryptionSpec, Provider, SpecError, VolumeError, Volumes, io_err};
+use crate::blockdev;
+use crate::libvirt::{self, LibvirtError, SecretFlags, Secrets};
+use crate::luks::{FileDisk, Header, LuksVersion};
+use crate::secret::Passphrase;
+
+/// Where and how secrets are defined.
+#[derive(Clone, Debug)]
+pub struct NativeOptions {
+    /// libvirt connection URI.
+    pub uri: String,
+    /// Flags of the secrets we define.
+    pub flags: SecretFlags,
+}
+
+/// What happened to the volume's secret.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SecretAction {
+    /// No secret existed; one was defined.
+    Created,
+    /// Our secret with this value and these flags existed; untouched.
+    Reused,
+    /// A secret existed with another (or unknown) value or other flags; it
+    /// was redefined under the same UUID and given the value.
+    Replaced,
+    /// Detach undefined the secret.
+    Removed,
+    /// Detach left the secret defined (`--keep-secret`).
+    Kept,
+    /// There was no secret.
+    Absent,
+    /// Nothing to do for this volume (no front-end encryption).
+    NoOp,
+}
+
+/// Result of a QEMU-native attach.
+#[derive(Clone, Debug, Serialize)]
+pub struct NativeAttached {
+    /// The device for the disk's `<source>` (the volume itself).
+    pub path: PathBuf,
+    /// The secret's UUID (absent for volumes without encryption).
+    pub secret_uuid: Option<String>,
+    /// The disk's `<encryption>` element.
+    pub encryption_xml: Option<String>,
+    /// What happened to the secret.
+    pub secret: SecretAction,
+    /// The secret's flags.
+    pub flags: Option<SecretFlags>,
+    /// Whether this attach formatted the volume.
+    pub formatted: bool,
+}
+
+/// Result of a QEMU-native detach.
+#[derive(Clone, Debug, Serialize)]
+pub struct NativeDetached {
+    /// The secret's UUID, if there was one.
+    pub secret_uuid: Option<String>,
+    /// What happened to it.
+    pub secret: SecretAction,
+}
+
+/// Result of a QEMU-native extend.
+#[derive(Clone, Debug, Serialize)]
+pub struct NativeExtended {
+    /// The device's size in bytes.
+    pub device_size: u64,
+    /// Where the encrypted payload starts (0 without encryption).
+    pub payload_offset: u64,
+    /// What the guest sees: device size minus payload offset, as nova
+    /// computes it for `virDomainBlockResize`.
+    pub new_size: u64,
+}
+
+/// The per-volume secret record (see the module documentation).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+struct SecretRecord {
+    uuid: String,
+    fingerprint: String,
+}
+
+/// SHA-256 over a domain tag, the UUID and the passphrase: equal only for
+/// the same value in the same secret, and the UUID keeps fingerprints of
+/// one passphrase in different secrets apart. The hasher wipes its buffer
+/// when dropped (sha2's `zeroize` feature).
+fn fingerprint(uuid: &str, passphrase: &Passphrase) -> String {
+    let mut h = Sha256::new();
+    h.update(b"luks-agent libvirt secret v1\0");
+    h.update(uuid.as_bytes());
+    h.update(b"\0");
+    h.update(passphrase.expose());
+    hex::encode(h.finalize())
+}
+
+fn refuse_provider(vid: &str, provider: Provider) -> Result<(), VolumeError> {
+    match provider {
+        Provider::Luks1 | Provider::NoOp => Ok(()),
+        other => Err(VolumeError::Unsupported {
+            volume_id: vid.into(),
+            what: format!(
+                "provider {} cannot be used in libvirt mode: QEMU opens only LUKS1 volumes natively (use --mode dm); nothing was written",
+                if other == Provider::Plain {
+                    "plain"
+                } else {
+                    "luks2"
+                }
+            ),
+        }),
+    }
+}
+
+fn lv_err(vid: &str) -> impl FnOnce(LibvirtError) -> VolumeError {
+    let vid = vid.to_string();
+    move |source| VolumeError::Libvirt {
+        volume_id: vid,
+        source: Box::new(source),
+    }
+}
+
+impl Volumes<'_> {
+    fn secret_record_path(&self, vid: &str) -> PathBuf {
+        self.opts
+            .run_dir
+            .join("secrets")
+            .join(format!("{vid}.json"))
+    }
+
+    fn read_secret_record(&self, vid: &str) -> Option<SecretRecord> {
+        let text = fs::read_to_string(self.secret_record_path(vid)).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    fn write_secret_record(&self, vid: &str, rec: &SecretRecord) -> Result<(), VolumeError> {
+        let path = self.secret_record_path(vid);
+        let dir = path.parent().unwrap_or(Path::new("/"));
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(io_err(vid, "creating", dir))?;
+        let text = serde_json::to_string(rec).unwrap_or_default();
+        fs::write(&path, text).map_err(io_err(vid, "writing", &path))
+    }
+
+    fn remove_secret_record(&self, vid: &str) -> Result<(), VolumeError> {
+        let path = self.secret_record_path(vid);
+        match fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(io_err(vid, "removing", &path)(e))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Attaches a `luks` volume for QEMU to open: format on first use
+    /// (LUKS1, same guard as dm-crypt), then define or reuse the secret.
+    /// Returns the `<encryption>` element for the disk. Idempotent.
+    pub async fn attach_native(
+        &self,
+        req: &AttachRequest,
+        native: &NativeOptions,
+    ) -> Result<NativeAttached, VolumeError> {
+        let vid = req.volume_id.as_str();
+        Self::validate_id(vid)?;
+        let spec_err = |source| VolumeError::Spec {
+            volume_id: vid.into(),
+            source,
+        };
+        let provider = req.spec.provider().map_err(spec_err)?;
+        refuse_provider(vid, provider)?;
+        if provider == Provider::NoOp {
+            return Ok(NativeAttached {
+                path: req.device_path.clone(),
+                secret_uuid: None,
+                encryption_xml: None,
+                secret: SecretAction::NoOp,
+                flags: None,
+                formatted: false,
+            });
+        }
+        let key_id_text = req
+            .spec
+            .encryption_key_id
+            .as_deref()
+            .ok_or(SpecError::MissingKeyId)
+            .map_err(spec_err)?;
+        let _lock = self.lock(vid)?;
+        // Connect before anything is fetched or written: with libvirtd
+        // down the attach fails with nothing changed.
+        let secrets = Secrets::connect(&native.uri).map_err(lv_err(vid))?;
+        let device = fs::canonicalize(&req.device_path).map_err(io_err(
+            vid,
+            "resolving",
+            &req.device_path,
+        ))?;
+        let (key_id, key) = self.fetch_key(vid, key_id_text, &req.auth).await?;
+        let (header, volume_key, formatted) = self
+            .open_or_format(vid, &device, provider, &req.spec, &key_id, &key, &req.auth)
+            .await?;
+        // QEMU only needs the passphrase; the volume key proved it opens.
+        drop(volume_key);
+        if header.version() != LuksVersion::Luks1 {
+            return Err(VolumeError::Unsupported {
+                volume_id: vid.into(),
+                what: format!(
+                    "{} holds a LUKS2 header, which QEMU cannot open natively (use --mode dm)",
+                    device.display()
+                ),
+            });
+        }
+        let passphrase = key.passphrase();
+        let existing = secrets.find(vid).map_err(lv_err(vid))?;
+        let record = self.read_secret_record(vid);
+        let (uuid, action) = match existing {
+            Some(s)
+                if s.ours
+                    && s.flags == native.flags
+                    && record.as_ref().is_some_and(|r| {
+                        r.uuid == s.uuid && r.fingerprint == fingerprint(&s.uuid, &passphrase)
+                    }) =>
+            {
+                (s.uuid, SecretAction::Reused)
+            }
+            Some(s) => {
+                // Forget the old value first: if what follows fails, the
+                // next attach must not take the secret for ours.
+                self.remove_secret_record(vid)?;
+                if !s.ours || s.flags != native.flags {
+                    // Not ours (nova's: persistent and readable) or other
+                    // flags: undefine, then define ours under the same UUID
+                    // so a disk that names it still finds it. Redefining in
+                    // place would not do: libvirt 9.0 turning a persistent
+                    // secret ephemeral deletes its value file but leaves
+                    // its XML file, which a libvirtd restart loads again.
+                    secrets.undefine(vid, &s.uuid).map_err(lv_err(vid))?;
+                    secrets
+                        .define(vid, native.flags, Some(&s.uuid))
+                        .map_err(lv_err(vid))?;
+                }
+                secrets
+                    .set_value(vid, &s.uuid, &passphrase)
+                    .map_err(lv_err(vid))?;
+                (s.uuid, SecretAction::Replaced)
+            }
+            None => {
+                let uuid = secrets
+                    .define(vid, native.flags, None)
+                    .map_err(lv_err(vid))?;
+                if let Err(e) = secrets.set_value(vid, &uuid, &passphrase) {
+                    let cause = lv_err(vid)(e);
+                    return Err(match secrets.undefine(vid, &uuid) {
+                        Ok(_) => cause,
+                        Err(r) => VolumeError::Rollback {
+                            cause: Box::new(cause),
+                            rollback: Box::new(lv_err(vid)(r)),
+                        },
+                    });
+                }
+                (uuid, SecretAction::Created)
+            }
+        };
+        if action != SecretAction::Reused {
+            self.write_secret_record(
+                vid,
+                &SecretRecord {
+                    uuid: uuid.clone(),
+                    fingerprint: fingerprint(&uuid, &passphrase),
+                },
+            )?;
+        }
+        tracing::info!(volume_id = vid, secret = uuid, action = ?action, "libvirt secret");
+        Ok(NativeAttached {
+            path: req.device_path.clone(),
+            encryption_xml: Some(libvirt::encryption_xml(&uuid)),
+            secret_uuid: Some(uuid),
+            secret: action,
+            flags: Some(native.flags),
+            formatted,
+        })
+    }
+
+    /// Detaches a QEMU-native volume: undefines the secret nova would find
+    /// for it (ours or nova's own), unless `keep` (nova keeps secrets
+    /// across a hard reboot). Detaching a detached volume succeeds.
+    pub fn detach_native(
+        &self,
+        volume_id: &str,
+        spec: &EncryptionSpec,
+        native: &NativeOptions,
+        keep: bool,
+    ) -> Result<NativeDetached, VolumeError> {
+        Self::validate_id(volume_id)?;
+        let provider = spec.provider().map_err(|source| VolumeError::Spec {
+            volume_id: volume_id.into(),
+            source,
+        })?;
+        if provider == Provider::NoOp {
+            return Ok(NativeDetached {
+                secret_uuid: None,
+                secret: SecretAction::NoOp,
+            });
+        }
+        let _lock = self.lock(volume_id)?;
+        let secrets = Secrets::connect(&native.uri).map_err(lv_err(volume_id))?;
+        let Some(found) = secrets.find(volume_id).map_err(lv_err(volume_id))? else {
+            self.remove_secret_record(volume_id)?;
+            return Ok(NativeDetached {
+                secret_uuid: None,
+                secret: SecretAction::Absent,
+            });
+        };
+        if keep {
+            return Ok(NativeDetached {
+                secret_uuid: Some(found.uuid),
+                secret: SecretAction::Kept,
+            });
+        }
+        let removed = secrets
+            .undefine(volume_id, &found.uuid)
+            .map_err(lv_err(volume_id))?;
+        self.remove_secret_record(volume_id)?;
+        Ok(NativeDetached {
+            secret_uuid: Some(found.uuid),
+            secret: if removed {
+                SecretAction::Removed
+            } else {
+                SecretAction::Absent
+            },
+        })
+    }
+
+    /// The guest-visible size of a grown QEMU-native volume: the device's
+    /// size minus the LUKS payload offset, as nova computes it. Reads the
+    /// header only; no key is needed and nothing is written.
+    pub fn extend_native(&self, req: &AttachRequest) -> Result<NativeExtended, VolumeError> {
+        let vid = req.volume_id.as_str();
+        Self::validate_id(vid)?;
+        let provider = req.spec.provider().map_err(|source| VolumeError::Spec {
+            volume_id: vid.into(),
+            source,
+        })?;
+        refuse_provider(vid, provider)?;
+        let _lock = self.lock(vid)?;
+        let path = &req.device_path;
+        let file = blockdev::open(path, false).map_err(io_err(vid, "opening", path))?;
+        let device_size = blockdev::size_of(&file).map_err(io_err(vid, "sizing", path))?;
+        let payload_offset = if provider == Provider::NoOp {
+            0
+        } else {
+            let dev_name = path.display().to_string();
+            let disk = FileDisk::new(file, dev_name.clone());
+            Header::read(&disk)
+                .map_err(|source| VolumeError::Luks {
+                    volume_id: vid.into(),
+                    device: dev_name,
+                    source,
+                })?
+                .data_offset()
+        };
+        Ok(NativeExtended {
+            device_size,
+            payload_offset,
+            new_size: device_size.saturating_sub(payload_offset),
+        })
+    }
+}
