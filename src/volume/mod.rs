@@ -6,6 +6,7 @@
 pub mod guard;
 pub mod naming;
 pub mod native;
+mod records;
 pub mod spec;
 
 use std::fs::{self, File, OpenOptions};
@@ -13,7 +14,7 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use crate::blockdev;
 use crate::dm::{CryptOptions, CryptTarget, DeviceMapper, DmError, MappingInfo};
@@ -24,6 +25,8 @@ use crate::luks::{
 };
 use crate::secret::VolumeKey;
 use guard::{FormatRecords, Inspection};
+pub use records::{AttachedVolume, attached_volumes, volume_of_mapping};
+use records::{RunRecords, VolumeRecord};
 pub use spec::{EncryptionSpec, Provider, SpecError};
 
 /// Why an attach or detach failed. Every variant names the volume.
@@ -185,16 +188,6 @@ pub struct AttachRequest {
     pub auth: RequestAuth,
 }
 
-/// What we remember about an attached volume, to undo it on detach.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct VolumeRecord {
-    mapping: String,
-    device_path: PathBuf,
-    /// Where the device_path symlink pointed before we repointed it.
-    original_target: Option<PathBuf>,
-}
-
 /// Tunables of attach/detach.
 #[derive(Clone, Debug)]
 pub struct VolumeOptions {
@@ -264,34 +257,16 @@ impl<'k> Volumes<'k> {
         Ok(f)
     }
 
-    fn record_path(&self, volume_id: &str) -> PathBuf {
-        self.opts
-            .run_dir
-            .join("volumes")
-            .join(format!("{volume_id}.json"))
+    fn records(&self) -> RunRecords {
+        records::attach_records(&self.opts.run_dir)
     }
 
     fn read_record(&self, volume_id: &str) -> Option<VolumeRecord> {
-        let text = fs::read_to_string(self.record_path(volume_id)).ok()?;
-        serde_json::from_str(&text).ok()
+        self.records().read(volume_id)
     }
 
     fn write_record(&self, volume_id: &str, rec: &VolumeRecord) -> Result<(), VolumeError> {
-        let path = self.record_path(volume_id);
-        let dir = path.parent().unwrap_or(Path::new("/"));
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(io_err(volume_id, "creating", dir))?;
-        let text = serde_json::to_string(rec).unwrap_or_default();
-        // Beside and renamed: a process killed mid-write leaves the old
-        // record or the new one, never a truncated one that would lose the
-        // symlink's original target.
-        let tmp = path.with_extension("json.tmp");
-        fs::write(&tmp, text)
-            .and_then(|_| fs::rename(&tmp, &path))
-            .map_err(io_err(volume_id, "writing", &path))
+        self.records().write(volume_id, rec)
     }
 
     fn validate_id(volume_id: &str) -> Result<(), VolumeError> {
@@ -627,11 +602,8 @@ impl<'k> Volumes<'k> {
             {
                 first = first.and(Err(io_err(vid, "restoring", &r.device_path)(e)));
             }
-            let p = self.record_path(vid);
-            if let Err(e) = fs::remove_file(&p)
-                && e.kind() != std::io::ErrorKind::NotFound
-            {
-                first = first.and(Err(io_err(vid, "removing", &p)(e)));
+            if let Err(e) = self.records().remove(vid) {
+                first = first.and(Err(e));
             }
         }
         first
@@ -938,8 +910,7 @@ impl<'k> Volumes<'k> {
                     &r.device_path,
                 ))?;
             }
-            let p = self.record_path(volume_id);
-            fs::remove_file(&p).map_err(io_err(volume_id, "removing", &p))?;
+            self.records().remove(volume_id)?;
         }
         Ok(Detached {
             mapping: Some(name),
@@ -1044,67 +1015,6 @@ fn open_dm(volume_id: &str) -> Result<DeviceMapper, VolumeError> {
         mapping: "-".into(),
         source,
     })
-}
-
-/// The volume id of the attached volume whose mapping is `mapping`, from
-/// the attach records under `run_dir` (for udev's stable links).
-pub fn volume_of_mapping(run_dir: &Path, mapping: &str) -> Option<String> {
-    let entries = fs::read_dir(run_dir.join("volumes")).ok()?;
-    for entry in entries.flatten() {
-        let path = entry.path();
-        if path.extension().and_then(|e| e.to_str()) != Some("json") {
-            continue;
-        }
-        let Ok(text) = fs::read_to_string(&path) else {
-            continue;
-        };
-        let Ok(rec) = serde_json::from_str::<VolumeRecord>(&text) else {
-            continue;
-        };
-        if rec.mapping == mapping {
-            return path.file_stem().map(|s| s.to_string_lossy().into_owned());
-        }
-    }
-    None
-}
-
-/// An attached volume as its attach record describes it.
-#[derive(Clone, Debug, Serialize)]
-pub struct AttachedVolume {
-    /// Cinder volume id.
-    pub volume_id: String,
-    /// The mapping name.
-    pub mapping: String,
-    /// The connector's device path.
-    pub device_path: PathBuf,
-    /// Where the device path pointed before attach repointed it.
-    pub original_target: Option<PathBuf>,
-}
-
-/// The volumes that attach records under `run_dir` describe, sorted by id
-/// (for status listings; records of other tools are skipped).
-pub fn attached_volumes(run_dir: &Path) -> Vec<AttachedVolume> {
-    let Ok(entries) = fs::read_dir(run_dir.join("volumes")) else {
-        return vec![];
-    };
-    let mut out: Vec<AttachedVolume> = entries
-        .flatten()
-        .filter_map(|entry| {
-            let path = entry.path();
-            if path.extension().and_then(|e| e.to_str()) != Some("json") {
-                return None;
-            }
-            let rec: VolumeRecord = serde_json::from_str(&fs::read_to_string(&path).ok()?).ok()?;
-            Some(AttachedVolume {
-                volume_id: path.file_stem()?.to_string_lossy().into_owned(),
-                mapping: rec.mapping,
-                device_path: rec.device_path,
-                original_target: rec.original_target,
-            })
-        })
-        .collect();
-    out.sort_by(|a, b| a.volume_id.cmp(&b.volume_id));
-    out
 }
 
 /// Whether `volume_id` is one the agent accepts (what attach checks first).

@@ -19,12 +19,12 @@
 //! same UUID with ours.
 
 use std::fs;
-use std::os::unix::fs::DirBuilderExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use super::records::RunRecords;
 use super::{AttachRequest, EncryptionSpec, Provider, SpecError, VolumeError, Volumes, io_err};
 use crate::blockdev;
 use crate::libvirt::{self, LibvirtError, SecretFlags, Secrets};
@@ -146,38 +146,8 @@ fn lv_err(vid: &str) -> impl FnOnce(LibvirtError) -> VolumeError {
 }
 
 impl Volumes<'_> {
-    fn secret_record_path(&self, vid: &str) -> PathBuf {
-        self.opts
-            .run_dir
-            .join("secrets")
-            .join(format!("{vid}.json"))
-    }
-
-    fn read_secret_record(&self, vid: &str) -> Option<SecretRecord> {
-        let text = fs::read_to_string(self.secret_record_path(vid)).ok()?;
-        serde_json::from_str(&text).ok()
-    }
-
-    fn write_secret_record(&self, vid: &str, rec: &SecretRecord) -> Result<(), VolumeError> {
-        let path = self.secret_record_path(vid);
-        let dir = path.parent().unwrap_or(Path::new("/"));
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(io_err(vid, "creating", dir))?;
-        let text = serde_json::to_string(rec).unwrap_or_default();
-        fs::write(&path, text).map_err(io_err(vid, "writing", &path))
-    }
-
-    fn remove_secret_record(&self, vid: &str) -> Result<(), VolumeError> {
-        let path = self.secret_record_path(vid);
-        match fs::remove_file(&path) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                Err(io_err(vid, "removing", &path)(e))
-            }
-            _ => Ok(()),
-        }
+    fn secret_records(&self) -> RunRecords {
+        RunRecords::new(&self.opts.run_dir, "secrets")
     }
 
     /// Attaches a `luks` volume for QEMU to open: format on first use
@@ -238,7 +208,7 @@ impl Volumes<'_> {
         }
         let passphrase = key.passphrase();
         let existing = secrets.find(vid).map_err(lv_err(vid))?;
-        let record = self.read_secret_record(vid);
+        let record = self.secret_records().read::<SecretRecord>(vid);
         let (uuid, action) = match existing {
             Some(s)
                 if s.ours
@@ -252,7 +222,7 @@ impl Volumes<'_> {
             Some(s) => {
                 // Forget the old value first: if what follows fails, the
                 // next attach must not take the secret for ours.
-                self.remove_secret_record(vid)?;
+                self.secret_records().remove(vid)?;
                 if !s.ours || s.flags != native.flags {
                     // Not ours (nova's: persistent and readable) or other
                     // flags: undefine, then define ours under the same UUID
@@ -288,7 +258,7 @@ impl Volumes<'_> {
             }
         };
         if action != SecretAction::Reused {
-            self.write_secret_record(
+            self.secret_records().write(
                 vid,
                 &SecretRecord {
                     uuid: uuid.clone(),
@@ -331,7 +301,7 @@ impl Volumes<'_> {
         let _lock = self.lock(volume_id)?;
         let secrets = Secrets::connect(&native.uri).map_err(lv_err(volume_id))?;
         let Some(found) = secrets.find(volume_id).map_err(lv_err(volume_id))? else {
-            self.remove_secret_record(volume_id)?;
+            self.secret_records().remove(volume_id)?;
             return Ok(NativeDetached {
                 secret_uuid: None,
                 secret: SecretAction::Absent,
@@ -346,7 +316,7 @@ impl Volumes<'_> {
         let removed = secrets
             .undefine(volume_id, &found.uuid)
             .map_err(lv_err(volume_id))?;
-        self.remove_secret_record(volume_id)?;
+        self.secret_records().remove(volume_id)?;
         Ok(NativeDetached {
             secret_uuid: Some(found.uuid),
             secret: if removed {
