@@ -2,21 +2,7 @@
 # VM tier: attach and detach for real, inside a guest with device-mapper.
 # Runs as root in the guest (vm/run.sh); the host's cryptsetup and dmsetup
 # are the oracles. Every check exits non-zero on failure.
-set -eu
-BIN=${BIN:-target/release/luks-agent}
-W=$(mktemp -d /tmp/vmtest.XXXXXX)
-fail() { echo "FAIL: $*" >&2; exit 1; }
-pass() { echo "ok - $*"; }
-ms() { echo $(($(date +%s%N) / 1000000)); }
-
-cat >"$W/agent.toml" <<CONF
-state_dir = "$W/state"
-[key_manager.local]
-dir = "$W/keys"
-CONF
-chmod 600 "$W/agent.toml"
-A="$BIN --config $W/agent.toml"
-mkdir -p /dev/disk/by-id
+. tests/vm/lib.sh
 
 new_volume() { # name size -> sets DEV (loop) and LINK (symlink like os-brick's)
     truncate -s "$2" "$W/$1.img"

@@ -5,22 +5,7 @@
 # /dev/mapper node, no key in the kernel keyring, no stale or temporary
 # symlink, no attach record.
 # Runs as root in the guest (vm/run.sh); exits non-zero on any failure.
-set -eu
-BIN=${BIN:-target/release/luks-agent}
-W=$(mktemp -d /tmp/vmconc.XXXXXX)
-fail() { echo "FAIL: $*" >&2; exit 1; }
-pass() { echo "ok - $*"; }
-ms() { echo $(($(date +%s%N) / 1000000)); }
-T0=$(ms)
-
-cat >"$W/agent.toml" <<CONF
-state_dir = "$W/state"
-[key_manager.local]
-dir = "$W/keys"
-CONF
-chmod 600 "$W/agent.toml"
-A="$BIN --config $W/agent.toml"
-mkdir -p /dev/disk/by-id
+. tests/vm/lib.sh
 RUN=/run/luks-agent
 # Every key the kernel shows us before we start (id, type, description,
 # and for keyrings such as the user and session keyrings their key count):

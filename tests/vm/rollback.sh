@@ -8,22 +8,7 @@
 # to fail too (strace injects EBUSY into device-mapper ioctls), the
 # error must name both.
 # Runs as root in the guest (vm/run.sh); exits non-zero on any failure.
-set -eu
-BIN=${BIN:-target/release/luks-agent}
-W=$(mktemp -d /tmp/vmrb.XXXXXX)
-fail() { echo "FAIL: $*" >&2; exit 1; }
-pass() { echo "ok - $*"; }
-ms() { echo $(($(date +%s%N) / 1000000)); }
-T0=$(ms)
-
-cat >"$W/agent.toml" <<CONF
-state_dir = "$W/state"
-[key_manager.local]
-dir = "$W/keys"
-CONF
-chmod 600 "$W/agent.toml"
-A="$BIN --config $W/agent.toml"
-mkdir -p /dev/disk/by-id
+. tests/vm/lib.sh
 RUN=/run/luks-agent
 our_keys() { grep -c 'logon .*luks-agent:' /proc/keys || true; }
 
