@@ -6,13 +6,18 @@
 #   libvirtd.sh restart [--state DIR]               restart libvirtd only
 #   libvirtd.sh stop [--state DIR]                  stop what start started
 #   libvirtd.sh status [--state DIR]                exit 0 when it answers
+#   libvirtd.sh watch [--state DIR]                 (internal: the watcher)
 #
 # The daemons run with their system paths (qemu:///system, /etc/libvirt,
 # /run/libvirt), because that is what nova uses and what the tests check;
 # the state directory (default target/test-libvirtd) only records which
 # processes this script started, so `stop` never touches a libvirtd that
 # was running before. With --owner, a watcher stops the daemons once that
-# process (the test binary) exits, however it exits.
+# process (the test binary) exits, however it exits. Owners are recorded
+# (STATE/owners), and the watcher stops the daemons only when none of them
+# is alive, checked under the same lock that `start` takes: a test binary
+# that starts right after the previous one exited keeps the daemons, instead
+# of losing them to the previous binary's watcher.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -34,6 +39,21 @@ URI=qemu:///system
 answers() { timeout 10 virsh -q -c "$URI" secret-list >/dev/null 2>&1; }
 
 alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+
+owners_alive() {
+    [ -f "$state/owners" ] || return 1
+    local pid
+    while read -r pid; do
+        [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && return 0
+    done <"$state/owners"
+    return 1
+}
+
+stop_all() {
+    stop_pid "$state/libvirtd.pid"
+    stop_pid "$state/virtlogd.pid"
+    rm -f "$state/watcher.pid" "$state/external" "$state/owners"
+}
 
 wait_answers() {
     for _ in $(seq 1 150); do
@@ -94,13 +114,16 @@ start)
         rm -f "$state/external"
         start_libvirtd
     fi
-    if [ -n "$owner" ] && [ ! -f "$state/external" ] && ! alive "$state/watcher.pid"; then
-        # The watcher outlives this script; it stops the daemons when the
-        # owner exits, whether the tests passed, failed or were killed.
-        setsid bash -c 'while kill -0 "$1" 2>/dev/null; do sleep 0.5; done; exec "$2" stop --state "$3"' \
-            watcher "$owner" "$PWD/tests/harness/libvirtd.sh" "$state" \
-            </dev/null >/dev/null 2>&1 9>&- &
-        echo $! >"$state/watcher.pid"
+    if [ -n "$owner" ] && [ ! -f "$state/external" ]; then
+        echo "$owner" >>"$state/owners"
+        if ! alive "$state/watcher.pid"; then
+            # The watcher outlives this script; it stops the daemons when
+            # the last owner exits, whether the tests passed, failed or
+            # were killed.
+            setsid "$PWD/tests/harness/libvirtd.sh" watch --state "$state" \
+                </dev/null >/dev/null 2>&1 9>&- &
+            echo $! >"$state/watcher.pid"
+        fi
     fi
     ;;
 restart)
@@ -116,15 +139,27 @@ restart)
 stop)
     exec 9>"$state/lock"
     flock 9
-    stop_pid "$state/libvirtd.pid"
-    stop_pid "$state/virtlogd.pid"
-    rm -f "$state/watcher.pid" "$state/external"
+    stop_all
+    ;;
+watch)
+    while :; do
+        while owners_alive; do sleep 0.5; done
+        exec 9>"$state/lock"
+        flock 9
+        # A new owner may have come between the check and the lock.
+        if owners_alive; then
+            exec 9>&-
+            continue
+        fi
+        stop_all
+        exit 0
+    done
     ;;
 status)
     answers
     ;;
 *)
-    echo "usage: libvirtd.sh start|restart|stop|status [--state DIR] [--owner PID]" >&2
+    echo "usage: libvirtd.sh start|restart|stop|status|watch [--state DIR] [--owner PID]" >&2
     exit 2
     ;;
 esac
