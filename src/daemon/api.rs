@@ -194,15 +194,21 @@ pub struct Mapping {
 pub struct VolumeStatus {
     /// Volume.
     pub volume_id: String,
-    /// The mapping its attach created.
-    pub mapping: String,
-    /// The connector's device path.
-    pub device_path: PathBuf,
-    /// Where the device path pointed before attach.
+    /// How it is attached.
+    #[serde(default)]
+    pub mode: Mode,
+    /// dm mode: the mapping its attach created.
+    pub mapping: Option<String>,
+    /// dm mode: the connector's device path.
+    pub device_path: Option<PathBuf>,
+    /// dm mode: where the device path pointed before attach.
     pub original_target: Option<PathBuf>,
-    /// The mapping as the kernel reports it; absent when it is gone or
-    /// device-mapper cannot be asked.
+    /// dm mode: the mapping as the kernel reports it; absent when it is
+    /// gone or device-mapper cannot be asked.
     pub kernel: Option<Mapping>,
+    /// libvirt mode: the secret QEMU reads the passphrase from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_uuid: Option<String>,
 }
 
 /// Answer to `GET /v1/volumes`.

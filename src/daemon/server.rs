@@ -420,7 +420,8 @@ fn mapping_json(m: &crate::dm::MappingInfo) -> api::Mapping {
     }
 }
 
-/// Attach records and kernel mappings (on a blocking thread: ioctls).
+/// Attach records, kernel mappings and libvirt-mode secret records (on a
+/// blocking thread: ioctls).
 fn volumes_now(run_dir: &Path, only: Option<&str>) -> api::VolumesResponse {
     let records: Vec<_> = volume::attached_volumes(run_dir)
         .into_iter()
@@ -438,10 +439,26 @@ fn volumes_now(run_dir: &Path, only: Option<&str>) -> api::VolumesResponse {
                 .and_then(|ms| ms.iter().find(|m| m.name == r.mapping))
                 .map(mapping_json),
             volume_id: r.volume_id,
-            mapping: r.mapping,
-            device_path: r.device_path,
+            mode: Mode::Dm,
+            mapping: Some(r.mapping),
+            device_path: Some(r.device_path),
             original_target: r.original_target,
+            secret_uuid: None,
         })
+        .chain(
+            volume::native::native_volumes(run_dir)
+                .into_iter()
+                .filter(|v| only.is_none_or(|id| v.volume_id == id))
+                .map(|v| api::VolumeStatus {
+                    volume_id: v.volume_id,
+                    mode: Mode::Libvirt,
+                    mapping: None,
+                    device_path: None,
+                    original_target: None,
+                    kernel: None,
+                    secret_uuid: Some(v.secret_uuid),
+                }),
+        )
         .collect();
     api::VolumesResponse {
         volumes,

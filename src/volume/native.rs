@@ -145,9 +145,34 @@ fn lv_err(vid: &str) -> impl FnOnce(LibvirtError) -> VolumeError {
     }
 }
 
+/// A volume attached in libvirt mode, as its secret record describes it.
+#[derive(Clone, Debug, Serialize)]
+pub struct NativeVolume {
+    /// Cinder volume id.
+    pub volume_id: String,
+    /// The secret QEMU reads the passphrase from.
+    pub secret_uuid: String,
+}
+
+/// The volumes with a secret record under `run_dir` (for status listings),
+/// sorted by id.
+pub fn native_volumes(run_dir: &std::path::Path) -> Vec<NativeVolume> {
+    RunRecords::new(run_dir, SECRET_RECORDS)
+        .all::<SecretRecord>()
+        .into_iter()
+        .map(|(volume_id, rec)| NativeVolume {
+            volume_id,
+            secret_uuid: rec.uuid,
+        })
+        .collect()
+}
+
+/// The run directory's subdirectory of secret records.
+const SECRET_RECORDS: &str = "secrets";
+
 impl Volumes<'_> {
     fn secret_records(&self) -> RunRecords {
-        RunRecords::new(&self.opts.run_dir, "secrets")
+        RunRecords::new(&self.opts.run_dir, SECRET_RECORDS)
     }
 
     /// Attaches a `luks` volume for QEMU to open: format on first use
