@@ -337,6 +337,15 @@ pub async fn send(
                 last,
             });
         }
+        // An operator should see a key manager that fails now and then,
+        // even when a later attempt succeeds.
+        tracing::warn!(
+            attempt = attempt + 1,
+            attempts,
+            error = %last,
+            wait_ms = wait.as_millis() as u64,
+            "key manager request failed; retrying"
+        );
         tokio::time::sleep(wait).await;
     }
     Err(CallFailure::Exhausted { attempts, last })
