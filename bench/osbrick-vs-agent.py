@@ -65,6 +65,7 @@ class Bench:
                     '[server]\nsocket = "%s"\n' % (self.work, self.work, self.sock))
         os.chmod(self.dconf, 0o600)
         self.daemon = None
+        self.hwm_total = 0  # the daemon's VmHWM over the run, across resets
         self.daemon_log = os.path.join(self.work, 'daemon.log')
         os.makedirs('/dev/disk/by-id', exist_ok=True)
         self.keymgr = osbrick_driver.FileKeyManager()
@@ -239,6 +240,7 @@ class Bench:
         """Resets the daemon's VmHWM to its current RSS (clear_refs 5), so
         the next reading is the peak of what follows only (an argon2id
         unlock of os-brick's LUKS2 header before would set it otherwise)."""
+        self.hwm_total = max(self.hwm_total, self.daemon_mem()[1] or 0)
         try:
             with open('/proc/%d/clear_refs' % self.daemon.pid, 'w') as f:
                 f.write('5')
@@ -681,11 +683,12 @@ def main():
         return 2
     floor1 = b.spawn_floor()
     dmem = b.daemon_mem()
+    hwm_total = max(b.hwm_total, dmem[1] or 0)
     b.stop_daemon()
     if b.daemon.returncode != 0:
         b.fail('luks-agent serve', 'exit %s: %s' % (b.daemon.returncode, open(b.daemon_log).read()[-600:]))
     doc = b.report(conc, conc_api, a.providers.split(','))
-    doc['env']['daemon_rss_kib'] = {'start': rss0[0], 'end': dmem[0], 'hwm': dmem[1]}
+    doc['env']['daemon_rss_kib'] = {'start': rss0[0], 'end': dmem[0], 'hwm': hwm_total}
     doc['env']['true_spawn_ms'] = {'start': round(floor0, 2), 'end': round(floor1, 2)}
     doc['env']['python_hwm'] = b.python_hwm()
     log('os-brick side, not counted above: this Python process (os-brick imported) peaked at %s KiB,'
@@ -693,7 +696,7 @@ def main():
                                              doc['env']['python_hwm']['privsep_daemons_kib']))
     log('process start floor (/bin/true): %.1f ms at the start, %.1f ms at the end' % (floor0, floor1))
     log('luks-agent serve: RSS %s KiB after start, %s KiB at the end, peak (VmHWM) %s KiB over the whole run'
-        % (rss0[0], dmem[0], dmem[1]))
+        ' (argon2id unlocks of os-brick\'s LUKS2 header through the API included)' % (rss0[0], dmem[0], hwm_total))
     log()
     log('headers: ' + json.dumps(b.notes.get('headers')))
     text = json.dumps(doc)
