@@ -8,7 +8,9 @@ Both tools get identical loop devices (sparse files of the same size in the
 guest's tmpfs) and keys from the same local key store: luks-agent reads it
 itself, os-brick gets a key manager whose key is the same file's bytes
 (tests/vm/osbrick_driver.py, driven as nova drives it, privsep daemon
-started before any timing, as in a running nova-compute).
+started before any timing, as in a running nova-compute). luks-agent is
+measured as the CLI process and as a running `luks-agent serve` (started
+before any timing, as on a compute node) called over its Unix socket.
 
 Exit status: 0 when every command behaved, 1 when one failed, 2 on setup
 errors. Missed targets are reported as FAIL lines and do not change it.
@@ -19,10 +21,12 @@ import json
 import os
 import platform
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -52,6 +56,17 @@ class Bench:
             f.write('state_dir = "%s/state"\n[key_manager.local]\ndir = "%s/keys"\n'
                     % (self.work, self.work))
         os.chmod(self.conf, 0o600)
+        # The daemon: same state and key store, its own socket (not the
+        # default one, so the CLI above keeps acting in-process).
+        self.sock = os.path.join(self.work, 'agent.sock')
+        self.dconf = os.path.join(self.work, 'daemon.toml')
+        with open(self.dconf, 'w') as f:
+            f.write('state_dir = "%s/state"\n[key_manager.local]\ndir = "%s/keys"\n'
+                    '[server]\nsocket = "%s"\n' % (self.work, self.work, self.sock))
+        os.chmod(self.dconf, 0o600)
+        self.daemon = None
+        self.hwm_total = 0  # the daemon's VmHWM over the run, across resets
+        self.daemon_log = os.path.join(self.work, 'daemon.log')
         os.makedirs('/dev/disk/by-id', exist_ok=True)
         self.keymgr = osbrick_driver.FileKeyManager()
         self.brick = osbrick_driver.Driver(self.keymgr, 'privsep')
@@ -180,6 +195,109 @@ class Bench:
     def mapped(self, v):
         return os.path.exists('/dev/mapper/' + v['map'])
 
+
+    # ------------------------------------------------------------ daemon
+    def start_daemon(self):
+        """`luks-agent serve` on its own socket, as on a compute node; waits
+        until /healthz answers. Started before any timing."""
+        log_f = open(self.daemon_log, 'w')
+        self.daemon = subprocess.Popen([self.bin, '--config', self.dconf, 'serve'],
+                                       stdin=subprocess.DEVNULL, stdout=log_f, stderr=log_f)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.daemon.poll() is not None:
+                raise BenchError('luks-agent serve exited at start: ' + open(self.daemon_log).read()[-600:])
+            try:
+                if self.api('GET', '/healthz')[0] == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise BenchError('luks-agent serve did not answer /healthz')
+
+    def stop_daemon(self):
+        if self.daemon and self.daemon.poll() is None:
+            self.daemon.terminate()
+            try:
+                self.daemon.wait(60)
+            except subprocess.TimeoutExpired:
+                self.daemon.kill()
+                self.daemon.wait()
+
+    def daemon_mem(self):
+        """(VmRSS, VmHWM) of the daemon in KiB."""
+        out = {}
+        try:
+            with open('/proc/%d/status' % self.daemon.pid) as f:
+                for line in f:
+                    if line.startswith(('VmRSS:', 'VmHWM:')):
+                        out[line.split(':')[0]] = int(line.split()[1])
+        except OSError:
+            pass
+        return out.get('VmRSS'), out.get('VmHWM')
+
+    def reset_daemon_hwm(self):
+        """Resets the daemon's VmHWM to its current RSS (clear_refs 5), so
+        the next reading is the peak of what follows only (an argon2id
+        unlock of os-brick's LUKS2 header before would set it otherwise)."""
+        self.hwm_total = max(self.hwm_total, self.daemon_mem()[1] or 0)
+        try:
+            with open('/proc/%d/clear_refs' % self.daemon.pid, 'w') as f:
+                f.write('5')
+            return True
+        except OSError:
+            return False
+
+    def api(self, method, path, body=None):
+        """One request on a new connection, as a compute service sends it,
+        over a raw socket (a lean client; http.client adds its own cost
+        under TCG): (status, body text, seconds from connect to the full
+        answer)."""
+        data = (body or '').encode()
+        req = ('%s %s HTTP/1.1\r\nHost: luks-agent\r\nConnection: close\r\n' % (method, path)).encode()
+        if body is not None:
+            req += b'Content-Type: application/json\r\nContent-Length: %d\r\n' % len(data)
+        req += b'\r\n' + data
+        t0 = time.perf_counter()
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.settimeout(600)
+            s.connect(self.sock)
+            s.sendall(req)
+            chunks = []
+            while True:
+                c = s.recv(65536)
+                if not c:
+                    break
+                chunks.append(c)
+        finally:
+            s.close()
+        secs = time.perf_counter() - t0
+        raw = b''.join(chunks)
+        head, _, text = raw.partition(b'\r\n\r\n')
+        try:
+            status = int(head.split(b' ', 2)[1])
+        except (IndexError, ValueError):
+            raise OSError('bad answer from the agent: %r' % raw[:200])
+        if b'transfer-encoding: chunked' in head.lower():
+            text = self.unchunk(text)
+        return status, text.decode(), secs
+
+    @staticmethod
+    def unchunk(b):
+        out = b''
+        while b:
+            size, _, rest = b.partition(b'\r\n')
+            n = int(size.split(b';')[0], 16)
+            if n == 0:
+                break
+            out += rest[:n]
+            b = rest[n + 2:]
+        return out
+
+    def api_body(self, provider, v):
+        return json.dumps({'device': v['link'], 'encryption': self.spec(provider, v)})
+
     # ------------------------------------------------------------ one op
     def agent(self, scen, provider, op, v, expect=None, rss=False):
         rc, secs, out, err, peak = self.run(self.agent_cmd(op, provider, v), rss=rss)
@@ -198,6 +316,28 @@ class Bench:
                 self.record(scen, provider, 'agent-inner', inner, None, False)
             except (ValueError, KeyError, TypeError):
                 pass
+        return True
+
+    def via_api(self, scen, provider, op, v, expect=None):
+        """The same operation through the running daemon's API."""
+        try:
+            st, out, secs = self.api('POST', '/v1/volumes/%s/%s' % (v['vid'], op), self.api_body(provider, v))
+        except OSError as e:
+            st, out, secs = 0, repr(e), 0
+        ok = st == 200 and (expect is None or expect in out.replace(' ', ''))
+        err = ''
+        if ok and op == 'attach' and not self.mapped(v):
+            ok, err = False, 'no mapping after attach'
+        if ok and op == 'detach' and self.mapped(v):
+            ok, err = False, 'mapping left after detach'
+        if not ok:
+            self.fail('api %s %s %s' % (scen, provider, op), 'status %d %s %s' % (st, out, err))
+            return False
+        self.record(scen, provider, 'api', secs, None, False)
+        try:
+            self.record(scen, provider, 'api-inner', json.loads(out)['duration_ms'] / 1000.0, None, False)
+        except (ValueError, KeyError, TypeError):
+            pass
         return True
 
     def osbrick(self, scen, provider, op, v, rss=False):
@@ -254,6 +394,8 @@ class Bench:
             rss = i == 0
             if self.agent('attach, our header', provider, 'attach', v, '"formatted":false', rss):
                 self.agent('detach, our header', provider, 'detach', v, rss=rss)
+            if not rss and self.via_api('attach, our header', provider, 'attach', v, '"formatted":false'):
+                self.via_api('detach, our header', provider, 'detach', v)
             if self.osbrick('attach, our header', provider, 'attach', v, rss):
                 self.osbrick('detach, our header', provider, 'detach', v, rss)
 
@@ -264,6 +406,8 @@ class Bench:
                 self.osbrick('detach, os-brick header', provider, 'detach', v, rss)
             if self.agent('attach, os-brick header', provider, 'attach', v, '"formatted":false', rss):
                 self.agent('detach, os-brick header', provider, 'detach', v, rss=rss)
+            if not rss and self.via_api('attach, os-brick header', provider, 'attach', v, '"formatted":false'):
+                self.via_api('detach, os-brick header', provider, 'detach', v)
         for v in ours + theirs:
             self.drop(v)
 
@@ -318,66 +462,158 @@ class Bench:
             self.drop(v)
         return result
 
+
+    def concurrent_api(self, provider):
+        """The same 32 attaches sent at once to the daemon (one connection
+        each), first use then existing; the daemon's RSS is sampled during
+        each batch and its VmHWM read after it."""
+        c = self.a.concurrency
+        log('== %s: %d concurrent attaches through the daemon\'s API' % (provider, c))
+        vols = [self.volume() for _ in range(c)]
+        result = {}
+        for phase, expect in (('first-use', '"formatted":true'), ('existing', '"formatted":false')):
+            answers, stop, rss = {}, threading.Event(), []
+
+            def one(v, op):
+                try:
+                    answers[v['vid']] = self.api('POST', '/v1/volumes/%s/%s' % (v['vid'], op),
+                                                 self.api_body(provider, v))
+                except OSError as e:
+                    answers[v['vid']] = (0, repr(e), 0)
+
+            def sample():
+                while not stop.is_set():
+                    r, _ = self.daemon_mem()
+                    if r:
+                        rss.append(r)
+                    stop.wait(0.005)
+            reset = self.reset_daemon_hwm()
+            before, _ = self.daemon_mem()
+            sampler = threading.Thread(target=sample)
+            sampler.start()
+            t0 = time.perf_counter()
+            threads = [threading.Thread(target=one, args=(v, 'attach')) for v in vols]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            wall = time.perf_counter() - t0
+            stop.set()
+            sampler.join()
+            _, hwm = self.daemon_mem()
+            ok = True
+            for v in vols:
+                st, out, _ = answers[v['vid']]
+                if st != 200 or expect not in out.replace(' ', ''):
+                    ok = False
+                    self.fail('api concurrent %s %s attach' % (provider, phase), 'status %d %s' % (st, out))
+            maps = [v for v in vols if self.mapped(v)]
+            if len(maps) != c:
+                ok = False
+                self.fail('api concurrent %s %s' % (provider, phase), '%d of %d mappings' % (len(maps), c))
+            lat = sorted(a[2] * 1000 for a in answers.values() if a[0] == 200)
+            result[phase] = {'ok': ok, 'wall_s': wall, 'daemon_rss_max_sampled_kib': max(rss, default=None),
+                             'daemon_hwm_kib': hwm, 'hwm_reset': reset, 'daemon_rss_before_kib': before, 'latency_ms_median': statistics.median(lat) if lat else None,
+                             'latency_ms_max': lat[-1] if lat else None}
+            log('  %s: %d attaches in %.2f s wall (per request median %.0f ms, max %.0f ms); daemon RSS'
+                ' %s KiB before, sampled max %s KiB, peak (VmHWM%s) %s KiB'
+                % (phase, c, wall, result[phase]['latency_ms_median'] or 0, result[phase]['latency_ms_max'] or 0,
+                   before, result[phase]['daemon_rss_max_sampled_kib'],
+                   ', reset before the batch' if reset else ' since start: clear_refs failed', hwm))
+            threads = [threading.Thread(target=one, args=(v, 'detach')) for v in vols]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            for v in vols:
+                st, out, _ = answers[v['vid']]
+                if st != 200 or self.mapped(v):
+                    self.fail('api concurrent-cleanup %s detach' % provider, 'status %d %s' % (st, out))
+        for v in vols:
+            self.drop(v)
+        return result
+
     # ------------------------------------------------------------ report
     def med(self, scen, provider, tool):
         s = self.samples.get((scen, provider, tool))
         return statistics.median(s) if s else None
 
-    def report(self, conc, providers):
+    def report(self, conc, conc_api, providers):
         rows = []
-        fmt = '%-24s %-5s %10s %10s %10s %8s %8s %9s %9s'
+        fmt = '%-24s %-5s %8s %8s %8s %8s %9s %8s %7s %8s %9s %9s'
         log()
         log('SUMMARY (medians of %d runs; times in ms; peak RSS in KiB from one untimed run each;'
             ' os-brick RSS = its largest command)' % self.a.reps)
-        log(fmt % ('operation', 'LUKS', 'agent', 'agent-in', 'os-brick', 'speedup', 'spd-in',
-                   'RSS agent', 'RSS brick'))
+        log(fmt % ('operation', 'LUKS', 'agent', 'agent-in', 'api', 'api-in', 'os-brick', 'speedup', 'spd-in',
+                   'spd-api', 'RSS agent', 'RSS brick'))
+        ms = lambda x: '%.1f' % (x * 1000) if x else '-'  # noqa: E731
         for provider in providers:
             for scen in ('first-use attach', 'attach, our header', 'attach, os-brick header',
                          'detach, our header', 'detach, os-brick header', 'detach'):
                 a, b = self.med(scen, provider, 'agent'), self.med(scen, provider, 'os-brick')
                 ai = self.med(scen, provider, 'agent-inner')
+                ap = self.med(scen, provider, 'api')
+                api_in = self.med(scen, provider, 'api-inner')
                 ra, rb = self.rss.get((scen, provider, 'agent')), self.rss.get((scen, provider, 'os-brick'))
                 sp = (b / a) if a and b else None
                 spi = (b / ai) if ai and b else None
+                spa = (b / ap) if ap and b else None
                 rows.append({'scenario': scen, 'provider': provider, 'agent_ms': a and a * 1000,
                              'agent_inner_ms': ai and ai * 1000, 'speedup_inner': spi,
+                             'api_ms': ap and ap * 1000, 'api_inner_ms': api_in and api_in * 1000,
+                             'speedup_api': spa,
                              'osbrick_ms': b and b * 1000, 'speedup': sp,
                              'agent_rss_kib': ra, 'osbrick_rss_kib': rb,
                              'agent_samples_ms': [round(x * 1000, 2) for x in self.samples.get((scen, provider, 'agent'), [])],
+                             'api_samples_ms': [round(x * 1000, 2) for x in self.samples.get((scen, provider, 'api'), [])],
                              'osbrick_samples_ms': [round(x * 1000, 2) for x in self.samples.get((scen, provider, 'os-brick'), [])]})
-                ms = lambda x: '%.1f' % (x * 1000) if x else '-'  # noqa: E731
-                log(fmt % (scen, provider, ms(a), ms(ai), ms(b), '%.1fx' % sp if sp else '-',
-                           '%.1fx' % spi if spi else '-', ra or '-', rb or '-'))
+                log(fmt % (scen, provider, ms(a), ms(ai), ms(ap), ms(api_in), ms(b), '%.1fx' % sp if sp else '-',
+                           '%.1fx' % spi if spi else '-', '%.1fx' % spa if spa else '-', ra or '-', rb or '-'))
         log('agent = `luks-agent attach|detach` process, spawn to exit; agent-in = its own duration_ms'
             ' (no process start);')
+        log('api = the same request to a running `luks-agent serve` over its Unix socket, connect to answer;'
+            ' api-in = the daemon\'s duration_ms;')
         log('os-brick = attach_volume/detach_volume in a warm process (privsep daemon running);'
             ' speedup = os-brick / agent,')
-        log('spd-in = os-brick / agent-in; "detach" = the detach after the first-use attach')
+        log('spd-in = os-brick / agent-in, spd-api = os-brick / api; "detach" = the detach after the first-use attach')
         log()
         targets = []
         for provider in providers:
-            a = self.med('attach, our header', provider, 'agent')
             b = self.med('attach, os-brick header', provider, 'os-brick')
-            ai = self.med('attach, our header', provider, 'agent-inner')
-            r = b / a if a and b else None
-            targets.append(('%s: existing-volume attach, our header (%.1f ms, process) vs os-brick on its own (%.1f ms): '
-                            '%.1fx faster (%.1fx without our process start), target >= %.0fx'
-                            % (provider, (a or 0) * 1000, (b or 0) * 1000, r or 0, (b / ai) if ai and b else 0,
-                               ATTACH_RATIO_TARGET), bool(r and r >= ATTACH_RATIO_TARGET)))
-            a = self.med('attach, os-brick header', provider, 'agent')
-            r = a / b if a and b else None
-            targets.append(('%s: attach of os-brick-formatted volumes, luks-agent %.1f ms vs os-brick %.1f ms: '
-                            'time ratio %.3f, target <= 1.0' % (provider, (a or 0) * 1000, (b or 0) * 1000, r or 0),
-                            bool(r and r <= 1.0)))
+            for tool, how in (('agent', 'CLI process'), ('api', 'daemon API')):
+                a = self.med('attach, our header', provider, tool)
+                r = b / a if a and b else None
+                extra = ''
+                if tool == 'agent':
+                    ai = self.med('attach, our header', provider, 'agent-inner')
+                    extra = ' (%.1fx without our process start)' % ((b / ai) if ai and b else 0)
+                targets.append(('%s: existing-volume attach, our header, %s (%.1f ms) vs os-brick on its own (%.1f ms): '
+                                '%.1fx faster%s, target >= %.0fx'
+                                % (provider, how, (a or 0) * 1000, (b or 0) * 1000, r or 0, extra,
+                                   ATTACH_RATIO_TARGET), bool(r and r >= ATTACH_RATIO_TARGET)))
+            for tool, how in (('agent', 'CLI'), ('api', 'API')):
+                a = self.med('attach, os-brick header', provider, tool)
+                r = a / b if a and b else None
+                targets.append(('%s: attach of os-brick-formatted volumes, luks-agent %s %.1f ms vs os-brick %.1f ms: '
+                                'time ratio %.3f, target <= 1.0' % (provider, how, (a or 0) * 1000, (b or 0) * 1000,
+                                                                    r or 0), bool(r and r <= 1.0)))
         for provider, res in conc.items():
             for phase, c in res.items():
-                targets.append(('%s: %d concurrent %s attaches: per-process peak RSS max %d KiB (sum %d KiB), '
+                targets.append(('%s: %d concurrent %s attaches (CLI): per-process peak RSS max %d KiB (sum %d KiB), '
                                 'target <= %d KiB each' % (provider, self.a.concurrency, phase, c['max_rss_kib'],
                                                            c['sum_rss_kib'], CONC_RSS_LIMIT_KIB),
                                 c['ok'] and c['max_rss_kib'] <= CONC_RSS_LIMIT_KIB))
+        for provider, res in conc_api.items():
+            for phase, c in res.items():
+                peak = max(x for x in (c['daemon_hwm_kib'], c['daemon_rss_max_sampled_kib'], 0) if x is not None)
+                targets.append(('%s: %d concurrent %s attaches through the API: daemon peak RSS during the batch'
+                                ' %d KiB, target <= %d KiB' % (provider, self.a.concurrency, phase, peak,
+                                                               CONC_RSS_LIMIT_KIB),
+                                c['ok'] and 0 < peak <= CONC_RSS_LIMIT_KIB))
         for text, ok in targets:
             log('%s %s' % ('PASS' if ok else 'FAIL', text))
         doc = {'ok': not self.failures, 'reps': self.a.reps, 'rows': rows, 'concurrency': conc,
+               'concurrency_api': conc_api,
                'targets': [{'text': t, 'pass': ok} for t, ok in targets], 'failures': self.failures,
                'notes': self.notes, 'env': self.env()}
         return doc
@@ -423,28 +659,44 @@ def main():
     t0 = time.perf_counter()
     b.brick.warmup()
     b.run([b.bin, '--version'])
-    log('  %.1f s' % (time.perf_counter() - t0))
+    try:
+        b.start_daemon()
+    except BenchError as err:
+        log('ERROR: %s' % err)
+        return 2
+    rss0 = b.daemon_mem()
+    log('  %.1f s; luks-agent serve running (pid %d, RSS %s KiB)' % (time.perf_counter() - t0, b.daemon.pid, rss0[0]))
     floor0 = b.spawn_floor()
     log('process start floor (/bin/true, median of 10): %.1f ms' % floor0)
     e = b.env()
     log('os-brick %s, %s, kernel %s, %d CPU, %d MiB, loop devices %d MiB, %d reps'
         % (e['os_brick'], e['cryptsetup'], e['kernel'], e['cpus'], e['mem_kib'] // 1024, a.size_mib, a.reps))
-    conc = {}
+    conc, conc_api = {}, {}
     try:
         for provider in a.providers.split(','):
             b.per_provider(provider)
             conc[provider] = b.concurrent(provider)
+            conc_api[provider] = b.concurrent_api(provider)
     except BenchError as err:
         log('ERROR: %s' % err)
+        b.stop_daemon()
         return 2
     floor1 = b.spawn_floor()
-    doc = b.report(conc, a.providers.split(','))
+    dmem = b.daemon_mem()
+    hwm_total = max(b.hwm_total, dmem[1] or 0)
+    b.stop_daemon()
+    if b.daemon.returncode != 0:
+        b.fail('luks-agent serve', 'exit %s: %s' % (b.daemon.returncode, open(b.daemon_log).read()[-600:]))
+    doc = b.report(conc, conc_api, a.providers.split(','))
+    doc['env']['daemon_rss_kib'] = {'start': rss0[0], 'end': dmem[0], 'hwm': hwm_total}
     doc['env']['true_spawn_ms'] = {'start': round(floor0, 2), 'end': round(floor1, 2)}
     doc['env']['python_hwm'] = b.python_hwm()
     log('os-brick side, not counted above: this Python process (os-brick imported) peaked at %s KiB,'
         ' its privsep daemon(s) at %s KiB' % (doc['env']['python_hwm']['runner_kib'],
                                              doc['env']['python_hwm']['privsep_daemons_kib']))
     log('process start floor (/bin/true): %.1f ms at the start, %.1f ms at the end' % (floor0, floor1))
+    log('luks-agent serve: RSS %s KiB after start, %s KiB at the end, peak (VmHWM) %s KiB over the whole run'
+        ' (argon2id unlocks of os-brick\'s LUKS2 header through the API included)' % (rss0[0], dmem[0], hwm_total))
     log()
     log('headers: ' + json.dumps(b.notes.get('headers')))
     text = json.dumps(doc)

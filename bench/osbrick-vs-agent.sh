@@ -1,7 +1,8 @@
 #!/bin/sh
 # luks-agent vs os-brick's LuksEncryptor/Luks2Encryptor, side by side in one
-# VM guest run (real dm-crypt). See bench/README.md ("luks-agent vs
-# os-brick").
+# VM guest run (real dm-crypt); luks-agent both as the CLI and as a running
+# daemon (`luks-agent serve`) called over its socket. See bench/README.md
+# ("luks-agent vs os-brick").
 #
 #   bench/osbrick-vs-agent.sh [--reps N] [--smp N] [--mem MiB]
 #                             [--concurrency N] [--size-mib N]
@@ -15,7 +16,7 @@
 set -eu
 cd "$(dirname "$0")/.."
 REPS=5 SMP=1 MEM=2048 CONC=32 SIZE=64 PROVIDERS=luks,luks2 OUT=target/bench-osbrick
-usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 while [ $# -gt 0 ]; do
     case "$1" in
         --reps) REPS=$2; shift 2 ;;

@@ -85,10 +85,21 @@ impl FormatRecords {
     }
 
     /// Drops the record after the format is complete and marked.
+    ///
+    /// The directory is synced only when a record was removed. Every
+    /// attach of an existing volume comes here, almost always with no
+    /// record, and a directory fsync can cost a device cache flush. With
+    /// no record there is nothing to make durable: the one case is a
+    /// record removed by an earlier run that died before its sync, which
+    /// may reappear after a power loss. That is harmless, because the
+    /// marker is durable before any record is dropped: a header that
+    /// opens drops the record again, and with the marker present a
+    /// recorded format is never redone.
     pub fn clear(&self, volume_id: &str) -> std::io::Result<()> {
         match fs::remove_file(self.path(volume_id)) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-            _ => File::open(&self.dir).and_then(|d| d.sync_all()).or(Ok(())),
+            Ok(()) => File::open(&self.dir).and_then(|d| d.sync_all()).or(Ok(())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
         }
     }
 }
