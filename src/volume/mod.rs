@@ -267,6 +267,16 @@ impl<'k> Volumes<'k> {
         self.records().write(volume_id, rec)
     }
 
+    /// Where every operation starts: the volume id checked, then the
+    /// provider read from the spec, errors naming the volume.
+    fn checked_provider(volume_id: &str, spec: &EncryptionSpec) -> Result<Provider, VolumeError> {
+        Self::validate_id(volume_id)?;
+        spec.provider().map_err(|source| VolumeError::Spec {
+            volume_id: volume_id.into(),
+            source,
+        })
+    }
+
     fn validate_id(volume_id: &str) -> Result<(), VolumeError> {
         let ok = !volume_id.is_empty()
             && volume_id.len() <= 128
@@ -288,12 +298,11 @@ impl<'k> Volumes<'k> {
     /// plaintext. Idempotent; a failure leaves nothing behind.
     pub async fn attach(&self, req: &AttachRequest) -> Result<Attached, VolumeError> {
         let vid = req.volume_id.as_str();
-        Self::validate_id(vid)?;
+        let provider = Self::checked_provider(vid, &req.spec)?;
         let spec_err = |source| VolumeError::Spec {
             volume_id: vid.into(),
             source,
         };
-        let provider = req.spec.provider().map_err(spec_err)?;
         if provider == Provider::NoOp {
             return Ok(Attached {
                 path: req.device_path.clone(),
@@ -656,11 +665,7 @@ impl<'k> Volumes<'k> {
         spec: &EncryptionSpec,
         multipath_id: Option<&str>,
     ) -> Result<Detached, VolumeError> {
-        Self::validate_id(volume_id)?;
-        let provider = spec.provider().map_err(|source| VolumeError::Spec {
-            volume_id: volume_id.into(),
-            source,
-        })?;
+        let provider = Self::checked_provider(volume_id, spec)?;
         if provider == Provider::NoOp {
             return Ok(Detached {
                 mapping: None,
@@ -710,12 +715,11 @@ impl Volumes<'_> {
     /// reloaded (suspend, resume) at the new length.
     pub async fn extend(&self, req: &AttachRequest) -> Result<Extended, VolumeError> {
         let vid = req.volume_id.as_str();
-        Self::validate_id(vid)?;
+        let provider = Self::checked_provider(vid, &req.spec)?;
         let spec_err = |source| VolumeError::Spec {
             volume_id: vid.into(),
             source,
         };
-        let provider = req.spec.provider().map_err(spec_err)?;
         let device_size = |p: &Path| -> Result<u64, VolumeError> {
             let f = File::open(p).map_err(io_err(vid, "opening", p))?;
             blockdev::size_of(&f).map_err(io_err(vid, "sizing", p))

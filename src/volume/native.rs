@@ -184,12 +184,11 @@ impl Volumes<'_> {
         native: &NativeOptions,
     ) -> Result<NativeAttached, VolumeError> {
         let vid = req.volume_id.as_str();
-        Self::validate_id(vid)?;
+        let provider = Self::checked_provider(vid, &req.spec)?;
         let spec_err = |source| VolumeError::Spec {
             volume_id: vid.into(),
             source,
         };
-        let provider = req.spec.provider().map_err(spec_err)?;
         refuse_provider(vid, provider)?;
         if provider == Provider::NoOp {
             return Ok(NativeAttached {
@@ -312,11 +311,7 @@ impl Volumes<'_> {
         native: &NativeOptions,
         keep: bool,
     ) -> Result<NativeDetached, VolumeError> {
-        Self::validate_id(volume_id)?;
-        let provider = spec.provider().map_err(|source| VolumeError::Spec {
-            volume_id: volume_id.into(),
-            source,
-        })?;
+        let provider = Self::checked_provider(volume_id, spec)?;
         if provider == Provider::NoOp {
             return Ok(NativeDetached {
                 secret_uuid: None,
@@ -357,11 +352,7 @@ impl Volumes<'_> {
     /// header only; no key is needed and nothing is written.
     pub fn extend_native(&self, req: &AttachRequest) -> Result<NativeExtended, VolumeError> {
         let vid = req.volume_id.as_str();
-        Self::validate_id(vid)?;
-        let provider = req.spec.provider().map_err(|source| VolumeError::Spec {
-            volume_id: vid.into(),
-            source,
-        })?;
+        let provider = Self::checked_provider(vid, &req.spec)?;
         refuse_provider(vid, provider)?;
         let _lock = self.lock(vid)?;
         let path = &req.device_path;
