@@ -15,29 +15,15 @@
 #      our data, detaches.
 # Runs as root in the guest (vm/run.sh). Every check exits non-zero on
 # failure; a missing os-brick venv is a failure, never a skip.
-set -eu
-BIN=${BIN:-target/release/luks-agent}
+. tests/vm/lib.sh
 VENV=${LUKS_AGENT_OSBRICK_VENV:-/var/cache/luks-agent-tests/osbrick-venv}
-fail() { echo "FAIL: $*" >&2; exit 1; }
-pass() { echo "ok - $*"; }
-ms() { echo $(($(date +%s%N) / 1000000)); }
-T_START=$(ms)
+T_START=$T0
 
 LUKS_AGENT_OSBRICK_VENV=$VENV tests/harness/osbrick.sh check \
     || fail "os-brick venv missing: run tests/harness/osbrick.sh install (scripts/install-deps.sh does) on the host"
 [ -x "$BIN" ] || fail "$BIN missing: cargo build --release"
 PY=$VENV/bin/python
 OSBRICK_VERSION=$($PY -c 'import importlib.metadata as m; print(m.version("os-brick"))')
-
-W=$(mktemp -d /tmp/osbrick.XXXXXX)
-cat >"$W/agent.toml" <<CONF
-state_dir = "$W/state"
-[key_manager.local]
-dir = "$W/keys"
-CONF
-chmod 600 "$W/agent.toml"
-A="$BIN --config $W/agent.toml"
-mkdir -p /dev/disk/by-id
 
 # os-brick in one long-lived process (as in nova-compute): importing it
 # costs seconds under TCG. Requests and answers are JSON lines over FIFOs.
