@@ -42,9 +42,10 @@ command -v rpmspec >/dev/null 2>&1 || need_apt+=(rpm)
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)
 command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)
 command -v systemd-socket-activate >/dev/null 2>&1 || need_apt+=(systemd)
-# libvirt mode: the virt crate builds against libvirt-dev and links
-# libvirt.so.0; its tests run a real libvirtd (with the QEMU driver and
-# virtlogd) and virsh. QEMU itself comes from vm/install.sh below.
+# libvirt mode: the agent loads libvirt.so.0 at run time; its tests
+# inspect libvirt through the virt crate (built against libvirt-dev) and
+# run a real libvirtd (with the QEMU driver and virtlogd) and virsh. QEMU
+# itself comes from vm/install.sh below.
 pkg-config --exists libvirt 2>/dev/null || need_apt+=(libvirt-dev pkg-config)
 command -v libvirtd >/dev/null 2>&1 || need_apt+=(libvirt-daemon)
 dpkg -s libvirt-daemon-driver-qemu >/dev/null 2>&1 || need_apt+=(libvirt-daemon-driver-qemu)

@@ -31,6 +31,10 @@ for f in ./usr/bin/luks-agent ./lib/systemd/system/luks-agent.service \
     grep -qx -- "$f" <<<"$contents" || fail "package lacks $f"
 done
 dpkg-deb --field "$deb" Depends | grep -q libc6 || fail "Depends lacks libc6: $(dpkg-deb --field "$deb" Depends)"
+# libvirt is loaded at run time by the libvirt mode only: a dm-only host
+# must not need it.
+! dpkg-deb --field "$deb" Depends | grep -q libvirt || fail "Depends names libvirt: $(dpkg-deb --field "$deb" Depends)"
+dpkg-deb --field "$deb" Suggests | grep -q libvirt0 || fail "Suggests lacks libvirt0"
 pass "built $(basename "$deb"): binary, units, udev rules, config, man pages, completions"
 
 spec=packaging/rpm/luks-agent.spec

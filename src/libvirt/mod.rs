@@ -11,12 +11,12 @@
 //! through argv, the environment, files or logs.
 //!
 //! This module knows nothing of key managers or devices: it takes a
-//! passphrase and a volume id.
+//! passphrase and a volume id. libvirt itself is loaded on first use
+//! (`ffi.rs`), so processes that never use this mode never load it.
 
-use virt::connect::Connect;
-use virt::error::ErrorNumber;
-use virt::secret::Secret;
+mod ffi;
 
+use self::ffi::{Connection, ERR_NO_SECRET, Failure, SecretHandle, USAGE_TYPE_VOLUME};
 use crate::secret::Passphrase;
 
 /// Marks the secrets this agent defines (their `<description>`), so
@@ -27,14 +27,15 @@ pub const DESCRIPTION_PREFIX: &str = "luks-agent: passphrase of volume ";
 /// secret's UUID where known; never the value.
 #[derive(Debug, thiserror::Error)]
 pub enum LibvirtError {
-    /// libvirtd cannot be reached (not running, socket missing, refused).
+    /// libvirtd cannot be reached (not running, socket missing, refused),
+    /// or libvirt is not installed.
     #[error("libvirt is unavailable at {uri}")]
     Unavailable {
         /// The connection URI.
         uri: String,
         /// libvirt's error.
         #[source]
-        source: virt::error::Error,
+        source: Failure,
     },
     /// An operation on a volume's secret failed.
     #[error("libvirt secret {uuid} of volume {volume_id}: {op}")]
@@ -47,7 +48,7 @@ pub enum LibvirtError {
         op: &'static str,
         /// libvirt's error.
         #[source]
-        source: virt::error::Error,
+        source: Failure,
     },
 }
 
@@ -76,16 +77,8 @@ pub struct SecretInfo {
 
 /// A connection to libvirt for managing volume secrets.
 pub struct Secrets {
-    conn: Connect,
+    conn: Connection,
     uri: String,
-}
-
-impl Drop for Secrets {
-    fn drop(&mut self) {
-        // virt's Connect does not close itself; a failure to close a
-        // connection we are done with changes nothing for the caller.
-        let _ = self.conn.close();
-    }
 }
 
 /// The `<encryption>` element of a disk whose passphrase is the secret
@@ -121,10 +114,7 @@ fn element_text(xml: &str, tag: &str) -> Option<String> {
 impl Secrets {
     /// Connects to libvirt at `uri` (for nova's secrets: `qemu:///system`).
     pub fn connect(uri: &str) -> Result<Secrets, LibvirtError> {
-        // libvirt's default error handler prints every error to stderr; we
-        // report errors ourselves, typed and with their context.
-        virt::error::clear_error_callback();
-        let conn = Connect::open(Some(uri)).map_err(|source| LibvirtError::Unavailable {
+        let conn = Connection::open(uri).map_err(|source| LibvirtError::Unavailable {
             uri: uri.to_string(),
             source,
         })?;
@@ -139,11 +129,7 @@ impl Secrets {
         &self.uri
     }
 
-    fn err(
-        volume_id: &str,
-        uuid: &str,
-        op: &'static str,
-    ) -> impl FnOnce(virt::error::Error) -> LibvirtError {
+    fn err(volume_id: &str, uuid: &str, op: &'static str) -> impl FnOnce(Failure) -> LibvirtError {
         let (volume_id, uuid) = (volume_id.to_string(), uuid.to_string());
         move |source| LibvirtError::Secret {
             volume_id,
@@ -153,18 +139,14 @@ impl Secrets {
         }
     }
 
-    fn info_of(secret: &Secret, volume_id: &str) -> Result<SecretInfo, LibvirtError> {
-        let uuid =
-            secret
-                .get_uuid_string()
-                .map_err(Self::err(volume_id, "-", "reading the UUID"))?;
-        let xml = secret.get_xml_desc(0).map_err(Self::err(
-            volume_id,
-            &uuid,
-            "reading the definition",
-        ))?;
-        // The usage id comes from the XML: virt 0.4's `get_usage_id` frees
-        // the string libvirt owns (a double free).
+    fn info_of(secret: &SecretHandle, volume_id: &str) -> Result<SecretInfo, LibvirtError> {
+        let uuid = secret
+            .uuid()
+            .map_err(Self::err(volume_id, "-", "reading the UUID"))?;
+        let xml = secret
+            .xml()
+            .map_err(Self::err(volume_id, &uuid, "reading the definition"))?;
+        // Flags, usage id and description in one call: the XML has them all.
         let usage = element_text(&xml, "volume").unwrap_or_default();
         Ok(SecretInfo {
             uuid,
@@ -180,13 +162,9 @@ impl Secrets {
 
     /// The secret of `volume_id`, looked up by usage exactly as nova does.
     pub fn find(&self, volume_id: &str) -> Result<Option<SecretInfo>, LibvirtError> {
-        match Secret::lookup_by_usage(
-            &self.conn,
-            virt::sys::VIR_SECRET_USAGE_TYPE_VOLUME as i32,
-            volume_id,
-        ) {
+        match self.conn.lookup_by_usage(USAGE_TYPE_VOLUME, volume_id) {
             Ok(s) => Self::info_of(&s, volume_id).map(Some),
-            Err(e) if e.code() == ErrorNumber::NoSecret => Ok(None),
+            Err(e) if e.code == ERR_NO_SECRET => Ok(None),
             Err(e) => Err(Self::err(volume_id, "-", "looking up by usage")(e)),
         }
     }
@@ -212,24 +190,22 @@ impl Secrets {
             uuid.map(|u| format!("<uuid>{u}</uuid>"))
                 .unwrap_or_default(),
         );
-        let secret = Secret::define_xml(&self.conn, &xml, 0).map_err(Self::err(
+        let secret = self.conn.define_secret(&xml).map_err(Self::err(
             volume_id,
             uuid.unwrap_or("-"),
             "defining",
         ))?;
-        secret.get_uuid_string().map_err(Self::err(
+        secret.uuid().map_err(Self::err(
             volume_id,
             uuid.unwrap_or("-"),
             "reading the UUID",
         ))
     }
 
-    fn lookup(&self, volume_id: &str, uuid: &str) -> Result<Secret, LibvirtError> {
-        Secret::lookup_by_uuid_string(&self.conn, uuid).map_err(Self::err(
-            volume_id,
-            uuid,
-            "looking up by UUID",
-        ))
+    fn lookup(&self, volume_id: &str, uuid: &str) -> Result<SecretHandle, LibvirtError> {
+        self.conn
+            .lookup_by_uuid(uuid)
+            .map_err(Self::err(volume_id, uuid, "looking up by UUID"))
     }
 
     /// Sets the value of secret `uuid` to `passphrase`. The bytes go from
@@ -242,7 +218,7 @@ impl Secrets {
         passphrase: &Passphrase,
     ) -> Result<(), LibvirtError> {
         self.lookup(volume_id, uuid)?
-            .set_value(passphrase.expose(), 0)
+            .set_value(passphrase.expose())
             .map_err(Self::err(volume_id, uuid, "setting the value"))
     }
 
@@ -250,14 +226,14 @@ impl Secrets {
     /// files under `/etc/libvirt/secrets/`). A secret that is already gone
     /// is not an error: returns whether this call removed it.
     pub fn undefine(&self, volume_id: &str, uuid: &str) -> Result<bool, LibvirtError> {
-        let secret = match Secret::lookup_by_uuid_string(&self.conn, uuid) {
+        let secret = match self.conn.lookup_by_uuid(uuid) {
             Ok(s) => s,
-            Err(e) if e.code() == ErrorNumber::NoSecret => return Ok(false),
+            Err(e) if e.code == ERR_NO_SECRET => return Ok(false),
             Err(e) => return Err(Self::err(volume_id, uuid, "looking up by UUID")(e)),
         };
         match secret.undefine() {
             Ok(()) => Ok(true),
-            Err(e) if e.code() == ErrorNumber::NoSecret => Ok(false),
+            Err(e) if e.code == ERR_NO_SECRET => Ok(false),
             Err(e) => Err(Self::err(volume_id, uuid, "undefining")(e)),
         }
     }
@@ -266,15 +242,13 @@ impl Secrets {
     pub fn list(&self) -> Result<Vec<SecretInfo>, LibvirtError> {
         let all = self
             .conn
-            .list_all_secrets(0)
+            .list_all_secrets()
             .map_err(Self::err("-", "-", "listing secrets"))?;
         let mut out = Vec::new();
         for s in &all {
             // Secrets of other usage types (ceph, iscsi, tls, vtpm) are not
             // volume passphrases.
-            let volume = s
-                .get_usage_type()
-                .is_ok_and(|t| t == virt::sys::VIR_SECRET_USAGE_TYPE_VOLUME);
+            let volume = s.usage_type().is_ok_and(|t| t == USAGE_TYPE_VOLUME);
             if volume {
                 out.push(Self::info_of(s, "-")?);
             }
