@@ -35,8 +35,7 @@ vm/run.sh --timeout 300 -- /bin/sh tests/vm/daemon.sh
 # Drop-in both ways with the real os-brick (PyPI, pinned; installed above).
 vm/run.sh --timeout 600 -- /bin/sh tests/vm/osbrick_dropin.sh
 # SIGKILL at every state-changing call of an attach, concurrency, rollback
-# of a failed attach, dm-crypt options (together 4 to 9 min under TCG:
-# each CLI start pays for loading libvirt's libraries under emulation).
+# of a failed attach, dm-crypt options.
 for t in kill_format concurrency rollback crypt_options; do
     vm/run.sh --timeout 900 --console "target/vm/console-$t.log" -- /bin/sh "tests/vm/$t.sh"
 done
