@@ -5,6 +5,7 @@
 
 use std::path::Path;
 
+use tracing_journald::{Priority, PriorityMappings};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer, Registry};
@@ -22,7 +23,21 @@ pub fn init(format: LogFormat, default_level: &str, journal: bool) {
         EnvFilter::try_from_env("LUKS_AGENT_LOG").unwrap_or_else(|_| EnvFilter::new(default_level));
     let journald = (journal && Path::new(JOURNAL_SOCKET).exists())
         .then(|| tracing_journald::layer().ok())
-        .flatten();
+        .flatten()
+        .map(|layer| {
+            // Fields as operators query them (`journalctl VOLUME_ID=...`),
+            // not behind the layer's default `F_` prefix, and levels on
+            // syslog's scale (`journalctl -p info` shows info, not debug).
+            layer
+                .with_field_prefix(None)
+                .with_priority_mappings(PriorityMappings {
+                    error: Priority::Error,
+                    warn: Priority::Warning,
+                    info: Priority::Informational,
+                    debug: Priority::Debug,
+                    trace: Priority::Debug,
+                })
+        });
     let layer: Box<dyn Layer<Registry> + Send + Sync> = match (journald, format) {
         (Some(j), _) => j.boxed(),
         (None, LogFormat::Json) => tracing_subscriber::fmt::layer()
