@@ -3,6 +3,7 @@
 //! QEMU. No network, no policy about *when* to format: callers decide.
 
 pub mod af;
+mod argon2_memory;
 pub mod cipher;
 pub mod disk;
 pub mod dump;
