@@ -45,7 +45,11 @@
 //!     magic, valid or torn, carries the intent's UUID; no other
 //!     signature; zeros at the start of the data segment and at the end of
 //!     the device. Anything else is refused and named: it never formats
-//!     over bytes it cannot account for.
+//!     over bytes it cannot account for. The device checks are a second
+//!     line: the marker is durable in the key manager before an attach
+//!     hands out the device, so data can only exist where the marker does
+//!     (where policy keeps marker and intent local, no other host sees
+//!     either).
 //! * Crash in `Formatted` or `Marked`: the header opens; attach proceeds,
 //!   sets the marker if it is missing and drops the record.
 //! * After `Done`, a missing header with the marker present is refused:
@@ -63,7 +67,9 @@
 //!
 //! `tests/vm/kill_format.sh` proves this with real dm-crypt: SIGKILL on
 //! entry to each state-changing system call of a first-use attach and of
-//! a normal one, and after increasing delays, then attach again.
+//! a normal one, and after increasing delays, then attach again; for some
+//! kills during the format writes also without the local record, as on
+//! another host.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
