@@ -59,6 +59,9 @@ pub struct Config {
     /// libvirt secrets for QEMU-native LUKS (attach `--mode libvirt`).
     #[serde(default)]
     pub libvirt: LibvirtConfig,
+    /// Attach and first-use format.
+    #[serde(default)]
+    pub volume: VolumeConfig,
 }
 
 impl Default for Config {
@@ -71,6 +74,7 @@ impl Default for Config {
             server: ServerConfig::default(),
             crypt: CryptConfig::default(),
             libvirt: LibvirtConfig::default(),
+            volume: VolumeConfig::default(),
         }
     }
 }
@@ -147,6 +151,36 @@ impl Default for KdfConfig {
     fn default() -> Self {
         KdfConfig {
             max_argon2_memory_kib: default_max_argon2_memory_kib(),
+        }
+    }
+}
+
+/// Default of `[volume] format_intent_min_age_secs`: a first-use format
+/// takes milliseconds to seconds (minutes only with a strong KDF on a slow
+/// machine), so an intent this old belongs to a format that is no longer
+/// running.
+pub const DEFAULT_FORMAT_INTENT_MIN_AGE_SECS: u64 = 600;
+
+fn default_format_intent_min_age_secs() -> u64 {
+    DEFAULT_FORMAT_INTENT_MIN_AGE_SECS
+}
+
+/// The `[volume]` section.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeConfig {
+    /// A first-use format that was interrupted (its host died, or the
+    /// volume moved) is redone by the next attach on any host once the
+    /// intent it recorded in the key manager is this many seconds old, and
+    /// not before: a format still running elsewhere must not be raced.
+    #[serde(default = "default_format_intent_min_age_secs")]
+    pub format_intent_min_age_secs: u64,
+}
+
+impl Default for VolumeConfig {
+    fn default() -> Self {
+        VolumeConfig {
+            format_intent_min_age_secs: default_format_intent_min_age_secs(),
         }
     }
 }
@@ -485,6 +519,13 @@ mod tests {
         assert_eq!(cfg.run_dir, Path::new(DEFAULT_RUN_DIR));
         assert_eq!(cfg.libvirt.uri, "qemu:///system");
         assert!(!cfg.libvirt.persistent);
+        assert_eq!(
+            cfg.volume.format_intent_min_age_secs,
+            DEFAULT_FORMAT_INTENT_MIN_AGE_SECS
+        );
+        let cfg: Config = toml::from_str("[volume]\nformat_intent_min_age_secs = 0\n").unwrap();
+        assert_eq!(cfg.volume.format_intent_min_age_secs, 0);
+        assert!(toml::from_str::<Config>("[volume]\nformat_intent_age = 0\n").is_err());
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //! without a service token, key ids as hrefs, passphrase secrets, policy
 //! refusals, Barbican going away and coming back, a server that never
 //! answers, unusable key material, the token cache, the formatted marker
-//! in Barbican's secret metadata, and nova's legacy fixed key.
+//! and the format intent in Barbican's secret metadata, and nova's legacy
+//! fixed key.
 //!
 //! The cloud comes from `LUKS_AGENT_TEST_CLOUD` (a `cloud.json`) or is
 //! started once per test binary in `target/test-cloud` and left running
@@ -25,11 +26,13 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use luks_agent::config::{Config, ConfigError};
-use luks_agent::keymgr::barbican::{Barbican, MARKER_KEY};
+use luks_agent::keymgr::barbican::{Barbican, INTENT_KEY, MARKER_KEY};
 use luks_agent::keymgr::fixed::FIXED_KEY_ID;
 use luks_agent::keymgr::http::{HttpConfig, build_client};
 use luks_agent::keymgr::keystone::Keystone;
-use luks_agent::keymgr::{Key, KeyError, KeyId, KeyManager, RequestAuth, SecretKind, SecretString};
+use luks_agent::keymgr::{
+    FormatIntent, Key, KeyError, KeyId, KeyManager, RequestAuth, SecretKind, SecretString,
+};
 use luks_agent::secret::SecretBytes;
 
 // ---------------------------------------------------------------------------
@@ -224,6 +227,39 @@ impl Fx {
         self.rt
             .block_on(km.mark_formatted(&id, auth))
             .unwrap_or_else(|e| panic!("mark_formatted({id}): {e}"));
+    }
+
+    fn intent(&self, km: &dyn KeyManager, id: &str, auth: &RequestAuth) -> Option<FormatIntent> {
+        let id = KeyId::new(id).unwrap();
+        self.rt
+            .block_on(km.formatting_intent(&id, auth))
+            .unwrap_or_else(|e| panic!("formatting_intent({id}): {e}"))
+    }
+
+    fn set_intent(&self, km: &dyn KeyManager, id: &str, auth: &RequestAuth, i: &FormatIntent) {
+        let id = KeyId::new(id).unwrap();
+        self.rt
+            .block_on(km.mark_formatting(&id, auth, i))
+            .unwrap_or_else(|e| panic!("mark_formatting({id}): {e}"));
+    }
+
+    /// Sets one metadata key of a secret straight through the API, with
+    /// alice's token, as any user allowed to write it could.
+    fn put_metadata(&self, id: &str, key: &str, value: &str) {
+        let token = self.cloud.token("alice");
+        let url = format!("{}/v1/secrets/{id}/metadata/{key}", self.cloud.barbican());
+        let client = build_client(&HttpConfig::default()).unwrap();
+        self.rt.block_on(async {
+            let resp = client
+                .put(&url)
+                .header("X-Auth-Token", &token)
+                .header("Accept", "application/json")
+                .json(&serde_json::json!({"key": key, "value": value}))
+                .send()
+                .await
+                .unwrap_or_else(|e| panic!("PUT {url}: {e}"));
+            assert_eq!(resp.status().as_u16(), 200, "PUT {url}");
+        })
     }
 
     /// Barbican's user metadata of a secret, read with alice's token.
@@ -1038,6 +1074,107 @@ fn formatted_marker_in_barbican_metadata() {
     );
     // And alice's view of that secret is unmarked.
     assert!(!fx.is_marked(&*b, &other, &svc));
+}
+
+/// The format intent lives in Barbican's secret metadata beside the
+/// marker: another manager with an empty state directory reads it, a
+/// second intent replaces the first, a value that does not parse (set by
+/// anyone who may write the metadata) is no intent. A reader whom policy
+/// denies metadata keeps it locally, without an error.
+#[test]
+fn format_intent_in_barbican_metadata() {
+    let fx = setup();
+    let c = fx.cloud;
+    let id = c.create_secret(&random_key(32), "symmetric");
+    let svc = RequestAuth::Service;
+    let a = manager(
+        fx.dir.path(),
+        "a.toml",
+        &agent_toml(&fx.state("a"), "", &[alice(c)]),
+    );
+    assert_eq!(fx.intent(&*a, &id, &svc), None);
+    let first = FormatIntent::new_here();
+    fx.set_intent(&*a, &id, &svc, &first);
+    assert_eq!(INTENT_KEY, "luks-agent-formatting");
+    let meta = fx.secret_metadata(&id);
+    assert_eq!(
+        meta["metadata"][INTENT_KEY].as_str(),
+        Some(first.encode().as_str()),
+        "{meta}"
+    );
+    assert!(meta["metadata"].get(MARKER_KEY).is_none(), "{meta}");
+
+    let state_b = fx.state("b");
+    let b = manager(
+        fx.dir.path(),
+        "b.toml",
+        &agent_toml(&state_b, "", &[alice(c)]),
+    );
+    assert_eq!(fx.intent(&*b, &id, &svc), Some(first.clone()));
+    assert!(!state_b.join("format-intents").exists());
+    // A second intent (a redo on another host) replaces the first, and the
+    // first host sees Barbican's, not its own local copy.
+    let second = FormatIntent {
+        host: "other-host".into(),
+        ..FormatIntent::new_here()
+    };
+    fx.set_intent(&*b, &id, &svc, &second);
+    assert_eq!(fx.intent(&*a, &id, &svc), Some(second.clone()));
+    // Marker and intent side by side.
+    fx.mark(&*b, &id, &svc);
+    let meta = fx.secret_metadata(&id);
+    assert!(meta["metadata"].get(MARKER_KEY).is_some(), "{meta}");
+    assert_eq!(
+        meta["metadata"][INTENT_KEY].as_str(),
+        Some(second.encode().as_str())
+    );
+    assert_eq!(fx.intent(&*b, &id, &svc), Some(second));
+
+    // Nonsense set through the API is no intent, for a manager without a
+    // local copy; one with a local copy falls back to it.
+    let u = uuid::Uuid::new_v4();
+    for (n, nonsense) in [
+        "nonsense".to_string(),
+        format!("{u},soon,h"),
+        format!("{u},1,"),
+        format!("{u},1,a b"),
+        "{\"luks_uuid\": 1}".into(),
+    ]
+    .iter()
+    .enumerate()
+    {
+        fx.put_metadata(&id, INTENT_KEY, nonsense);
+        let fresh = manager(
+            fx.dir.path(),
+            &format!("f{n}.toml"),
+            &agent_toml(&fx.state(&format!("f{n}")), "", &[alice(c)]),
+        );
+        assert_eq!(fx.intent(&*fresh, &id, &svc), None, "{nonsense:?}");
+        assert_eq!(
+            fx.intent(&*a, &id, &svc),
+            Some(first.clone()),
+            "{nonsense:?}"
+        );
+    }
+
+    // Rita may not read or write metadata: the intent is kept locally.
+    let other = c.create_secret(&random_key(32), "symmetric");
+    let state_r = fx.state("r");
+    let r = manager(
+        fx.dir.path(),
+        "r.toml",
+        &agent_toml(&state_r, "", &[endpoint_section(c.barbican())]),
+    );
+    let rita = user_token(&c.token("rita"));
+    assert_eq!(fx.intent(&*r, &other, &rita), None);
+    let third = FormatIntent::new_here();
+    fx.set_intent(&*r, &other, &rita, &third);
+    assert!(state_r.join("format-intents").join(&other).is_file());
+    assert_eq!(fx.intent(&*r, &other, &rita), Some(third));
+    assert_eq!(
+        fx.secret_metadata(&other)["metadata"],
+        serde_json::json!({})
+    );
 }
 
 /// nova's legacy fixed key: the all-zero id resolves to `fixed_key`

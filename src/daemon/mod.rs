@@ -43,6 +43,7 @@ pub fn volume_options(config: &Config) -> VolumeOptions {
         detach_attempts: 6,
         detach_backoff: Duration::from_millis(100),
         crypt: config.crypt.options(),
+        format_intent_min_age: Duration::from_secs(config.volume.format_intent_min_age_secs),
     }
 }
 

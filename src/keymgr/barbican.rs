@@ -1,6 +1,7 @@
 //! Barbican: secret metadata and payload over its REST API, authenticated
 //! with the agent's Keystone session or a caller's token, with the
-//! formatted marker kept as secret user metadata where policy allows.
+//! formatted marker and the format intent kept as secret user metadata
+//! where policy allows.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,13 +14,16 @@ use super::http::{self, Budget, HttpConfig};
 use super::keystone::Keystone;
 use super::marker::LocalMarkers;
 use super::{
-    BoxFuture, InvalidMaterial, Key, KeyError, KeyId, KeyManager, RequestAuth, SecretKind,
-    SecretString,
+    BoxFuture, FormatIntent, InvalidMaterial, Key, KeyError, KeyId, KeyManager, RequestAuth,
+    SecretKind, SecretString,
 };
 use crate::secret::SecretBytes;
 
 /// Metadata key under which the formatted marker is stored.
 pub const MARKER_KEY: &str = "luks-agent-formatted";
+/// Metadata key under which the format intent is stored, as
+/// [`FormatIntent::encode`] writes it.
+pub const INTENT_KEY: &str = "luks-agent-formatting";
 /// Largest payload or metadata body we read; a volume key is bytes long.
 const MAX_BODY: usize = 64 * 1024;
 
@@ -391,10 +395,12 @@ impl Barbican {
         Ok(key)
     }
 
-    async fn marker_get(&self, id: &KeyId, auth: &RequestAuth) -> Result<bool, KeyError> {
-        if self.markers.is_marked(id)? {
-            return Ok(true);
-        }
+    /// The secret's user metadata, `None` when policy refuses it.
+    async fn metadata_get(
+        &self,
+        id: &KeyId,
+        auth: &RequestAuth,
+    ) -> Result<Option<Value>, KeyError> {
         let budget = &Budget::start(&self.http);
         let uuid = id.uuid()?.hyphenated().to_string();
         let (a, base) = self
@@ -419,13 +425,102 @@ impl Barbican {
                         status: 200,
                         reason: format!("secret metadata is not JSON: {e}"),
                     })?;
-                Ok(v["metadata"].get(MARKER_KEY).is_some())
+                Ok(Some(v))
             }
             403 => {
                 self.note_metadata_refused(&base);
-                Ok(false)
+                Ok(None)
             }
             _ => Err(self.status_error(&a, id.as_str(), &base, "secret metadata")),
+        }
+    }
+
+    async fn marker_get(&self, id: &KeyId, auth: &RequestAuth) -> Result<bool, KeyError> {
+        if self.markers.is_marked(id)? {
+            return Ok(true);
+        }
+        Ok(self
+            .metadata_get(id, auth)
+            .await?
+            .is_some_and(|v| v["metadata"].get(MARKER_KEY).is_some()))
+    }
+
+    /// The intent in Barbican, else the local one (written first, so it
+    /// is the only one after a crash or a refusal between the two). A
+    /// value in Barbican that does not parse counts as none: anyone who
+    /// may write the secret's metadata can put anything there.
+    async fn intent_get(
+        &self,
+        id: &KeyId,
+        auth: &RequestAuth,
+    ) -> Result<Option<FormatIntent>, KeyError> {
+        if let Some(v) = self.metadata_get(id, auth).await? {
+            match v["metadata"].get(INTENT_KEY) {
+                None => {}
+                Some(Value::String(s)) if FormatIntent::decode(s).is_some() => {
+                    return Ok(FormatIntent::decode(s));
+                }
+                Some(_) => tracing::warn!(
+                    key_id = id.as_str(),
+                    "ignoring a {INTENT_KEY} value in the secret's metadata that does not parse"
+                ),
+            }
+        }
+        self.markers.intent(id)
+    }
+
+    /// Writes the intent locally, then into the secret's metadata: created,
+    /// or replaced when an earlier format attempt left one (409).
+    async fn intent_set(
+        &self,
+        id: &KeyId,
+        auth: &RequestAuth,
+        intent: &FormatIntent,
+    ) -> Result<(), KeyError> {
+        self.markers.set_intent(id, intent)?;
+        if self.metadata_refused.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let budget = &Budget::start(&self.http);
+        let uuid = id.uuid()?.hyphenated().to_string();
+        let body = serde_json::json!({"key": INTENT_KEY, "value": intent.encode()});
+        let (a, base) = self
+            .call(
+                auth,
+                id.as_str(),
+                ApiRequest {
+                    method: reqwest::Method::POST,
+                    path: &format!("/v1/secrets/{uuid}/metadata"),
+                    accept: "application/json",
+                    body: Some(&body),
+                },
+                budget,
+            )
+            .await?;
+        let a = if a.status == 409 {
+            self.call(
+                auth,
+                id.as_str(),
+                ApiRequest {
+                    method: reqwest::Method::PUT,
+                    path: &format!("/v1/secrets/{uuid}/metadata/{INTENT_KEY}"),
+                    accept: "application/json",
+                    body: Some(&body),
+                },
+                budget,
+            )
+            .await?
+            .0
+        } else {
+            a
+        };
+        match a.status {
+            200 | 201 => Ok(()),
+            403 => {
+                self.note_metadata_refused(&base);
+                Ok(())
+            }
+            _ => Err(self.status_error(&a, id.as_str(), &base, "writing secret metadata")),
         }
     }
 
@@ -467,7 +562,7 @@ impl Barbican {
         if !self.metadata_refused.swap(true, Ordering::Relaxed) {
             tracing::warn!(
                 endpoint,
-                "Barbican policy does not allow secret metadata; formatted markers are kept in the local state directory only"
+                "Barbican policy does not allow secret metadata; formatted markers and format intents are kept in the local state directory only"
             );
         }
     }
@@ -545,5 +640,22 @@ impl KeyManager for Barbican {
         auth: &'a RequestAuth,
     ) -> BoxFuture<'a, Result<(), KeyError>> {
         Box::pin(self.marker_set(id, auth))
+    }
+
+    fn mark_formatting<'a>(
+        &'a self,
+        id: &'a KeyId,
+        auth: &'a RequestAuth,
+        intent: &'a FormatIntent,
+    ) -> BoxFuture<'a, Result<(), KeyError>> {
+        Box::pin(self.intent_set(id, auth, intent))
+    }
+
+    fn formatting_intent<'a>(
+        &'a self,
+        id: &'a KeyId,
+        auth: &'a RequestAuth,
+    ) -> BoxFuture<'a, Result<Option<FormatIntent>, KeyError>> {
+        Box::pin(self.intent_get(id, auth))
     }
 }

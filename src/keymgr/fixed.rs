@@ -2,7 +2,7 @@
 //! `fixed_key`. As castellan's migration wrapper does, that id is resolved
 //! here before any other key manager is asked.
 
-use super::{BoxFuture, Key, KeyError, KeyId, KeyManager, RequestAuth, SecretKind};
+use super::{BoxFuture, FormatIntent, Key, KeyError, KeyId, KeyManager, RequestAuth, SecretKind};
 use crate::secret::SecretBytes;
 
 /// The id ConfKeyManager gives its one key.
@@ -77,5 +77,31 @@ impl KeyManager for WithFixedKey {
             return Box::pin(async { Ok(()) });
         }
         self.inner.mark_formatted(id, auth)
+    }
+
+    /// Like the marker, an intent on the shared fixed key id would speak
+    /// for every legacy volume at once: none is kept, so those volumes
+    /// never get the cross-host redo of an interrupted format.
+    fn mark_formatting<'a>(
+        &'a self,
+        id: &'a KeyId,
+        auth: &'a RequestAuth,
+        intent: &'a FormatIntent,
+    ) -> BoxFuture<'a, Result<(), KeyError>> {
+        if Self::is_fixed(id) {
+            return Box::pin(async { Ok(()) });
+        }
+        self.inner.mark_formatting(id, auth, intent)
+    }
+
+    fn formatting_intent<'a>(
+        &'a self,
+        id: &'a KeyId,
+        auth: &'a RequestAuth,
+    ) -> BoxFuture<'a, Result<Option<FormatIntent>, KeyError>> {
+        if Self::is_fixed(id) {
+            return Box::pin(async { Ok(None) });
+        }
+        self.inner.formatting_intent(id, auth)
     }
 }

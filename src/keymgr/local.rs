@@ -8,7 +8,7 @@ use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsE
 use std::path::{Path, PathBuf};
 
 use super::marker::LocalMarkers;
-use super::{BoxFuture, Key, KeyError, KeyId, KeyManager, RequestAuth, SecretKind};
+use super::{BoxFuture, FormatIntent, Key, KeyError, KeyId, KeyManager, RequestAuth, SecretKind};
 use crate::secret::SecretBytes;
 
 /// Default directory of the store.
@@ -208,5 +208,22 @@ impl KeyManager for LocalKeyStore {
         _auth: &'a RequestAuth,
     ) -> BoxFuture<'a, Result<(), KeyError>> {
         Box::pin(async move { self.markers.mark(id) })
+    }
+
+    fn mark_formatting<'a>(
+        &'a self,
+        id: &'a KeyId,
+        _auth: &'a RequestAuth,
+        intent: &'a FormatIntent,
+    ) -> BoxFuture<'a, Result<(), KeyError>> {
+        Box::pin(async move { self.markers.set_intent(id, intent) })
+    }
+
+    fn formatting_intent<'a>(
+        &'a self,
+        id: &'a KeyId,
+        _auth: &'a RequestAuth,
+    ) -> BoxFuture<'a, Result<Option<FormatIntent>, KeyError>> {
+        Box::pin(async move { self.markers.intent(id) })
     }
 }

@@ -1,6 +1,7 @@
-//! The "this key's volume was formatted" marker kept on local disk: the
-//! local key store's only marker, and the fallback when Barbican's policy
-//! does not let us write secret metadata.
+//! The "this key's volume was formatted" marker and the "a format of this
+//! key's volume started" intent kept on local disk: the local key store's
+//! only copies, and the fallback when Barbican's policy does not let us
+//! write secret metadata.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
@@ -9,31 +10,39 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-use super::{KeyError, KeyId};
+use super::{FormatIntent, KeyError, KeyId};
 
-/// Markers as empty files under `<state_dir>/formatted/`.
+/// Markers as files under `<state_dir>/formatted/`, intents as one-line
+/// files under `<state_dir>/format-intents/`.
 #[derive(Clone, Debug)]
 pub struct LocalMarkers {
     dir: PathBuf,
+    intents: PathBuf,
 }
+
+/// A file name for any key id: the UUID when the id names one, else a
+/// hash of the id (ids may be hrefs with slashes).
+fn file_name(id: &KeyId) -> String {
+    match id.uuid() {
+        Ok(u) => u.hyphenated().to_string(),
+        Err(_) => hex::encode(Sha256::digest(id.as_str().as_bytes())),
+    }
+}
+
+/// Largest intent file read; a valid one is under 200 bytes.
+const MAX_INTENT_FILE: u64 = 4096;
 
 impl LocalMarkers {
     /// Markers under `state_dir`.
     pub fn new(state_dir: &Path) -> Self {
         LocalMarkers {
             dir: state_dir.join("formatted"),
+            intents: state_dir.join("format-intents"),
         }
     }
 
-    /// A file name for any key id: the UUID when the id names one, else a
-    /// hash of the id (ids may be hrefs with slashes).
     fn path(&self, id: &KeyId) -> PathBuf {
-        match id.uuid() {
-            Ok(u) => self.dir.join(u.hyphenated().to_string()),
-            Err(_) => self
-                .dir
-                .join(hex::encode(Sha256::digest(id.as_str().as_bytes()))),
-        }
+        self.dir.join(file_name(id))
     }
 
     fn err(&self, id: &KeyId, op: &str, path: &Path, source: std::io::Error) -> KeyError {
@@ -76,5 +85,88 @@ impl LocalMarkers {
         File::open(&self.dir)
             .and_then(|d| d.sync_all())
             .map_err(|e| self.err(id, "flushing marker directory", &self.dir, e))
+    }
+}
+
+impl LocalMarkers {
+    /// The recorded format intent; `None` when there is none or when the
+    /// file does not hold a valid one (logged: such a file was not written
+    /// by us, and an intent we cannot read must not allow a format).
+    pub fn intent(&self, id: &KeyId) -> Result<Option<FormatIntent>, KeyError> {
+        use std::io::Read;
+        let p = self.intents.join(file_name(id));
+        let mut text = String::new();
+        match File::open(&p).and_then(|f| f.take(MAX_INTENT_FILE).read_to_string(&mut text)) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => text.clear(),
+            Err(e) => return Err(self.err(id, "reading format intent", &p, e)),
+        }
+        let intent = FormatIntent::decode(&text);
+        if intent.is_none() {
+            tracing::warn!(
+                key_id = id.as_str(),
+                path = %p.display(),
+                "ignoring a local format intent that does not parse"
+            );
+        }
+        Ok(intent)
+    }
+
+    /// Records `intent` durably, replacing an earlier one: written beside,
+    /// flushed, renamed over, and the directory flushed, so that a crash
+    /// leaves the old intent or the new one.
+    pub fn set_intent(&self, id: &KeyId, intent: &FormatIntent) -> Result<(), KeyError> {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.intents)
+            .map_err(|e| self.err(id, "creating intent directory", &self.intents, e))?;
+        let p = self.intents.join(file_name(id));
+        let tmp = self.intents.join(format!("{}.tmp", file_name(id)));
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(|e| self.err(id, "writing format intent", &tmp, e))?;
+        writeln!(f, "{}", intent.encode())
+            .and_then(|_| f.sync_all())
+            .and_then(|_| fs::rename(&tmp, &p))
+            .map_err(|e| self.err(id, "writing format intent", &p, e))?;
+        File::open(&self.intents)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| self.err(id, "flushing intent directory", &self.intents, e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn intent_round_trip_replace_and_garbage() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = LocalMarkers::new(dir.path());
+        let id = KeyId::new("https://kms/v1/secrets/6f1c1f1e-0000-4000-8000-000000000001").unwrap();
+        assert_eq!(m.intent(&id).unwrap(), None);
+        let first = FormatIntent::new_here();
+        m.set_intent(&id, &first).unwrap();
+        assert_eq!(m.intent(&id).unwrap(), Some(first));
+        let second = FormatIntent::new_here();
+        m.set_intent(&id, &second).unwrap();
+        assert_eq!(m.intent(&id).unwrap(), Some(second));
+        let file = dir
+            .path()
+            .join("format-intents/6f1c1f1e-0000-4000-8000-000000000001");
+        assert!(file.is_file());
+        for garbage in [&b"nonsense"[..], b"\xff\xfe", b""] {
+            fs::write(&file, garbage).unwrap();
+            assert_eq!(m.intent(&id).unwrap(), None);
+        }
+        // Another key has its own intent.
+        let other = KeyId::new("not-a-uuid/x").unwrap();
+        assert_eq!(m.intent(&other).unwrap(), None);
     }
 }

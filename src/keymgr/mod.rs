@@ -2,7 +2,8 @@
 //! on a cloud, the legacy fixed key of nova's ConfKeyManager, and a local
 //! key store for machines without a cloud. This layer knows nothing of
 //! devices; it returns key material and keeps the per-key "formatted"
-//! marker that the first-use format guard consults.
+//! marker and "formatting" intent that the first-use format guard
+//! consults (see `volume/guard.rs`).
 
 pub mod barbican;
 pub mod error;
@@ -225,6 +226,109 @@ pub enum RequestAuth {
     },
 }
 
+/// Longest host name kept in a [`FormatIntent`]; longer names are cut.
+pub const MAX_INTENT_HOST_LEN: usize = 128;
+
+/// A first-use format that was started: stored beside the key, before the
+/// first byte goes to the device, so that any host that later attaches the
+/// volume can tell the leftovers of an interrupted format of ours (a
+/// header carrying this UUID, or no header) from anything else.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FormatIntent {
+    /// The UUID the format writes into the LUKS header.
+    pub luks_uuid: uuid::Uuid,
+    /// When the format started, in seconds since the Unix epoch.
+    pub started_at: u64,
+    /// The host that started it (for refusals and logs only).
+    pub host: String,
+}
+
+impl FormatIntent {
+    /// An intent to format now, on this host, with a fresh UUID.
+    pub fn new_here() -> FormatIntent {
+        let started_at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        FormatIntent {
+            luks_uuid: uuid::Uuid::new_v4(),
+            started_at,
+            host: clean_host(&this_host()),
+        }
+    }
+
+    /// The stored form: `<uuid>,<unix seconds>,<host>`. Short, because
+    /// Barbican's metadata values are short strings.
+    pub fn encode(&self) -> String {
+        format!(
+            "{},{},{}",
+            self.luks_uuid.hyphenated(),
+            self.started_at,
+            self.host
+        )
+    }
+
+    /// Parses a stored intent. Anything else than exactly what
+    /// [`encode`](Self::encode) writes (a hyphenated UUID, decimal seconds,
+    /// a host of printable ASCII without commas) is `None`: the value may
+    /// have been set by anyone with write access to the key's metadata.
+    pub fn decode(s: &str) -> Option<FormatIntent> {
+        let mut parts = s.trim_end_matches('\n').splitn(3, ',');
+        let (uuid, secs, host) = (parts.next()?, parts.next()?, parts.next()?);
+        if uuid.len() != 36 || secs.is_empty() || secs.len() > 20 {
+            return None;
+        }
+        if !secs.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        if host.is_empty()
+            || host.len() > MAX_INTENT_HOST_LEN
+            || !host.bytes().all(|b| b.is_ascii_graphic() && b != b',')
+        {
+            return None;
+        }
+        Some(FormatIntent {
+            luks_uuid: uuid::Uuid::try_parse(uuid).ok()?,
+            started_at: secs.parse().ok()?,
+            host: host.to_string(),
+        })
+    }
+}
+
+/// The name of this host as the kernel reports it, `unknown` if unset.
+fn this_host() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most `buf.len()` bytes into `buf`,
+    // which is a live local array of that length.
+    let ok = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } == 0;
+    let len = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    if !ok || len == 0 {
+        return "unknown".into();
+    }
+    String::from_utf8_lossy(&buf[..len]).into_owned()
+}
+
+/// A host name as [`FormatIntent::decode`] accepts it: printable ASCII
+/// without commas (others become `_`), at most [`MAX_INTENT_HOST_LEN`].
+fn clean_host(host: &str) -> String {
+    let cleaned: String = host
+        .chars()
+        .map(|c| {
+            if c.is_ascii_graphic() && c != ',' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(MAX_INTENT_HOST_LEN)
+        .collect();
+    if cleaned.is_empty() {
+        "unknown".into()
+    } else {
+        cleaned
+    }
+}
+
 /// A source of volume keys.
 pub trait KeyManager: Send + Sync {
     /// A short description for logs and errors (backend and endpoint).
@@ -250,6 +354,24 @@ pub trait KeyManager: Send + Sync {
         id: &'a KeyId,
         auth: &'a RequestAuth,
     ) -> BoxFuture<'a, Result<(), KeyError>>;
+
+    /// Durably records that a first-use format of the volume using this
+    /// key is about to start, replacing any earlier intent. Called before
+    /// the first byte goes to the device.
+    fn mark_formatting<'a>(
+        &'a self,
+        id: &'a KeyId,
+        auth: &'a RequestAuth,
+        intent: &'a FormatIntent,
+    ) -> BoxFuture<'a, Result<(), KeyError>>;
+
+    /// The last recorded format intent for this key, if any. A stored value
+    /// that does not parse is logged and reported as no intent.
+    fn formatting_intent<'a>(
+        &'a self,
+        id: &'a KeyId,
+        auth: &'a RequestAuth,
+    ) -> BoxFuture<'a, Result<Option<FormatIntent>, KeyError>>;
 }
 
 #[cfg(test)]
@@ -266,6 +388,43 @@ mod tests {
         assert!(KeyId::new("").is_err());
         assert!(KeyId::new("a b").is_err());
         assert!(KeyId::new("not-a-uuid").unwrap().uuid().is_err());
+    }
+
+    #[test]
+    fn format_intent_round_trip_and_hostile_values() {
+        let i = FormatIntent {
+            luks_uuid: uuid::Uuid::new_v4(),
+            started_at: 1_700_000_000,
+            host: "compute-1.example".into(),
+        };
+        assert_eq!(FormatIntent::decode(&i.encode()), Some(i.clone()));
+        let here = FormatIntent::new_here();
+        assert_eq!(FormatIntent::decode(&here.encode()), Some(here));
+        let u = i.luks_uuid.hyphenated().to_string();
+        for bad in [
+            String::new(),
+            "nonsense".into(),
+            u.clone(),
+            format!("{u},"),
+            format!("{u},12"),
+            format!("{u},12,"),
+            format!("{u},-12,h"),
+            format!("{u},+12,h"),
+            format!("{u},12x,h"),
+            format!("{u},99999999999999999999999,h"),
+            format!("{u},12,a b"),
+            format!("{u},12,a,b"),
+            format!("{u},12,{}", "h".repeat(MAX_INTENT_HOST_LEN + 1)),
+            format!("{},12,h", u.replace('-', "")),
+            format!("{}x,12,h", &u[..35]),
+            "00000000-0000-0000-0000-00000000000g,1,h".into(),
+            format!("{u},12,h\u{e9}"),
+        ] {
+            assert_eq!(FormatIntent::decode(&bad), None, "{bad:?}");
+        }
+        assert_eq!(clean_host("a b,c\u{e9}"), "a_b_c_");
+        assert_eq!(clean_host(""), "unknown");
+        assert_eq!(clean_host(&"x".repeat(300)).len(), MAX_INTENT_HOST_LEN);
     }
 
     #[test]

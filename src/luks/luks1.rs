@@ -89,6 +89,28 @@ fn put_c_string(dst: &mut [u8], s: &str) {
     dst[..s.len()].copy_from_slice(s.as_bytes());
 }
 
+/// A fresh layout for a volume key of `key_len` bytes, in sectors: the
+/// key material offset of each keyslot and the payload offset.
+fn layout_sectors(key_len: usize) -> ([u64; KEYSLOTS], u64) {
+    let secs = af_sectors(key_len, STRIPES);
+    let mut next = ALIGN_KEYSLOTS_SECTORS;
+    let offsets = std::array::from_fn(|_| {
+        let at = next;
+        next = (next + secs).div_ceil(ALIGN_KEYSLOTS_SECTORS) * ALIGN_KEYSLOTS_SECTORS;
+        at
+    });
+    (
+        offsets,
+        next.div_ceil(ALIGN_PAYLOAD_SECTORS) * ALIGN_PAYLOAD_SECTORS,
+    )
+}
+
+/// Where a fresh layout for a volume key of `key_len` bytes puts the
+/// payload, in bytes.
+pub fn layout_data_offset(key_len: usize) -> u64 {
+    layout_sectors(key_len).1 * SECTOR as u64
+}
+
 impl Luks1Header {
     /// Parses and validates the 592-byte header of `device`.
     pub fn parse(device: &str, raw: &[u8]) -> Result<Luks1Header, LuksError> {
@@ -346,20 +368,14 @@ impl Luks1Header {
         device: &str,
     ) -> Result<Luks1Header, LuksError> {
         let key_bytes = key.len() as u32;
-        let secs = af_sectors(key.len(), STRIPES);
-        let mut next = ALIGN_KEYSLOTS_SECTORS;
-        let keyslots: [Keyslot; KEYSLOTS] = std::array::from_fn(|_| {
-            let s = Keyslot {
-                active: false,
-                iterations: 0,
-                salt: [0; SALT_LEN],
-                key_material_offset: next as u32,
-                stripes: STRIPES as u32,
-            };
-            next = (next + secs).div_ceil(ALIGN_KEYSLOTS_SECTORS) * ALIGN_KEYSLOTS_SECTORS;
-            s
+        let (offsets, payload_offset) = layout_sectors(key.len());
+        let keyslots: [Keyslot; KEYSLOTS] = std::array::from_fn(|i| Keyslot {
+            active: false,
+            iterations: 0,
+            salt: [0; SALT_LEN],
+            key_material_offset: offsets[i] as u32,
+            stripes: STRIPES as u32,
         });
-        let payload_offset = next.div_ceil(ALIGN_PAYLOAD_SECTORS) * ALIGN_PAYLOAD_SECTORS;
         let mut mk_digest_salt = [0u8; SALT_LEN];
         mk_digest_salt.copy_from_slice(&keyslot::random_bytes(device, SALT_LEN)?);
         let mut mk_digest = [0u8; DIGEST_LEN];

@@ -218,6 +218,20 @@ impl FormatOptions {
     }
 }
 
+impl FormatOptions {
+    /// Where [`format`] with these options puts the data segment: the
+    /// bytes before it are all that a format writes.
+    pub fn data_offset(&self) -> u64 {
+        match self.version {
+            LuksVersion::Luks1 => luks1::layout_data_offset(self.cipher.key_bytes),
+            LuksVersion::Luks2 => luks2::layout_data_offset(
+                self.metadata_size.unwrap_or(luks2::DEFAULT_HDR_SIZE),
+                self.keyslots_size,
+            ),
+        }
+    }
+}
+
 /// A successful unlock.
 #[derive(Debug)]
 pub struct Unlocked {

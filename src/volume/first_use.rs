@@ -5,16 +5,39 @@
 //! marker and the local format record in step.
 
 use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::guard::Inspection;
 use super::{EncryptionSpec, Provider, VolumeError, Volumes, io_err};
 use crate::blockdev;
-use crate::keymgr::{KeyId, RequestAuth};
+use crate::keymgr::{FormatIntent, KeyId, RequestAuth};
 use crate::luks::{
     self, CipherSpec, Disk, FileDisk, FormatOptions, Header, KdfLimits, KdfPolicy, LuksError,
     LuksVersion,
 };
 use crate::secret::VolumeKey;
+
+/// `secs` after the epoch as an RFC 3339 time, clamped to the years
+/// humantime can show (an intent's time may be any number).
+fn rfc3339(secs: u64) -> String {
+    const LAST_SECOND_OF_9999: u64 = 253_402_300_799;
+    humantime::format_rfc3339_seconds(
+        UNIX_EPOCH + Duration::from_secs(secs.min(LAST_SECOND_OF_9999)),
+    )
+    .to_string()
+}
+
+/// What an attach may do about a device whose header does not open.
+enum Redo {
+    /// Format again over what an interrupted format left, reusing this
+    /// intent's LUKS UUID.
+    Allowed(FormatIntent),
+    /// No intent applies (none recorded, or the marker says the volume
+    /// was formatted): the usual checks decide.
+    NoIntent,
+    /// An intent is recorded but the device or its age forbid a redo.
+    Refused(String),
+}
 
 impl Volumes<'_> {
     /// Opens the volume's LUKS header with its key, or formats the device
@@ -40,11 +63,16 @@ impl Volumes<'_> {
             device: dev_name.clone(),
             source,
         };
+        let refused = |reason: String| VolumeError::FormatRefused {
+            volume_id: vid.into(),
+            device: dev_name.clone(),
+            reason,
+        };
         let file = blockdev::open(device, true).map_err(io_err(vid, "opening", device))?;
         let disk = FileDisk::new(file, dev_name.clone());
         let limits = KdfLimits::default();
         let recorded = self.records.is_recorded(vid);
-        // Only an interrupted format of our own may be redone: our
+        // An interrupted format of our own on this host may be redone: our
         // record says it started here, and no marker says it finished.
         let redo_ours = recorded
             && !self
@@ -55,6 +83,9 @@ impl Volumes<'_> {
                     volume_id: vid.into(),
                     source,
                 })?;
+        // Only a format needs these: a spec that a format cannot use must
+        // not stop an existing header from opening.
+        let options = || self.format_options(vid, &disk, provider, spec, key, key_id);
         let opened = match Header::read(&disk) {
             Ok(h) => match h.unlock(&disk, &passphrase, None, &limits) {
                 Ok(u) => {
@@ -62,10 +93,23 @@ impl Volumes<'_> {
                     (h, u.volume_key, false)
                 }
                 Err(LuksError::WrongPassphrase { .. }) if redo_ours => {
-                    let (h, k) = self
-                        .format(vid, &disk, provider, spec, key, key_id, auth)
-                        .await?;
+                    let (h, k) = self.redo(vid, &disk, options()?, key, key_id, auth).await?;
                     (h, k, true)
+                }
+                Err(e @ LuksError::WrongPassphrase { .. }) => {
+                    let Ok(opts) = options() else {
+                        return Err(luks_err(e));
+                    };
+                    match self.redo_elsewhere(vid, &disk, &opts, key_id, auth).await? {
+                        Redo::Allowed(intent) => {
+                            let (h, k) = self
+                                .format(vid, &disk, opts, intent, key, key_id, auth)
+                                .await?;
+                            (h, k, true)
+                        }
+                        Redo::Refused(reason) => return Err(refused(reason)),
+                        Redo::NoIntent => return Err(luks_err(e)),
+                    }
                 }
                 Err(e) => return Err(luks_err(e)),
             },
@@ -79,25 +123,41 @@ impl Volumes<'_> {
                         source,
                     })?
                 {
-                    return Err(VolumeError::FormatRefused {
-                        volume_id: vid.into(),
-                        device: dev_name.clone(),
-                        reason: format!(
-                            "no LUKS header, but the key manager records key {key_id} as formatted: the header was destroyed or the device is not the volume"
-                        ),
-                    });
+                    return Err(refused(format!(
+                        "no LUKS header, but the key manager records key {key_id} as formatted: the header was destroyed or the device is not the volume"
+                    )));
                 }
                 let seen = Inspection::of(&disk).map_err(io_err(vid, "probing", device))?;
-                if !seen.is_blank() && !redo_ours {
-                    return Err(VolumeError::FormatRefused {
-                        volume_id: vid.into(),
-                        device: dev_name.clone(),
-                        reason: format!("the device is not blank: {}", seen.describe()),
-                    });
-                }
-                let (h, k) = self
-                    .format(vid, &disk, provider, spec, key, key_id, auth)
-                    .await?;
+                let opts = options()?;
+                let (h, k) = if redo_ours {
+                    self.redo(vid, &disk, opts, key, key_id, auth).await?
+                } else {
+                    match self.redo_elsewhere(vid, &disk, &opts, key_id, auth).await? {
+                        Redo::Allowed(intent) => {
+                            self.format(vid, &disk, opts, intent, key, key_id, auth)
+                                .await?
+                        }
+                        Redo::Refused(reason) => return Err(refused(reason)),
+                        Redo::NoIntent if seen.is_blank() => {
+                            self.format(
+                                vid,
+                                &disk,
+                                opts,
+                                FormatIntent::new_here(),
+                                key,
+                                key_id,
+                                auth,
+                            )
+                            .await?
+                        }
+                        Redo::NoIntent => {
+                            return Err(refused(format!(
+                                "the device is not blank: {}",
+                                seen.describe()
+                            )));
+                        }
+                    }
+                };
                 (h, k, true)
             }
             Err(
@@ -105,18 +165,134 @@ impl Volumes<'_> {
                 | LuksError::Unsupported { .. }
                 | LuksError::TooSmall { .. }),
             ) => {
+                let opts = match options() {
+                    Ok(o) => o,
+                    Err(_) if !redo_ours => return Err(luks_err(e)),
+                    Err(x) => return Err(x),
+                };
                 if redo_ours {
-                    let (h, k) = self
-                        .format(vid, &disk, provider, spec, key, key_id, auth)
-                        .await?;
+                    let (h, k) = self.redo(vid, &disk, opts, key, key_id, auth).await?;
                     (h, k, true)
                 } else {
-                    return Err(luks_err(e));
+                    match self.redo_elsewhere(vid, &disk, &opts, key_id, auth).await? {
+                        Redo::Allowed(intent) => {
+                            let (h, k) = self
+                                .format(vid, &disk, opts, intent, key, key_id, auth)
+                                .await?;
+                            (h, k, true)
+                        }
+                        Redo::Refused(reason) => return Err(refused(reason)),
+                        Redo::NoIntent => return Err(luks_err(e)),
+                    }
                 }
             }
             Err(e) => return Err(luks_err(e)),
         };
         Ok(opened)
+    }
+
+    /// Redoes an interrupted format recorded on this host. The UUID of a
+    /// recorded intent is kept, so that whatever this attempt leaves still
+    /// matches the intent any other host will read.
+    async fn redo(
+        &self,
+        vid: &str,
+        disk: &FileDisk,
+        opts: FormatOptions,
+        key: &crate::keymgr::Key,
+        key_id: &KeyId,
+        auth: &RequestAuth,
+    ) -> Result<(Header, VolumeKey), VolumeError> {
+        let mut intent = FormatIntent::new_here();
+        if let Some(earlier) = self.intent(vid, key_id, auth).await? {
+            intent.luks_uuid = earlier.luks_uuid;
+        }
+        self.format(vid, disk, opts, intent, key, key_id, auth)
+            .await
+    }
+
+    async fn intent(
+        &self,
+        vid: &str,
+        key_id: &KeyId,
+        auth: &RequestAuth,
+    ) -> Result<Option<FormatIntent>, VolumeError> {
+        self.keys
+            .formatting_intent(key_id, auth)
+            .await
+            .map_err(|source| VolumeError::Key {
+                volume_id: vid.into(),
+                source,
+            })
+    }
+
+    /// Whether an interrupted format recorded in the key manager (by any
+    /// host) may be redone here without a local record: no marker says it
+    /// finished, the intent is old enough that the format cannot still be
+    /// running, and the device holds only what that format can have
+    /// written (see [`Inspection::foreign_to_format`]).
+    async fn redo_elsewhere(
+        &self,
+        vid: &str,
+        disk: &FileDisk,
+        opts: &FormatOptions,
+        key_id: &KeyId,
+        auth: &RequestAuth,
+    ) -> Result<Redo, VolumeError> {
+        let Some(intent) = self.intent(vid, key_id, auth).await? else {
+            return Ok(Redo::NoIntent);
+        };
+        if self
+            .keys
+            .is_marked_formatted(key_id, auth)
+            .await
+            .map_err(|source| VolumeError::Key {
+                volume_id: vid.into(),
+                source,
+            })?
+        {
+            return Ok(Redo::NoIntent);
+        }
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let min_age = self.opts.format_intent_min_age.as_secs();
+        // A start time in the future (clock skew, or a hostile value) counts
+        // as just now: waiting is always safe.
+        let age = now.saturating_sub(intent.started_at);
+        let started = rfc3339(intent.started_at);
+        if age < min_age {
+            return Ok(Redo::Refused(format!(
+                "a format of key {key_id}'s volume started on host {} at {started} and may still be running; if it was interrupted, attach again after {} s, when it is {min_age} s old",
+                intent.host,
+                min_age - age
+            )));
+        }
+        let seen = Inspection::of(disk).map_err(io_err(vid, "probing", Path::new(disk.name())))?;
+        match seen
+            .foreign_to_format(disk, &intent.luks_uuid, opts.data_offset())
+            .map_err(io_err(vid, "probing", Path::new(disk.name())))?
+        {
+            Some(why) => Ok(Redo::Refused(format!(
+                "key {key_id} records a format that started on host {} at {started} and did not finish, but it cannot be redone: {why}",
+                intent.host
+            ))),
+            None => {
+                tracing::warn!(
+                    volume_id = vid,
+                    device = disk.name(),
+                    key_id = key_id.as_str(),
+                    host = intent.host,
+                    started = %started,
+                    "redoing a first-use format that was interrupted"
+                );
+                Ok(Redo::Allowed(FormatIntent {
+                    luks_uuid: intent.luks_uuid,
+                    ..FormatIntent::new_here()
+                }))
+            }
+        }
     }
 
     pub(super) async fn heal_marker(
@@ -145,8 +321,9 @@ impl Volumes<'_> {
             .map_err(io_err(vid, "clearing format record for", Path::new(vid)))
     }
 
-    #[allow(clippy::too_many_arguments)]
-    async fn format(
+    /// The options a first-use format of this volume uses (its LUKS UUID
+    /// comes from the intent, see `format`).
+    fn format_options(
         &self,
         vid: &str,
         disk: &FileDisk,
@@ -154,9 +331,7 @@ impl Volumes<'_> {
         spec: &EncryptionSpec,
         key: &crate::keymgr::Key,
         key_id: &KeyId,
-        auth: &RequestAuth,
-    ) -> Result<(Header, VolumeKey), VolumeError> {
-        let dev = disk.name().to_string();
+    ) -> Result<FormatOptions, VolumeError> {
         let spec_err = |source| VolumeError::Spec {
             volume_id: vid.into(),
             source,
@@ -190,7 +365,7 @@ impl Volumes<'_> {
                 other => other,
             }
         };
-        let opts = FormatOptions {
+        Ok(FormatOptions {
             version,
             cipher,
             hash: luks::HashAlg::Sha256,
@@ -201,12 +376,37 @@ impl Volumes<'_> {
             metadata_size: None,
             keyslots_size: None,
             key_id: (version == LuksVersion::Luks2).then(|| key_id.to_string()),
-        };
+        })
+    }
+
+    /// Formats: the local record, then the intent with the LUKS UUID the
+    /// header will carry, both durable before the first byte goes to the
+    /// device; then the format; then the marker, and the record dropped.
+    #[allow(clippy::too_many_arguments)]
+    async fn format(
+        &self,
+        vid: &str,
+        disk: &FileDisk,
+        mut opts: FormatOptions,
+        intent: FormatIntent,
+        key: &crate::keymgr::Key,
+        key_id: &KeyId,
+        auth: &RequestAuth,
+    ) -> Result<(Header, VolumeKey), VolumeError> {
+        let dev = disk.name().to_string();
+        opts.uuid = Some(intent.luks_uuid);
         self.records.record(vid, &dev).map_err(io_err(
             vid,
             "recording format of",
             Path::new(&dev),
         ))?;
+        self.keys
+            .mark_formatting(key_id, auth, &intent)
+            .await
+            .map_err(|source| VolumeError::Key {
+                volume_id: vid.into(),
+                source,
+            })?;
         let (header, vk) =
             luks::format(disk, &opts, &key.passphrase()).map_err(|source| VolumeError::Luks {
                 volume_id: vid.into(),
@@ -234,3 +434,7 @@ impl Volumes<'_> {
         Ok((key_id, key))
     }
 }
+
+#[cfg(test)]
+#[path = "first_use_tests.rs"]
+mod tests;

@@ -201,6 +201,9 @@ pub struct VolumeOptions {
     pub detach_backoff: Duration,
     /// Crypt target options.
     pub crypt: CryptOptions,
+    /// How old a format intent recorded in the key manager must be before
+    /// another attach, on any host, may redo that format (see `guard.rs`).
+    pub format_intent_min_age: Duration,
 }
 
 /// Attach/detach orchestration.

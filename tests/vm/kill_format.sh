@@ -23,6 +23,8 @@
 #   after   - a valid LUKS header, no mapping yet
 #   mapping - a mapping exists (complete or not)
 #   done    - (timed only) the attach finished before the signal
+# A few "during" kills are repeated with the local format record removed
+# before the re-attach, as another host would find them (section 1b).
 # Runs as root in the guest (vm/run.sh); exits non-zero on any failure.
 . tests/vm/lib.sh
 command -v strace >/dev/null || fail "strace missing on the host"
@@ -175,12 +177,57 @@ while read -r sc n desc; do
     set -e
     [ "$rc" -ne 0 ] || fail "kill at $sc #$n ($desc) not reached: the run finished"
     recover_first_use "kill at $sc #$n $desc"
+    [ "$PHASE" != during ] || echo "$sc $n $desc" >>"$W/during"
     drop_volume
 done <"$W/events"
 t1=$(ms)
 summary "exact kills in a first-use format ($TOTAL, $((t1 - t0)) ms)"
 EXACT=$COUNTS
 pass "SIGKILL at each of $TOTAL calls of a first-use attach: every volume attaches again, a complete header is never reformatted, nothing left after detach"
+
+# --- 1b. first-use format killed mid-write, next attach on another host ------
+# The local "formatting" record is removed before the re-attach, as on a
+# host that never saw the format; only the intent in the key manager (here
+# the local key store's, shared like a key manager) is left. With the
+# default safety age the young intent is refused and nothing is written;
+# with the age at 0 (the config file is the only way to set it) the format
+# is redone with the intent's LUKS UUID. A few of the "during" points
+# only: the first, the middle and the last.
+[ -s "$W/during" ] || fail "no exact kill landed during the format writes"
+cp "$W/agent.toml" "$W/agent-age0.toml"
+printf '[volume]\nformat_intent_min_age_secs = 0\n' >>"$W/agent-age0.toml"
+chmod 600 "$W/agent-age0.toml"
+A_DEFAULT=$A
+XN=$(wc -l <"$W/during")
+t0=$(ms)
+awk -v n="$XN" 'NR == 1 || NR == int((n + 1) / 2) || NR == n' "$W/during" >"$W/cross"
+while read -r sc n desc; do
+    new_volume luks2
+    set +e
+    strace -f -qq -o /dev/null -e trace="$sc" -e inject="$sc:signal=KILL:when=$n" \
+        $A attach --volume-id "$VID" --device "$LINK" --encryption "$ENC" >/dev/null 2>&1
+    set -e
+    classify
+    [ "$PHASE" = during ] || fail "cross-host kill at $sc #$n: phase $PHASE, was during"
+    rm "$W/state/formatting/$VID"
+    INTENT=$(cut -d, -f1 "$W/state/format-intents/$KEY")
+    [ -n "$INTENT" ] || fail "cross-host kill at $sc #$n: no format intent"
+    SUM=$(sha256sum <"$DEV")
+    set +e
+    attach >/dev/null 2>"$W/err"
+    rc=$?
+    set -e
+    [ "$rc" = 5 ] && grep -q "may still be running" "$W/err" \
+        || fail "cross-host kill at $sc #$n: young intent not refused (exit $rc): $(cat "$W/err")"
+    [ "$(sha256sum <"$DEV")" = "$SUM" ] || fail "cross-host kill at $sc #$n: a refused attach wrote"
+    A="$BIN --config $W/agent-age0.toml"
+    recover_first_use "cross-host after kill at $sc #$n $desc"
+    A=$A_DEFAULT
+    [ "$NOW" = "$INTENT" ] || fail "cross-host kill at $sc #$n: LUKS UUID $NOW, intent $INTENT"
+    drop_volume
+done <"$W/cross"
+t1=$(ms)
+pass "SIGKILL during the writes of a first-use format ($(wc -l <"$W/cross") of $XN points), re-attach without the local record (another host): refused while the intent is young, redone with its LUKS UUID once old enough ($((t1 - t0)) ms)"
 
 # --- 2. first-use format, timed kills (LUKS1 and LUKS2) ---------------------
 COUNTS=""

@@ -187,6 +187,16 @@ fn read_copy(
     Ok(Some((binary, meta)))
 }
 
+/// Where a fresh layout with these sizes puts the data segment: the
+/// default 16 MiB, or both header copies plus the keyslots area rounded
+/// up to a MiB.
+pub fn layout_data_offset(hdr_size: u64, keyslots_size: Option<u64>) -> u64 {
+    match keyslots_size {
+        None => DEFAULT_DATA_OFFSET.max((2 * hdr_size).div_ceil(1 << 20) * (1 << 20)),
+        Some(k) => (2 * hdr_size + k).div_ceil(1 << 20) * (1 << 20),
+    }
+}
+
 impl Luks2Header {
     /// Reads both copies and keeps the newest valid one. A damaged primary
     /// is recovered from a secondary found at any allowed offset.
@@ -637,11 +647,11 @@ impl Luks2Header {
         }
         let (keyslots_size, data_offset) = match keyslots_size {
             None => {
-                let data = DEFAULT_DATA_OFFSET.max((2 * hdr_size).div_ceil(1 << 20) * (1 << 20));
+                let data = layout_data_offset(hdr_size, None);
                 (data - 2 * hdr_size, data)
             }
             Some(k) if k % KEYSLOT_ALIGN == 0 && k > 0 => {
-                (k, (2 * hdr_size + k).div_ceil(1 << 20) * (1 << 20))
+                (k, layout_data_offset(hdr_size, Some(k)))
             }
             Some(k) => {
                 return Err(arg(format!(
