@@ -168,12 +168,11 @@ impl Kdf {
                     Argon2Variant::Argon2i => argon2::Algorithm::Argon2i,
                     Argon2Variant::Argon2id => argon2::Algorithm::Argon2id,
                 };
-                let mut memory = Argon2Memory::new(params.block_count()).map_err(|_| {
-                    KdfError::Memory {
+                let mut memory =
+                    Argon2Memory::new(params.block_count()).map_err(|_| KdfError::Memory {
                         needed_kib: memory_kib,
                         limit_kib: available_memory_kib(),
-                    }
-                })?;
+                    })?;
                 argon2::Argon2::new(algorithm, argon2::Version::V0x13, params)
                     .hash_password_into_with_memory(password, salt, out.expose_mut(), &mut memory)
                     .map_err(|e| KdfError::Refused(format!("argon2: {e}")))?;
