@@ -470,7 +470,7 @@ impl Barbican {
     }
 
     /// Writes the intent locally, then into the secret's metadata: created,
-    /// or replaced when an earlier format attempt left one (409).
+    /// or replaced when an earlier format attempt left one.
     async fn intent_set(
         &self,
         id: &KeyId,
@@ -478,78 +478,67 @@ impl Barbican {
         intent: &FormatIntent,
     ) -> Result<(), KeyError> {
         self.markers.set_intent(id, intent)?;
-        if self.metadata_refused.load(Ordering::Relaxed) {
-            return Ok(());
-        }
-        let budget = &Budget::start(&self.http);
-        let uuid = id.uuid()?.hyphenated().to_string();
-        let body = serde_json::json!({"key": INTENT_KEY, "value": intent.encode()});
-        let (a, base) = self
-            .call(
-                auth,
-                id.as_str(),
-                ApiRequest {
-                    method: reqwest::Method::POST,
-                    path: &format!("/v1/secrets/{uuid}/metadata"),
-                    accept: "application/json",
-                    body: Some(&body),
-                },
-                budget,
-            )
-            .await?;
-        let a = if a.status == 409 {
-            self.call(
-                auth,
-                id.as_str(),
-                ApiRequest {
-                    method: reqwest::Method::PUT,
-                    path: &format!("/v1/secrets/{uuid}/metadata/{INTENT_KEY}"),
-                    accept: "application/json",
-                    body: Some(&body),
-                },
-                budget,
-            )
-            .await?
-            .0
-        } else {
-            a
-        };
-        match a.status {
-            200 | 201 => Ok(()),
-            403 => {
-                self.note_metadata_refused(&base);
-                Ok(())
-            }
-            _ => Err(self.status_error(&a, id.as_str(), &base, "writing secret metadata")),
-        }
+        self.metadata_put(id, auth, INTENT_KEY, &intent.encode(), true)
+            .await
     }
 
     async fn marker_set(&self, id: &KeyId, auth: &RequestAuth) -> Result<(), KeyError> {
         // Locally first: it cannot be refused by policy, and a crash between
         // the two still leaves one marker.
         self.markers.mark(id)?;
+        let when = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+        // A marker that exists already (409) is as good as ours.
+        self.metadata_put(id, auth, MARKER_KEY, &when, false).await
+    }
+
+    /// Sets one user-metadata `key` of the secret: created, or when it
+    /// exists (409) replaced if `replace`, else left as it is. A policy
+    /// refusal (403) is noted once and is not an error: the caller's local
+    /// copy stands in.
+    async fn metadata_put(
+        &self,
+        id: &KeyId,
+        auth: &RequestAuth,
+        key: &str,
+        value: &str,
+        replace: bool,
+    ) -> Result<(), KeyError> {
         if self.metadata_refused.load(Ordering::Relaxed) {
             return Ok(());
         }
         let budget = &Budget::start(&self.http);
         let uuid = id.uuid()?.hyphenated().to_string();
-        let when = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
-        let body = serde_json::json!({"key": MARKER_KEY, "value": when});
-        let (a, base) = self
-            .call(
+        let body = &serde_json::json!({"key": key, "value": value});
+        let send = |method, path: String| async move {
+            self.call(
                 auth,
                 id.as_str(),
                 ApiRequest {
-                    method: reqwest::Method::POST,
-                    path: &format!("/v1/secrets/{uuid}/metadata"),
+                    method,
+                    path: &path,
                     accept: "application/json",
-                    body: Some(&body),
+                    body: Some(body),
                 },
                 budget,
             )
-            .await?;
+            .await
+        };
+        let (mut a, base) = send(
+            reqwest::Method::POST,
+            format!("/v1/secrets/{uuid}/metadata"),
+        )
+        .await?;
+        if a.status == 409 && replace {
+            a = send(
+                reqwest::Method::PUT,
+                format!("/v1/secrets/{uuid}/metadata/{key}"),
+            )
+            .await?
+            .0;
+        }
         match a.status {
-            200 | 201 | 409 => Ok(()),
+            200 | 201 => Ok(()),
+            409 if !replace => Ok(()),
             403 => {
                 self.note_metadata_refused(&base);
                 Ok(())

@@ -74,15 +74,7 @@ impl Volumes<'_> {
         let recorded = self.records.is_recorded(vid);
         // An interrupted format of our own on this host may be redone: our
         // record says it started here, and no marker says it finished.
-        let redo_ours = recorded
-            && !self
-                .keys
-                .is_marked_formatted(key_id, auth)
-                .await
-                .map_err(|source| VolumeError::Key {
-                    volume_id: vid.into(),
-                    source,
-                })?;
+        let redo_ours = recorded && !self.is_formatted(vid, key_id, auth).await?;
         // Only a format needs these: a spec that a format cannot use must
         // not stop an existing header from opening.
         let options = || self.format_options(vid, &disk, provider, spec, key, key_id);
@@ -100,29 +92,15 @@ impl Volumes<'_> {
                     let Ok(opts) = options() else {
                         return Err(luks_err(e));
                     };
-                    match self.redo_elsewhere(vid, &disk, &opts, key_id, auth).await? {
-                        Redo::Allowed(intent) => {
-                            let (h, k) = self
-                                .format(vid, &disk, opts, intent, key, key_id, auth)
-                                .await?;
-                            (h, k, true)
-                        }
-                        Redo::Refused(reason) => return Err(refused(reason)),
-                        Redo::NoIntent => return Err(luks_err(e)),
-                    }
+                    let (h, k) = self
+                        .format_redone_elsewhere(vid, &disk, opts, key, key_id, auth, luks_err(e))
+                        .await?;
+                    (h, k, true)
                 }
                 Err(e) => return Err(luks_err(e)),
             },
             Err(LuksError::NotLuks { .. }) => {
-                if self
-                    .keys
-                    .is_marked_formatted(key_id, auth)
-                    .await
-                    .map_err(|source| VolumeError::Key {
-                        volume_id: vid.into(),
-                        source,
-                    })?
-                {
+                if self.is_formatted(vid, key_id, auth).await? {
                     return Err(refused(format!(
                         "no LUKS header, but the key manager records key {key_id} as formatted: the header was destroyed or the device is not the volume"
                     )));
@@ -174,16 +152,10 @@ impl Volumes<'_> {
                     let (h, k) = self.redo(vid, &disk, opts, key, key_id, auth).await?;
                     (h, k, true)
                 } else {
-                    match self.redo_elsewhere(vid, &disk, &opts, key_id, auth).await? {
-                        Redo::Allowed(intent) => {
-                            let (h, k) = self
-                                .format(vid, &disk, opts, intent, key, key_id, auth)
-                                .await?;
-                            (h, k, true)
-                        }
-                        Redo::Refused(reason) => return Err(refused(reason)),
-                        Redo::NoIntent => return Err(luks_err(e)),
-                    }
+                    let (h, k) = self
+                        .format_redone_elsewhere(vid, &disk, opts, key, key_id, auth, luks_err(e))
+                        .await?;
+                    (h, k, true)
                 }
             }
             Err(e) => return Err(luks_err(e)),
@@ -211,6 +183,22 @@ impl Volumes<'_> {
             .await
     }
 
+    /// Whether the key manager records the volume as formatted.
+    async fn is_formatted(
+        &self,
+        vid: &str,
+        key_id: &KeyId,
+        auth: &RequestAuth,
+    ) -> Result<bool, VolumeError> {
+        self.keys
+            .is_marked_formatted(key_id, auth)
+            .await
+            .map_err(|source| VolumeError::Key {
+                volume_id: vid.into(),
+                source,
+            })
+    }
+
     async fn intent(
         &self,
         vid: &str,
@@ -224,6 +212,34 @@ impl Volumes<'_> {
                 volume_id: vid.into(),
                 source,
             })
+    }
+
+    /// Formats over what an interrupted format of another host left, when
+    /// [`Self::redo_elsewhere`] allows it; otherwise its refusal, or
+    /// `otherwise` when no intent applies.
+    #[allow(clippy::too_many_arguments)]
+    async fn format_redone_elsewhere(
+        &self,
+        vid: &str,
+        disk: &FileDisk,
+        opts: FormatOptions,
+        key: &crate::keymgr::Key,
+        key_id: &KeyId,
+        auth: &RequestAuth,
+        otherwise: VolumeError,
+    ) -> Result<(Header, VolumeKey), VolumeError> {
+        match self.redo_elsewhere(vid, disk, &opts, key_id, auth).await? {
+            Redo::Allowed(intent) => {
+                self.format(vid, disk, opts, intent, key, key_id, auth)
+                    .await
+            }
+            Redo::Refused(reason) => Err(VolumeError::FormatRefused {
+                volume_id: vid.into(),
+                device: disk.name().into(),
+                reason,
+            }),
+            Redo::NoIntent => Err(otherwise),
+        }
     }
 
     /// Whether an interrupted format recorded in the key manager (by any
@@ -242,15 +258,7 @@ impl Volumes<'_> {
         let Some(intent) = self.intent(vid, key_id, auth).await? else {
             return Ok(Redo::NoIntent);
         };
-        if self
-            .keys
-            .is_marked_formatted(key_id, auth)
-            .await
-            .map_err(|source| VolumeError::Key {
-                volume_id: vid.into(),
-                source,
-            })?
-        {
+        if self.is_formatted(vid, key_id, auth).await? {
             return Ok(Redo::NoIntent);
         }
         let now = SystemTime::now()
@@ -305,12 +313,7 @@ impl Volumes<'_> {
             volume_id: vid.into(),
             source,
         };
-        if !self
-            .keys
-            .is_marked_formatted(key_id, auth)
-            .await
-            .map_err(key_err)?
-        {
+        if !self.is_formatted(vid, key_id, auth).await? {
             self.keys
                 .mark_formatted(key_id, auth)
                 .await
