@@ -122,7 +122,7 @@ recover_first_use() { # context
     dd if="$W/data" of="/dev/mapper/$MAP" bs=64k oflag=direct status=none
     detach || fail "$1: detach failed"
     check_clean "$1 ($PHASE/$SUB)"
-    echo "  $1: $PHASE ($SUB)$([ -n "$HDR" ] && echo ", header $HDR kept")"
+    printf '  %s: %s (%s)%s\n' "$1" "$PHASE" "$SUB" "$([ -n "$HDR" ] && echo ", header $HDR kept")"
 }
 
 # The events of a traced, uninterrupted run: one line per state-changing
@@ -177,7 +177,9 @@ while read -r sc n desc; do
     set -e
     [ "$rc" -ne 0 ] || fail "kill at $sc #$n ($desc) not reached: the run finished"
     recover_first_use "kill at $sc #$n $desc"
-    [ "$PHASE" != during ] || echo "$sc $n $desc" >>"$W/during"
+    # printf, not echo: dash's echo expands the backslash escapes in strace's
+    # rendering of written bytes (\012 would split the line).
+    [ "$PHASE" != during ] || printf '%s %s %s\n' "$sc" "$n" "$desc" >>"$W/during"
     drop_volume
 done <"$W/events"
 t1=$(ms)
@@ -291,7 +293,7 @@ while read -r sc n desc; do
     classify
     count "$PHASE"
     reattach_check "re-attach killed at $sc #$n $desc ($PHASE/$SUB)"
-    echo "  re-attach kill at $sc #$n $desc: $PHASE ($SUB)"
+    printf '  re-attach kill at %s #%s %s: %s (%s)\n' "$sc" "$n" "$desc" "$PHASE" "$SUB"
 done <"$W/events2"
 for d in 0 0.05; do
     $A attach --volume-id "$VID" --device "$LINK" --encryption "$ENC" >/dev/null 2>&1 &
@@ -363,7 +365,7 @@ while read -r sc n desc; do
     [ "$(stat -L -c '%t:%T' "/dev/mapper/$MAP")" = "$(printf '%x:%x' "${DEVNO%:*}" "${DEVNO#*:}")" ] \
         || fail "detach killed at $sc #$n: /dev/mapper/$MAP is not the node of $DEVNO"
     cmp -s -n 262144 "$W/data" "/dev/mapper/$MAP" || fail "detach killed at $sc #$n: data"
-    echo "  detach kill at $sc #$n $desc: $PHASE"
+    printf '  detach kill at %s #%s %s: %s\n' "$sc" "$n" "$desc" "$PHASE"
     detach
     dmsetup remove squatter
     check_clean "detach killed at $sc #$n, attached again and detached"

@@ -5,8 +5,8 @@
 set -eu
 BIN=${BIN:-target/release/luks-agent}
 W=$(mktemp -d /tmp/vmtest.XXXXXX)
-fail() { echo "FAIL: $*" >&2; exit 1; }
-pass() { echo "ok - $*"; }
+fail() { printf 'FAIL: %s\n' "$*" >&2; exit 1; }
+pass() { printf 'ok - %s\n' "$*"; }
 ms() { echo $(($(date +%s%N) / 1000000)); }
 T0=$(ms)
 
