@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::guard::Inspection;
-use super::{EncryptionSpec, Provider, VolumeError, Volumes, io_err};
+use super::{EncryptionSpec, Provider, VolumeError, Volumes, io_err, key_err};
 use crate::blockdev;
 use crate::keymgr::{FormatIntent, KeyId, RequestAuth};
 use crate::luks::{
@@ -193,10 +193,7 @@ impl Volumes<'_> {
         self.keys
             .is_marked_formatted(key_id, auth)
             .await
-            .map_err(|source| VolumeError::Key {
-                volume_id: vid.into(),
-                source,
-            })
+            .map_err(key_err(vid))
     }
 
     async fn intent(
@@ -208,10 +205,7 @@ impl Volumes<'_> {
         self.keys
             .formatting_intent(key_id, auth)
             .await
-            .map_err(|source| VolumeError::Key {
-                volume_id: vid.into(),
-                source,
-            })
+            .map_err(key_err(vid))
     }
 
     /// Formats over what an interrupted format of another host left, when
@@ -309,15 +303,11 @@ impl Volumes<'_> {
         key_id: &KeyId,
         auth: &RequestAuth,
     ) -> Result<(), VolumeError> {
-        let key_err = |source| VolumeError::Key {
-            volume_id: vid.into(),
-            source,
-        };
         if !self.is_formatted(vid, key_id, auth).await? {
             self.keys
                 .mark_formatted(key_id, auth)
                 .await
-                .map_err(key_err)?;
+                .map_err(key_err(vid))?;
         }
         self.records
             .clear(vid)
@@ -406,10 +396,7 @@ impl Volumes<'_> {
         self.keys
             .mark_formatting(key_id, auth, &intent)
             .await
-            .map_err(|source| VolumeError::Key {
-                volume_id: vid.into(),
-                source,
-            })?;
+            .map_err(key_err(vid))?;
         let (header, vk) =
             luks::format(disk, &opts, &key.passphrase()).map_err(|source| VolumeError::Luks {
                 volume_id: vid.into(),
@@ -428,12 +415,8 @@ impl Volumes<'_> {
         key_id: &str,
         auth: &RequestAuth,
     ) -> Result<(KeyId, crate::keymgr::Key), VolumeError> {
-        let key_err = |source| VolumeError::Key {
-            volume_id: vid.into(),
-            source,
-        };
-        let key_id = KeyId::new(key_id).map_err(key_err)?;
-        let key = self.keys.fetch(&key_id, auth).await.map_err(key_err)?;
+        let key_id = KeyId::new(key_id).map_err(key_err(vid))?;
+        let key = self.keys.fetch(&key_id, auth).await.map_err(key_err(vid))?;
         Ok((key_id, key))
     }
 }

@@ -213,6 +213,11 @@ pub struct Volumes<'k> {
     records: FormatRecords,
 }
 
+fn key_err(volume_id: &str) -> impl FnOnce(crate::keymgr::KeyError) -> VolumeError {
+    let volume_id = volume_id.to_string();
+    move |source| VolumeError::Key { volume_id, source }
+}
+
 fn io_err(volume_id: &str, op: &str, path: &Path) -> impl FnOnce(std::io::Error) -> VolumeError {
     let (volume_id, op, path) = (
         volume_id.to_string(),
