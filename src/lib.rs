@@ -10,4 +10,5 @@ pub mod keymgr;
 pub mod libvirt;
 pub mod luks;
 pub mod secret;
+pub mod state_file;
 pub mod volume;

@@ -4,7 +4,7 @@
 
 use std::fs::{self, OpenOptions};
 use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use super::marker::LocalMarkers;
@@ -63,10 +63,7 @@ impl LocalKeyStore {
                 "key size {bits} bits; choose 128 to 512 in whole bytes"
             )));
         }
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&self.dir)
+        crate::state_file::private_dir(&self.dir)
             .map_err(|e| Self::local_err("-", "creating key directory", &self.dir, e))?;
         self.check_dir()?;
         let id = KeyId::new(&uuid::Uuid::new_v4().hyphenated().to_string())?;

@@ -3,14 +3,13 @@
 //! only copies, and the fallback when Barbican's policy does not let us
 //! write secret metadata.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
 use super::{FormatIntent, KeyError, KeyId};
+use crate::state_file::{self, Durability};
 
 /// Markers as files under `<state_dir>/formatted/`, intents as one-line
 /// files under `<state_dir>/format-intents/`.
@@ -66,29 +65,15 @@ impl LocalMarkers {
 
     /// Creates the marker durably (file and directory entry flushed).
     pub fn mark(&self, id: &KeyId) -> Result<(), KeyError> {
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&self.dir)
-            .map_err(|e| self.err(id, "creating marker directory", &self.dir, e))?;
         let p = self.path(id);
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&p)
-            .map_err(|e| self.err(id, "writing formatted marker", &p, e))?;
-        writeln!(f, "{}", id.as_str())
-            .and_then(|_| f.sync_all())
-            .map_err(|e| self.err(id, "writing formatted marker", &p, e))?;
-        File::open(&self.dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| self.err(id, "flushing marker directory", &self.dir, e))
+        state_file::replace(
+            &p,
+            format!("{}\n", id.as_str()).as_bytes(),
+            Durability::PowerLoss,
+        )
+        .map_err(|e| self.err(id, "writing formatted marker", &p, e))
     }
-}
 
-impl LocalMarkers {
     /// The recorded format intent; `None` when there is none or when the
     /// file does not hold a valid one (logged: such a file was not written
     /// by us, and an intent we cannot read must not allow a format).
@@ -113,31 +98,13 @@ impl LocalMarkers {
         Ok(intent)
     }
 
-    /// Records `intent` durably, replacing an earlier one: written beside,
-    /// flushed, renamed over, and the directory flushed, so that a crash
+    /// Records `intent` durably, replacing an earlier one, so that a crash
     /// leaves the old intent or the new one.
     pub fn set_intent(&self, id: &KeyId, intent: &FormatIntent) -> Result<(), KeyError> {
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&self.intents)
-            .map_err(|e| self.err(id, "creating intent directory", &self.intents, e))?;
         let p = self.intents.join(file_name(id));
-        let tmp = self.intents.join(format!("{}.tmp", file_name(id)));
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(|e| self.err(id, "writing format intent", &tmp, e))?;
-        writeln!(f, "{}", intent.encode())
-            .and_then(|_| f.sync_all())
-            .and_then(|_| fs::rename(&tmp, &p))
-            .map_err(|e| self.err(id, "writing format intent", &p, e))?;
-        File::open(&self.intents)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| self.err(id, "flushing intent directory", &self.intents, e))
+        let line = format!("{}\n", intent.encode());
+        state_file::replace(&p, line.as_bytes(), Durability::PowerLoss)
+            .map_err(|e| self.err(id, "writing format intent", &p, e))
     }
 }
 

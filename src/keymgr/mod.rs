@@ -297,15 +297,10 @@ impl FormatIntent {
 
 /// The name of this host as the kernel reports it, `unknown` if unset.
 fn this_host() -> String {
-    let mut buf = [0u8; 256];
-    // SAFETY: gethostname writes at most `buf.len()` bytes into `buf`,
-    // which is a live local array of that length.
-    let ok = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } == 0;
-    let len = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
-    if !ok || len == 0 {
-        return "unknown".into();
+    match nix::unistd::gethostname() {
+        Ok(name) if !name.is_empty() => name.to_string_lossy().into_owned(),
+        _ => "unknown".into(),
     }
-    String::from_utf8_lossy(&buf[..len]).into_owned()
 }
 
 /// A host name as [`FormatIntent::decode`] accepts it: printable ASCII

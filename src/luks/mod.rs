@@ -216,9 +216,7 @@ impl FormatOptions {
             key_id: None,
         })
     }
-}
 
-impl FormatOptions {
     /// Where [`format`] with these options puts the data segment: the
     /// bytes before it are all that a format writes.
     pub fn data_offset(&self) -> u64 {

@@ -71,15 +71,14 @@
 //! kills during the format writes also without the local record, as on
 //! another host.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::fs;
 use std::path::{Path, PathBuf};
 
 use uuid::Uuid;
 
 use crate::blockdev::probe::{self, Signature, SignatureKind};
 use crate::luks::Disk;
+use crate::state_file::{self, Durability};
 
 /// Bytes at the start of the data segment that must read as zeros before
 /// an interrupted format is redone on the strength of a format intent: a
@@ -146,19 +145,12 @@ impl FormatRecords {
 
     /// Durably records that a format of `volume_id` on `device` begins.
     pub fn record(&self, volume_id: &str, device: &str) -> std::io::Result<()> {
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&self.dir)?;
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(self.path(volume_id))?;
-        writeln!(f, "{device}")?;
-        f.sync_all()?;
-        File::open(&self.dir)?.sync_all()
+        let line = format!("{device}\n");
+        state_file::replace(
+            &self.path(volume_id),
+            line.as_bytes(),
+            Durability::PowerLoss,
+        )
     }
 
     /// Drops the record after the format is complete and marked.
@@ -174,7 +166,7 @@ impl FormatRecords {
     /// recorded format is never redone.
     pub fn clear(&self, volume_id: &str) -> std::io::Result<()> {
         match fs::remove_file(self.path(volume_id)) {
-            Ok(()) => File::open(&self.dir).and_then(|d| d.sync_all()).or(Ok(())),
+            Ok(()) => state_file::sync_dir(&self.dir).or(Ok(())),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(e),
         }

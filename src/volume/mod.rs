@@ -11,7 +11,7 @@ mod records;
 pub mod spec;
 
 use std::fs::{self, File, OpenOptions};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -246,11 +246,7 @@ impl<'k> Volumes<'k> {
     /// Serialises all operations on one volume, across processes.
     fn lock(&self, volume_id: &str) -> Result<File, VolumeError> {
         let dir = self.opts.run_dir.join("locks");
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&dir)
-            .map_err(io_err(volume_id, "creating", &dir))?;
+        crate::state_file::private_dir(&dir).map_err(io_err(volume_id, "creating", &dir))?;
         let path = dir.join(format!("{volume_id}.lock"));
         let f = OpenOptions::new()
             .write(true)

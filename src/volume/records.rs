@@ -5,13 +5,13 @@
 //! `<volume id>.json` file per volume.
 
 use std::fs;
-use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use super::{VolumeError, io_err};
+use crate::state_file::{self, Durability};
 
 /// One kind of record.
 #[derive(Clone, Debug)]
@@ -43,16 +43,9 @@ impl RunRecords {
     /// mid-write leaves the old record or the new one, never a truncated
     /// one that would lose what detach must restore.
     pub(crate) fn write<T: Serialize>(&self, volume_id: &str, rec: &T) -> Result<(), VolumeError> {
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&self.dir)
-            .map_err(io_err(volume_id, "creating", &self.dir))?;
         let path = self.path(volume_id);
         let text = serde_json::to_string(rec).unwrap_or_default();
-        let tmp = path.with_extension("json.tmp");
-        fs::write(&tmp, text)
-            .and_then(|_| fs::rename(&tmp, &path))
+        state_file::replace(&path, text.as_bytes(), Durability::ProcessCrash)
             .map_err(io_err(volume_id, "writing", &path))
     }
 
