@@ -27,6 +27,17 @@ fn rfc3339(secs: u64) -> String {
     .to_string()
 }
 
+/// The volume one first-use decision is about: what every step of it
+/// needs to read the device, ask the key manager and name the volume in
+/// errors.
+struct FirstUse<'a> {
+    vid: &'a str,
+    disk: &'a FileDisk,
+    key: &'a crate::keymgr::Key,
+    key_id: &'a KeyId,
+    auth: &'a RequestAuth,
+}
+
 /// What an attach may do about a device whose header does not open.
 enum Redo {
     /// Format again over what an interrupted format left, reusing this
@@ -70,6 +81,13 @@ impl Volumes<'_> {
         };
         let file = blockdev::open(device, true).map_err(io_err(vid, "opening", device))?;
         let disk = FileDisk::new(file, dev_name.clone());
+        let job = FirstUse {
+            vid,
+            disk: &disk,
+            key,
+            key_id,
+            auth,
+        };
         let limits = KdfLimits::default();
         let recorded = self.records.is_recorded(vid);
         // An interrupted format of our own on this host may be redone: our
@@ -85,7 +103,7 @@ impl Volumes<'_> {
                     (h, u.volume_key, false)
                 }
                 Err(LuksError::WrongPassphrase { .. }) if redo_ours => {
-                    let (h, k) = self.redo(vid, &disk, options()?, key, key_id, auth).await?;
+                    let (h, k) = self.redo(&job, options()?).await?;
                     (h, k, true)
                 }
                 Err(e @ LuksError::WrongPassphrase { .. }) => {
@@ -93,7 +111,7 @@ impl Volumes<'_> {
                         return Err(luks_err(e));
                     };
                     let (h, k) = self
-                        .format_redone_elsewhere(vid, &disk, opts, key, key_id, auth, luks_err(e))
+                        .format_redone_elsewhere(&job, opts, luks_err(e))
                         .await?;
                     (h, k, true)
                 }
@@ -108,25 +126,13 @@ impl Volumes<'_> {
                 let seen = Inspection::of(&disk).map_err(io_err(vid, "probing", device))?;
                 let opts = options()?;
                 let (h, k) = if redo_ours {
-                    self.redo(vid, &disk, opts, key, key_id, auth).await?
+                    self.redo(&job, opts).await?
                 } else {
-                    match self.redo_elsewhere(vid, &disk, &opts, key_id, auth).await? {
-                        Redo::Allowed(intent) => {
-                            self.format(vid, &disk, opts, intent, key, key_id, auth)
-                                .await?
-                        }
+                    match self.redo_elsewhere(&job, &opts).await? {
+                        Redo::Allowed(intent) => self.format(&job, opts, intent).await?,
                         Redo::Refused(reason) => return Err(refused(reason)),
                         Redo::NoIntent if seen.is_blank() => {
-                            self.format(
-                                vid,
-                                &disk,
-                                opts,
-                                FormatIntent::new_here(),
-                                key,
-                                key_id,
-                                auth,
-                            )
-                            .await?
+                            self.format(&job, opts, FormatIntent::new_here()).await?
                         }
                         Redo::NoIntent => {
                             return Err(refused(format!(
@@ -148,15 +154,13 @@ impl Volumes<'_> {
                     Err(_) if !redo_ours => return Err(luks_err(e)),
                     Err(x) => return Err(x),
                 };
-                if redo_ours {
-                    let (h, k) = self.redo(vid, &disk, opts, key, key_id, auth).await?;
-                    (h, k, true)
+                let (h, k) = if redo_ours {
+                    self.redo(&job, opts).await?
                 } else {
-                    let (h, k) = self
-                        .format_redone_elsewhere(vid, &disk, opts, key, key_id, auth, luks_err(e))
-                        .await?;
-                    (h, k, true)
-                }
+                    self.format_redone_elsewhere(&job, opts, luks_err(e))
+                        .await?
+                };
+                (h, k, true)
             }
             Err(e) => return Err(luks_err(e)),
         };
@@ -168,19 +172,14 @@ impl Volumes<'_> {
     /// matches the intent any other host will read.
     async fn redo(
         &self,
-        vid: &str,
-        disk: &FileDisk,
+        job: &FirstUse<'_>,
         opts: FormatOptions,
-        key: &crate::keymgr::Key,
-        key_id: &KeyId,
-        auth: &RequestAuth,
     ) -> Result<(Header, VolumeKey), VolumeError> {
         let mut intent = FormatIntent::new_here();
-        if let Some(earlier) = self.intent(vid, key_id, auth).await? {
+        if let Some(earlier) = self.intent(job).await? {
             intent.luks_uuid = earlier.luks_uuid;
         }
-        self.format(vid, disk, opts, intent, key, key_id, auth)
-            .await
+        self.format(job, opts, intent).await
     }
 
     /// Whether the key manager records the volume as formatted.
@@ -196,40 +195,28 @@ impl Volumes<'_> {
             .map_err(key_err(vid))
     }
 
-    async fn intent(
-        &self,
-        vid: &str,
-        key_id: &KeyId,
-        auth: &RequestAuth,
-    ) -> Result<Option<FormatIntent>, VolumeError> {
+    /// The format intent the key manager records for the volume's key.
+    async fn intent(&self, job: &FirstUse<'_>) -> Result<Option<FormatIntent>, VolumeError> {
         self.keys
-            .formatting_intent(key_id, auth)
+            .formatting_intent(job.key_id, job.auth)
             .await
-            .map_err(key_err(vid))
+            .map_err(key_err(job.vid))
     }
 
     /// Formats over what an interrupted format of another host left, when
     /// [`Self::redo_elsewhere`] allows it; otherwise its refusal, or
     /// `otherwise` when no intent applies.
-    #[allow(clippy::too_many_arguments)]
     async fn format_redone_elsewhere(
         &self,
-        vid: &str,
-        disk: &FileDisk,
+        job: &FirstUse<'_>,
         opts: FormatOptions,
-        key: &crate::keymgr::Key,
-        key_id: &KeyId,
-        auth: &RequestAuth,
         otherwise: VolumeError,
     ) -> Result<(Header, VolumeKey), VolumeError> {
-        match self.redo_elsewhere(vid, disk, &opts, key_id, auth).await? {
-            Redo::Allowed(intent) => {
-                self.format(vid, disk, opts, intent, key, key_id, auth)
-                    .await
-            }
+        match self.redo_elsewhere(job, &opts).await? {
+            Redo::Allowed(intent) => self.format(job, opts, intent).await,
             Redo::Refused(reason) => Err(VolumeError::FormatRefused {
-                volume_id: vid.into(),
-                device: disk.name().into(),
+                volume_id: job.vid.into(),
+                device: job.disk.name().into(),
                 reason,
             }),
             Redo::NoIntent => Err(otherwise),
@@ -243,16 +230,16 @@ impl Volumes<'_> {
     /// written (see [`Inspection::foreign_to_format`]).
     async fn redo_elsewhere(
         &self,
-        vid: &str,
-        disk: &FileDisk,
+        job: &FirstUse<'_>,
         opts: &FormatOptions,
-        key_id: &KeyId,
-        auth: &RequestAuth,
     ) -> Result<Redo, VolumeError> {
-        let Some(intent) = self.intent(vid, key_id, auth).await? else {
+        let FirstUse {
+            vid, disk, key_id, ..
+        } = *job;
+        let Some(intent) = self.intent(job).await? else {
             return Ok(Redo::NoIntent);
         };
-        if self.is_formatted(vid, key_id, auth).await? {
+        if self.is_formatted(vid, key_id, job.auth).await? {
             return Ok(Redo::NoIntent);
         }
         let now = SystemTime::now()
@@ -375,17 +362,19 @@ impl Volumes<'_> {
     /// Formats: the local record, then the intent with the LUKS UUID the
     /// header will carry, both durable before the first byte goes to the
     /// device; then the format; then the marker, and the record dropped.
-    #[allow(clippy::too_many_arguments)]
     async fn format(
         &self,
-        vid: &str,
-        disk: &FileDisk,
+        job: &FirstUse<'_>,
         mut opts: FormatOptions,
         intent: FormatIntent,
-        key: &crate::keymgr::Key,
-        key_id: &KeyId,
-        auth: &RequestAuth,
     ) -> Result<(Header, VolumeKey), VolumeError> {
+        let FirstUse {
+            vid,
+            disk,
+            key,
+            key_id,
+            auth,
+        } = *job;
         let dev = disk.name().to_string();
         opts.uuid = Some(intent.luks_uuid);
         self.records.record(vid, &dev).map_err(io_err(

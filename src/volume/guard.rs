@@ -25,7 +25,8 @@
 //!        --marker in key manager--> Marked --drop local record--> Done
 //! ```
 //!
-//! The intent stays after `Done`: the marker outranks it.
+//! The intent stays after `Done`: the marker outranks it, and it is the
+//! record of which host formatted the volume and when.
 //!
 //! * Crash in `Recorded`: nothing was written to the device. The same host
 //!   finds its record and formats; another host finds a blank device and

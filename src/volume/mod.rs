@@ -315,12 +315,7 @@ impl<'k> Volumes<'k> {
                 formatted: false,
             });
         }
-        let key_id_text = req
-            .spec
-            .encryption_key_id
-            .as_deref()
-            .ok_or(SpecError::MissingKeyId)
-            .map_err(spec_err)?;
+        let key_id_text = req.spec.key_id().map_err(spec_err)?;
         let _lock = self.lock(vid)?;
         let dm = open_dm(vid)?;
         let dm_err = |mapping: &str| {
@@ -734,12 +729,7 @@ impl Volumes<'_> {
                 new_size: device_size(&req.device_path)?,
             });
         }
-        let key_id_text = req
-            .spec
-            .encryption_key_id
-            .as_deref()
-            .ok_or(SpecError::MissingKeyId)
-            .map_err(spec_err)?;
+        let key_id_text = req.spec.key_id().map_err(spec_err)?;
         let _lock = self.lock(vid)?;
         let dm = open_dm(vid)?;
         let record = self.read_record(vid);

@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::records::RunRecords;
-use super::{AttachRequest, EncryptionSpec, Provider, SpecError, VolumeError, Volumes, io_err};
+use super::{AttachRequest, EncryptionSpec, Provider, VolumeError, Volumes, io_err};
 use crate::blockdev;
 use crate::libvirt::{self, LibvirtError, SecretFlags, Secrets};
 use crate::luks::{FileDisk, Header, LuksVersion};
@@ -200,12 +200,7 @@ impl Volumes<'_> {
                 formatted: false,
             });
         }
-        let key_id_text = req
-            .spec
-            .encryption_key_id
-            .as_deref()
-            .ok_or(SpecError::MissingKeyId)
-            .map_err(spec_err)?;
+        let key_id_text = req.spec.key_id().map_err(spec_err)?;
         let _lock = self.lock(vid)?;
         // Connect before anything is fetched or written: with libvirtd
         // down the attach fails with nothing changed.

@@ -98,6 +98,14 @@ impl EncryptionSpec {
         })
     }
 
+    /// The key manager's id of the volume's key; required by every
+    /// provider that is not a no-op.
+    pub fn key_id(&self) -> Result<&str, SpecError> {
+        self.encryption_key_id
+            .as_deref()
+            .ok_or(SpecError::MissingKeyId)
+    }
+
     /// Cipher for a new format or plain mode (os-brick's default).
     pub fn cipher(&self) -> &str {
         self.cipher
