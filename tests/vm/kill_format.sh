@@ -180,6 +180,7 @@ while read -r sc n desc; do
     # printf, not echo: dash's echo expands the backslash escapes in strace's
     # rendering of written bytes (\012 would split the line).
     [ "$PHASE" != during ] || printf '%s %s %s\n' "$sc" "$n" "$desc" >>"$W/during"
+    [ "$PHASE" != before ] || printf '%s %s %s\n' "$sc" "$n" "$desc" >"$W/last-before"
     drop_volume
 done <"$W/events"
 t1=$(ms)
@@ -194,23 +195,29 @@ pass "SIGKILL at each of $TOTAL calls of a first-use attach: every volume attach
 # default safety age the young intent is refused and nothing is written;
 # with the age at 0 (the config file is the only way to set it) the format
 # is redone with the intent's LUKS UUID. A few of the "during" points
-# only: the first, the middle and the last.
+# only: the first, the middle and the last; and the last "before" point,
+# where the intent is durable and the device still blank, which a second
+# host must not format while the first may still be about to.
 [ -s "$W/during" ] || fail "no exact kill landed during the format writes"
+[ -s "$W/last-before" ] || fail "no exact kill landed before the format writes"
 cp "$W/agent.toml" "$W/agent-age0.toml"
 printf '[volume]\nformat_intent_min_age_secs = 0\n' >>"$W/agent-age0.toml"
 chmod 600 "$W/agent-age0.toml"
 A_DEFAULT=$A
 XN=$(wc -l <"$W/during")
 t0=$(ms)
-awk -v n="$XN" 'NR == 1 || NR == int((n + 1) / 2) || NR == n' "$W/during" >"$W/cross"
-while read -r sc n desc; do
+{
+    sed 's/^/before /' "$W/last-before"
+    awk -v n="$XN" 'NR == 1 || NR == int((n + 1) / 2) || NR == n { print "during", $0 }' "$W/during"
+} >"$W/cross"
+while read -r want sc n desc; do
     new_volume luks2
     set +e
     strace -f -qq -o /dev/null -e trace="$sc" -e inject="$sc:signal=KILL:when=$n" \
         $A attach --volume-id "$VID" --device "$LINK" --encryption "$ENC" >/dev/null 2>&1
     set -e
     classify
-    [ "$PHASE" = during ] || fail "cross-host kill at $sc #$n: phase $PHASE, was during"
+    [ "$PHASE" = "$want" ] || fail "cross-host kill at $sc #$n: phase $PHASE, was $want"
     rm "$W/state/formatting/$VID"
     INTENT=$(cut -d, -f1 "$W/state/format-intents/$KEY")
     [ -n "$INTENT" ] || fail "cross-host kill at $sc #$n: no format intent"
@@ -229,7 +236,7 @@ while read -r sc n desc; do
     drop_volume
 done <"$W/cross"
 t1=$(ms)
-pass "SIGKILL during the writes of a first-use format ($(wc -l <"$W/cross") of $XN points), re-attach without the local record (another host): refused while the intent is young, redone with its LUKS UUID once old enough ($((t1 - t0)) ms)"
+pass "SIGKILL before (1) and during the writes ($(($(wc -l <"$W/cross") - 1)) of $XN points) of a first-use format, re-attach without the local record (another host): refused while the intent is young, redone with its LUKS UUID once old enough ($((t1 - t0)) ms)"
 
 # --- 2. first-use format, timed kills (LUKS1 and LUKS2) ---------------------
 COUNTS=""
