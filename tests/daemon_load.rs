@@ -44,7 +44,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Barrier, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Barrier, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
@@ -53,80 +53,19 @@ use serde_json::{Value, json};
 use virt::connect::Connect;
 use virt::secret::Secret;
 
-const AGENT: &str = env!("CARGO_BIN_EXE_luks-agent");
+mod common;
+
+use common::AGENT;
+use common::harness::{libvirtd_or_skip, openstack_py, test_cloud};
+
 const URI: &str = "qemu:///system";
 const VOLUMES: usize = 50;
 const MIB: u64 = 1 << 20;
 const VOLUME: i32 = virt::sys::VIR_SECRET_USAGE_TYPE_VOLUME as i32;
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true")
-}
-
 // ---------------------------------------------------------------------------
-// libvirtd and the cloud
+// Barbican secrets
 // ---------------------------------------------------------------------------
-
-/// Starts libvirtd through the harness; stopped when this binary exits.
-fn start_libvirtd() -> Result<(), String> {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
-        return Err("this test needs root (libvirtd, the agent)".into());
-    }
-    let owner = std::process::id().to_string();
-    let out = Command::new(repo().join("tests/harness/libvirtd.sh"))
-        .args(["start", "--owner", &owner])
-        .output()
-        .map_err(|e| format!("cannot run tests/harness/libvirtd.sh: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "tests/harness/libvirtd.sh start failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ))
-    }
-}
-
-/// Runs `openstack.py ARGS`; its stdout, or everything it said.
-fn openstack(args: &[&str]) -> Result<String, String> {
-    let script = repo().join("tests/harness/openstack.py");
-    let out = Command::new("python3")
-        .arg(&script)
-        .args(args)
-        .output()
-        .map_err(|e| format!("cannot run python3 {}: {e}", script.display()))?;
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    if !out.status.success() {
-        return Err(format!(
-            "openstack.py {} failed ({}):\n{stdout}\n{}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    Ok(stdout)
-}
-
-/// The shared Keystone + Barbican (`LUKS_AGENT_TEST_CLOUD`, or started in
-/// `target/test-cloud` and left running, as the other tests do).
-fn cloud() -> Result<Value, String> {
-    let json = match std::env::var_os("LUKS_AGENT_TEST_CLOUD") {
-        Some(p) => PathBuf::from(p),
-        None => {
-            let state = repo().join("target/test-cloud");
-            let out = openstack(&["start", "--state", state.to_str().unwrap()])?;
-            PathBuf::from(out.lines().last().unwrap_or("").trim())
-        }
-    };
-    let text = fs::read_to_string(&json).map_err(|e| format!("{}: {e}", json.display()))?;
-    serde_json::from_str(&text).map_err(|e| format!("{}: {e}", json.display()))
-}
 
 fn barbican_client() -> reqwest::Client {
     build_client(&HttpConfig::default()).unwrap()
@@ -714,7 +653,6 @@ fn report(title: &str, samples: &[Sample], wall: Duration) {
     }
 }
 
-static LIBVIRTD: OnceLock<Result<(), String>> = OnceLock::new();
 /// One test at a time, so that the load's figures are its own.
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -725,24 +663,15 @@ fn libvirtd() -> Option<MutexGuard<'static, ()>> {
     // libvirt's default handler prints every error (an expected "no such
     // secret" too) to stderr.
     virt::error::clear_error_callback();
-    if let Err(why) = LIBVIRTD.get_or_init(start_libvirtd) {
-        if ci() {
-            panic!("the libvirt-mode API tests cannot run: {why}");
-        }
-        eprintln!(
-            "\n*** SKIPPED: the libvirt-mode API tests cannot run here: {why}\n*** Run scripts/install-deps.sh as root; with CI=true this is a failure.\n"
-        );
-        return None;
-    }
-    Some(serial)
+    libvirtd_or_skip("the libvirt-mode API tests").then_some(serial)
 }
 
 #[test]
 fn two_hundred_concurrent_requests_in_libvirt_mode() {
     let Some(_serial) = libvirtd() else { return };
-    let cloud = cloud().unwrap_or_else(|e| panic!("the Keystone + Barbican test cloud: {e}"));
+    let cloud = test_cloud().unwrap_or_else(|e| panic!("the Keystone + Barbican test cloud: {e}"));
     let state = cloud["state_dir"].as_str().unwrap();
-    let token = openstack(&["token", "--state", state, "--user", "alice"])
+    let token = openstack_py(&["token", "--state", state, "--user", "alice"])
         .unwrap_or_else(|e| panic!("{e}"))
         .trim()
         .to_string();

@@ -10,17 +10,16 @@
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-const AGENT: &str = env!("CARGO_BIN_EXE_luks-agent");
+mod common;
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
+use common::AGENT;
+use common::harness::{script, skip_or_fail_in_ci};
 
 /// Why the test cannot run here, if it cannot.
 fn cannot_run() -> Option<String> {
@@ -89,12 +88,7 @@ fn field<'a>(entry: &'a Value, name: &str) -> &'a str {
 #[test]
 fn operations_are_structured_journal_entries_without_secrets() {
     if let Some(why) = cannot_run() {
-        if std::env::var("CI").is_ok_and(|v| v == "true") {
-            panic!("the journald test cannot run: {why}");
-        }
-        eprintln!(
-            "\n*** SKIPPED: the journald test cannot run here: {why}\n*** Run scripts/install-deps.sh as root; with CI=true this is a failure.\n"
-        );
+        skip_or_fail_in_ci("the journald test", &why);
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -123,7 +117,7 @@ fn operations_are_structured_journal_entries_without_secrets() {
     std::fs::write(&token_file, token).unwrap();
 
     let journal = dir.path().join("journal.export");
-    let mut child = Command::new(repo().join("tests/harness/journald.sh"))
+    let mut child = Command::new(script("journald.sh"))
         .arg(&journal)
         .arg("--")
         .arg(AGENT)

@@ -18,7 +18,6 @@ use std::io::Write;
 use std::net::TcpListener;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
@@ -35,37 +34,16 @@ use luks_agent::keymgr::{
 };
 use luks_agent::secret::SecretBytes;
 
+mod common;
+
+use common::harness::{openstack_py, test_cloud};
+
 // ---------------------------------------------------------------------------
 // The cloud
 // ---------------------------------------------------------------------------
 
 /// User-Agent of requests made by the harness script itself.
 const HARNESS_UA: &str = "luks-agent-test-harness";
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// Runs `openstack.py ARGS`; its stdout, or everything it said on failure.
-fn harness(args: &[&str]) -> Result<String, String> {
-    let script = repo().join("tests/harness/openstack.py");
-    let out = Command::new("python3")
-        .arg(&script)
-        .args(args)
-        .output()
-        .map_err(|e| format!("cannot run python3 {}: {e}", script.display()))?;
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    if !out.status.success() {
-        return Err(format!(
-            "python3 {} {} failed ({}):\n--- stdout ---\n{stdout}\n--- stderr ---\n{}",
-            script.display(),
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    Ok(stdout)
-}
 
 struct Cloud {
     state: String,
@@ -74,21 +52,10 @@ struct Cloud {
 
 impl Cloud {
     fn start() -> Result<Cloud, String> {
-        let json = match std::env::var_os("LUKS_AGENT_TEST_CLOUD") {
-            Some(p) => PathBuf::from(p),
-            None => {
-                let state = repo().join("target/test-cloud");
-                let out = harness(&["start", "--state", state.to_str().unwrap()])?;
-                PathBuf::from(out.lines().last().unwrap_or("").trim())
-            }
-        };
-        let text = fs::read_to_string(&json)
-            .map_err(|e| format!("cannot read cloud description {}: {e}", json.display()))?;
-        let v: Value = serde_json::from_str(&text)
-            .map_err(|e| format!("{} is not JSON: {e}", json.display()))?;
+        let v = test_cloud()?;
         let state = v["state_dir"]
             .as_str()
-            .ok_or_else(|| format!("{} has no state_dir", json.display()))?
+            .ok_or("the cloud description has no state_dir")?
             .to_string();
         Ok(Cloud { state, v })
     }
@@ -96,7 +63,7 @@ impl Cloud {
     fn run(&self, args: &[&str]) -> String {
         let mut all = vec![args[0], "--state", &self.state];
         all.extend_from_slice(&args[1..]);
-        harness(&all).unwrap_or_else(|e| panic!("{e}"))
+        openstack_py(&all).unwrap_or_else(|e| panic!("{e}"))
     }
 
     fn auth_url(&self) -> &str {
@@ -496,7 +463,7 @@ impl Drop for BarbicanDown<'_> {
     fn drop(&mut self) {
         if self.down {
             self.down = false;
-            if let Err(e) = harness(&["start-barbican", "--state", &self.cloud.state]) {
+            if let Err(e) = openstack_py(&["start-barbican", "--state", &self.cloud.state]) {
                 eprintln!("restoring Barbican failed: {e}");
             }
         }

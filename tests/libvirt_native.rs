@@ -14,7 +14,7 @@ use std::io::Write;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::sync::{Mutex, MutexGuard};
 use std::time::Instant;
 
 use luks_agent::blockdev::loopdev::LoopDevice;
@@ -22,43 +22,17 @@ use serde_json::Value;
 use virt::connect::Connect;
 use virt::secret::Secret;
 
-const AGENT: &str = env!("CARGO_BIN_EXE_luks-agent");
+mod common;
+
+use common::AGENT;
+use common::harness::{libvirtd_or_skip, libvirtd_sh};
+
 const URI: &str = "qemu:///system";
 const MIB: u64 = 1 << 20;
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn harness(args: &[&str]) -> Result<(), String> {
-    let out = Command::new(repo().join("tests/harness/libvirtd.sh"))
-        .args(args)
-        .output()
-        .map_err(|e| format!("cannot run tests/harness/libvirtd.sh: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "tests/harness/libvirtd.sh {args:?} failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ))
-    }
-}
-
-static DAEMON: OnceLock<Result<(), String>> = OnceLock::new();
 /// One test at a time: one test restarts libvirtd, and domains and secrets
 /// are system-wide.
 static SERIAL: Mutex<()> = Mutex::new(());
-
-fn start_daemon() -> Result<(), String> {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
-        return Err("these tests need root (libvirtd, loop devices)".into());
-    }
-    let owner = std::process::id().to_string();
-    harness(&["start", "--owner", &owner])
-}
 
 /// Per-test context; its Drop removes domains, secrets and files the test
 /// made, also when the test fails.
@@ -80,13 +54,7 @@ fn setup(persistent: bool) -> Option<Fx> {
     // libvirt's default handler prints every error (an expected "no such
     // secret" too) to stderr.
     virt::error::clear_error_callback();
-    if let Err(why) = DAEMON.get_or_init(start_daemon) {
-        if std::env::var("CI").is_ok_and(|v| v == "true") {
-            panic!("libvirt tests cannot run: {why}");
-        }
-        eprintln!(
-            "\n*** SKIPPED: libvirt tests cannot run here: {why}\n*** Run scripts/install-deps.sh as root; with CI=true this is a failure.\n"
-        );
+    if !libvirtd_or_skip("libvirt tests") {
         return None;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -398,7 +366,7 @@ fn secret_is_found_by_usage_private_ephemeral_and_idempotent() {
     assert_eq!(c["formatted"], false);
     // An ephemeral secret dies with libvirtd; the next attach defines it
     // again although the agent's record of the old one is still there.
-    harness(&["restart"]).unwrap();
+    libvirtd_sh(&["restart"]).unwrap();
     assert_eq!(lookup_uuid(&vid), None, "an ephemeral secret survived");
     let d = fx.attach(&vid, &img);
     assert_eq!(d["action"], "created");
@@ -422,7 +390,7 @@ fn persistent_secret_is_written_and_survives_a_libvirtd_restart() {
         .decode(stored.trim())
         .unwrap();
     assert_eq!(value, fx.passphrase.as_bytes(), "the value is the hex key");
-    harness(&["restart"]).unwrap();
+    libvirtd_sh(&["restart"]).unwrap();
     assert_eq!(lookup_uuid(&vid).as_deref(), Some(uuid.as_str()));
     let b = fx.attach(&vid, &img);
     assert_eq!(b["action"], "reused");
