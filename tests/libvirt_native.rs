@@ -26,6 +26,7 @@ mod common;
 
 use common::AGENT;
 use common::harness::{libvirtd_or_skip, libvirtd_sh};
+use common::serve::create_local_key;
 
 const URI: &str = "qemu:///system";
 const MIB: u64 = 1 << 20;
@@ -67,28 +68,18 @@ fn setup(persistent: bool) -> Option<Fx> {
         ),
     )
     .unwrap();
-    let mut fx = Fx {
+    let (key_id, passphrase) = create_local_key(&config);
+    assert_eq!(passphrase.len(), 64, "hex of a 256-bit key");
+    Some(Fx {
         _serial: serial,
         dir,
         config,
-        key_id: String::new(),
-        passphrase: String::new(),
+        key_id,
+        passphrase,
         domains: vec![],
         volumes: vec![],
         loops: vec![],
-    };
-    let out = fx.agent(&["keys", "create"]);
-    assert!(out.status.success(), "keys create: {out:?}");
-    fx.key_id = String::from_utf8(out.stdout).unwrap().trim().to_string();
-    let out = fx.agent(&["keys", "fetch", "--key-id", &fx.key_id.clone(), "--reveal"]);
-    assert!(out.status.success(), "keys fetch: {out:?}");
-    fx.passphrase = String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("passphrase: ").map(str::to_string))
-        .expect("keys fetch --reveal printed no passphrase");
-    assert_eq!(fx.passphrase.len(), 64, "hex of a 256-bit key");
-    Some(fx)
+    })
 }
 
 impl Drop for Fx {
