@@ -11,18 +11,23 @@ use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-const AGENT: &str = env!("CARGO_BIN_EXE_luks-agent");
+mod common;
+
+use common::AGENT;
+use common::serve::{Answer, Server, cli, create_local_key, request_bytes, write_local_config};
+
 const NOBODY: u32 = 65534;
 
 /// A running agent on a temporary socket; stopped (SIGTERM) on drop.
 struct Daemon {
+    // Declared first: the agent stops before its directory goes.
+    server: Server,
     dir: tempfile::TempDir,
-    child: Option<Child>,
     socket: PathBuf,
 }
 
@@ -33,25 +38,17 @@ impl Daemon {
         // Other uids must reach the socket for the peer-credential tests.
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
         let socket = dir.path().join("agent.sock");
-        let config = dir.path().join("agent.toml");
-        let p = dir.path().display();
-        std::fs::write(
-            &config,
-            format!(
-                "state_dir = \"{p}/state\"\nrun_dir = \"{p}/run\"\n\
-                 [key_manager.local]\ndir = \"{p}/keys\"\n\
-                 [server]\nsocket = \"{p}/agent.sock\"\nkdf_memory_budget_kib = 262144\n{server_extra}\n"
-            ),
-        )
-        .unwrap();
-        let mut d = Daemon {
-            child: None,
-            socket,
+        let config = write_local_config(
+            dir.path(),
+            &format!("kdf_memory_budget_kib = 262144\n{server_extra}"),
+        );
+        let log = dir.path().join("agent.log");
+        let server = Server::start(&config, &socket, &log, Duration::from_secs(20));
+        Daemon {
+            server,
             dir,
-        };
-        d.child = Some(d.spawn(Command::new(AGENT)));
-        d.wait_ready();
-        d
+            socket,
+        }
     }
 
     fn config(&self) -> PathBuf {
@@ -62,90 +59,26 @@ impl Daemon {
         self.dir.path().join("agent.log")
     }
 
-    fn spawn(&self, mut cmd: Command) -> Child {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.log_path())
-            .unwrap();
-        cmd.args(["--config", self.config().to_str().unwrap(), "serve"])
-            .env("LUKS_AGENT_LOG", "debug")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap()
-    }
-
-    fn wait_ready(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if let Ok(r) = try_request(&self.socket, "GET", "/healthz", &[], None)
-                && r.status == 200
-            {
-                return;
-            }
-            if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("agent exited with {st}: {}", self.log());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("agent did not answer /healthz: {}", self.log());
-    }
-
     fn log(&self) -> String {
-        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+        self.server.log()
     }
 
-    fn get(&self, path: &str) -> Resp {
+    fn get(&self, path: &str) -> Answer {
         request(&self.socket, "GET", path, &[], None)
     }
 
-    fn post(&self, path: &str, body: &[u8]) -> Resp {
+    fn post(&self, path: &str, body: &[u8]) -> Answer {
         request(&self.socket, "POST", path, body, None)
     }
 
     /// SIGTERM and the exit status.
     fn stop(&mut self) -> std::process::ExitStatus {
-        let mut child = self.child.take().unwrap();
-        // SAFETY: kill has no memory preconditions; the pid is our child,
-        // not yet reaped.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(st) = child.try_wait().unwrap() {
-                return st;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                panic!("agent did not stop on SIGTERM: {}", self.log());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.server.stop()
     }
 }
 
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if self.child.is_some() {
-            let _ = self.stop();
-        }
-    }
-}
-
-#[derive(Debug)]
-struct Resp {
-    status: u16,
-    head: String,
-    body: Vec<u8>,
-}
-
-impl Resp {
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
-    }
-
+/// The API's error answers.
+impl Answer {
     /// The error code, after checking the error body's exact shape.
     fn code(&self) -> String {
         let v = self.json();
@@ -184,70 +117,14 @@ fn exchange(socket: &Path, raw: &[u8]) -> std::io::Result<Vec<u8>> {
     Ok(out)
 }
 
-fn parse(raw: &[u8]) -> Resp {
-    let text = String::from_utf8_lossy(raw);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .unwrap_or_else(|| panic!("no HTTP answer: {text:?}"));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("bad status line: {head}"));
-    let body = if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        dechunk(body.as_bytes())
-    } else {
-        body.as_bytes().to_vec()
-    };
-    Resp {
-        status,
-        head: head.to_string(),
-        body,
-    }
-}
-
-fn dechunk(mut b: &[u8]) -> Vec<u8> {
-    let mut out = vec![];
-    loop {
-        let line_end = b.windows(2).position(|w| w == b"\r\n").unwrap();
-        let n =
-            usize::from_str_radix(std::str::from_utf8(&b[..line_end]).unwrap().trim(), 16).unwrap();
-        if n == 0 {
-            return out;
-        }
-        out.extend_from_slice(&b[line_end + 2..line_end + 2 + n]);
-        b = &b[line_end + 2 + n + 2..];
-    }
-}
-
-fn raw_request(method: &str, path: &str, body: &[u8], extra_headers: Option<&str>) -> Vec<u8> {
-    let mut raw = format!(
-        "{method} {path} HTTP/1.1\r\nHost: luks-agent\r\nConnection: close\r\n{}",
-        extra_headers.unwrap_or("")
-    );
-    if method == "POST" && extra_headers.is_none_or(|h| !h.contains("Transfer-Encoding")) {
-        raw.push_str(&format!(
-            "Content-Type: application/json\r\nContent-Length: {}\r\n",
-            body.len()
-        ));
-    }
-    raw.push_str("\r\n");
-    let mut raw = raw.into_bytes();
-    raw.extend_from_slice(body);
-    raw
-}
-
 fn try_request(
     socket: &Path,
     method: &str,
     path: &str,
     body: &[u8],
     extra_headers: Option<&str>,
-) -> std::io::Result<Resp> {
-    exchange(socket, &raw_request(method, path, body, extra_headers)).map(|r| parse(&r))
+) -> std::io::Result<Answer> {
+    exchange(socket, &request_bytes(method, path, body, extra_headers)).map(|r| Answer::parse(&r))
 }
 
 fn request(
@@ -256,7 +133,7 @@ fn request(
     path: &str,
     body: &[u8],
     extra_headers: Option<&str>,
-) -> Resp {
+) -> Answer {
     try_request(socket, method, path, body, extra_headers).unwrap()
 }
 
@@ -412,11 +289,11 @@ fn peers_not_configured_get_403_and_a_log_line() {
     let meta = std::fs::metadata(&d.socket).unwrap();
     assert_eq!(meta.permissions().mode() & 0o777, 0o660);
     assert_eq!(std::os::unix::fs::MetadataExt::gid(&meta), NOBODY);
-    let raw = raw_request("GET", "/healthz", &[], None);
-    let r = parse(&request_as(NOBODY, NOBODY, &d.socket, &raw));
+    let raw = request_bytes("GET", "/healthz", &[], None);
+    let r = Answer::parse(&request_as(NOBODY, NOBODY, &d.socket, &raw));
     r.expect(403, "forbidden");
     let body = spec("luks", "k", "front-end");
-    let raw = raw_request(
+    let raw = request_bytes(
         "POST",
         "/v1/volumes/v1/attach",
         json!({"device": "/dev/null", "encryption": body})
@@ -424,7 +301,7 @@ fn peers_not_configured_get_403_and_a_log_line() {
             .as_bytes(),
         None,
     );
-    parse(&request_as(NOBODY, NOBODY, &d.socket, &raw)).expect(403, "forbidden");
+    Answer::parse(&request_as(NOBODY, NOBODY, &d.socket, &raw)).expect(403, "forbidden");
     // Root always may.
     assert_eq!(d.get("/healthz").status, 200);
     let m = String::from_utf8(d.get("/metrics").body).unwrap();
@@ -449,14 +326,14 @@ fn configured_uid_and_gid_may_call() {
     let d = Daemon::start(&format!(
         "socket_group = \"{NOBODY}\"\nallowed_uids = [{NOBODY}]"
     ));
-    let raw = raw_request("GET", "/healthz", &[], None);
-    let r = parse(&request_as(NOBODY, NOBODY, &d.socket, &raw));
+    let raw = request_bytes("GET", "/healthz", &[], None);
+    let r = Answer::parse(&request_as(NOBODY, NOBODY, &d.socket, &raw));
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     drop(d);
     let d = Daemon::start(&format!(
         "socket_group = \"{NOBODY}\"\nallowed_gids = [{NOBODY}]"
     ));
-    let r = parse(&request_as(NOBODY, NOBODY, &d.socket, &raw));
+    let r = Answer::parse(&request_as(NOBODY, NOBODY, &d.socket, &raw));
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
 }
 
@@ -478,8 +355,8 @@ fn a_supplementary_group_named_in_allowed_groups_may_call() {
     let d = Daemon::start(&format!(
         "socket_group = \"{NOBODY}\"\nallowed_groups = [\"disk\"]"
     ));
-    let raw = raw_request("GET", "/healthz", &[], None);
-    let r = parse(&request_with_groups(
+    let raw = request_bytes("GET", "/healthz", &[], None);
+    let r = Answer::parse(&request_with_groups(
         NOBODY,
         NOBODY,
         &[disk],
@@ -487,8 +364,9 @@ fn a_supplementary_group_named_in_allowed_groups_may_call() {
         &raw,
     ));
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-    parse(&request_with_groups(NOBODY, NOBODY, &[], &d.socket, &raw)).expect(403, "forbidden");
-    parse(&request_with_groups(
+    Answer::parse(&request_with_groups(NOBODY, NOBODY, &[], &d.socket, &raw))
+        .expect(403, "forbidden");
+    Answer::parse(&request_with_groups(
         NOBODY,
         NOBODY,
         &[disk + 1],
@@ -632,7 +510,7 @@ fn slow_clients_are_cut_off() {
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let mut out = vec![];
     let _ = s.read_to_end(&mut out);
-    parse(&out).expect(408, "request_timeout");
+    Answer::parse(&out).expect(408, "request_timeout");
     // A kept-alive connection left idle is closed too.
     let mut s = UnixStream::connect(&d.socket).unwrap();
     s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -692,21 +570,6 @@ fn volume_operations_and_listing_without_device_mapper() {
     assert_eq!(d.get("/v1/volumes").json()["volumes"][0]["volume_id"], "v2");
 }
 
-/// Runs the CLI against the agent's config; (exit code, stdout, stderr).
-fn cli(d: &Daemon, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(AGENT)
-        .arg("--config")
-        .arg(d.config())
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 fn attach_requests(d: &Daemon) -> u64 {
     let m = String::from_utf8(d.get("/metrics").body).unwrap();
     m.lines()
@@ -731,7 +594,7 @@ fn cli_through_the_agent_and_locally_prints_and_exits_alike() {
             enc,
         ];
         a.extend_from_slice(extra);
-        cli(d, &a)
+        cli(&d.config(), &a)
     };
     let before = attach_requests(&d);
     let remote = attach(&d, &noop, &[]);
@@ -764,8 +627,8 @@ fn cli_through_the_agent_and_locally_prints_and_exits_alike() {
     assert_eq!(attach_requests(&d), before + 3);
 
     // status: same output and exit code either way.
-    let remote = cli(&d, &["status"]);
-    let local = cli(&d, &["status", "--local"]);
+    let remote = cli(&d.config(), &["status"]);
+    let local = cli(&d.config(), &["status", "--local"]);
     assert_eq!(remote, local);
     if !dm_available() {
         assert_eq!(remote.0, 4, "{}", remote.2);
@@ -870,7 +733,7 @@ fn logs_hold_no_credentials_or_keys() {
     let mut d = Daemon::start("log_format = \"json\"");
     // A real key in the store; its bytes, hex, base64 and passphrase must
     // never reach a log line, nor the tokens callers send.
-    let key_id = cli(&d, &["keys", "create"]).1.trim().to_string();
+    let (key_id, hex) = create_local_key(&d.config());
     let token = "gAAAAABtoken-SECRET-7c1f0e5a9b";
     let service = "gAAAAABservice-SECRET-3e8d21";
     let body = json!({"device": "/dev/null",
@@ -887,13 +750,6 @@ fn logs_hold_no_credentials_or_keys() {
             .status,
         200
     );
-    let reveal = cli(&d, &["keys", "fetch", "--key-id", &key_id, "--reveal"]);
-    let hex = reveal
-        .1
-        .lines()
-        .find_map(|l| l.strip_prefix("passphrase: "))
-        .unwrap()
-        .to_string();
     let raw = hex::decode(&hex).unwrap();
     d.stop();
     let log = std::fs::read(d.log_path()).unwrap();

@@ -43,8 +43,8 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Barrier, Mutex, MutexGuard, OnceLock};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Barrier, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
@@ -53,80 +53,19 @@ use serde_json::{Value, json};
 use virt::connect::Connect;
 use virt::secret::Secret;
 
-const AGENT: &str = env!("CARGO_BIN_EXE_luks-agent");
+mod common;
+
+use common::harness::{libvirtd_or_skip, openstack_py, test_cloud};
+use common::serve::{Answer, Server, create_local_key, request_bytes, write_local_config};
+
 const URI: &str = "qemu:///system";
 const VOLUMES: usize = 50;
 const MIB: u64 = 1 << 20;
 const VOLUME: i32 = virt::sys::VIR_SECRET_USAGE_TYPE_VOLUME as i32;
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true")
-}
-
 // ---------------------------------------------------------------------------
-// libvirtd and the cloud
+// Barbican secrets
 // ---------------------------------------------------------------------------
-
-/// Starts libvirtd through the harness; stopped when this binary exits.
-fn start_libvirtd() -> Result<(), String> {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
-        return Err("this test needs root (libvirtd, the agent)".into());
-    }
-    let owner = std::process::id().to_string();
-    let out = Command::new(repo().join("tests/harness/libvirtd.sh"))
-        .args(["start", "--owner", &owner])
-        .output()
-        .map_err(|e| format!("cannot run tests/harness/libvirtd.sh: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "tests/harness/libvirtd.sh start failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ))
-    }
-}
-
-/// Runs `openstack.py ARGS`; its stdout, or everything it said.
-fn openstack(args: &[&str]) -> Result<String, String> {
-    let script = repo().join("tests/harness/openstack.py");
-    let out = Command::new("python3")
-        .arg(&script)
-        .args(args)
-        .output()
-        .map_err(|e| format!("cannot run python3 {}: {e}", script.display()))?;
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    if !out.status.success() {
-        return Err(format!(
-            "openstack.py {} failed ({}):\n{stdout}\n{}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    Ok(stdout)
-}
-
-/// The shared Keystone + Barbican (`LUKS_AGENT_TEST_CLOUD`, or started in
-/// `target/test-cloud` and left running, as the other tests do).
-fn cloud() -> Result<Value, String> {
-    let json = match std::env::var_os("LUKS_AGENT_TEST_CLOUD") {
-        Some(p) => PathBuf::from(p),
-        None => {
-            let state = repo().join("target/test-cloud");
-            let out = openstack(&["start", "--state", state.to_str().unwrap()])?;
-            PathBuf::from(out.lines().last().unwrap_or("").trim())
-        }
-    };
-    let text = fs::read_to_string(&json).map_err(|e| format!("{}: {e}", json.display()))?;
-    serde_json::from_str(&text).map_err(|e| format!("{}: {e}", json.display()))
-}
 
 fn barbican_client() -> reqwest::Client {
     build_client(&HttpConfig::default()).unwrap()
@@ -221,67 +160,33 @@ struct Resp {
     body: Value,
 }
 
-fn dechunk(mut b: &[u8]) -> Vec<u8> {
-    let mut out = vec![];
-    loop {
-        let line_end = b.windows(2).position(|w| w == b"\r\n").unwrap();
-        let n =
-            usize::from_str_radix(std::str::from_utf8(&b[..line_end]).unwrap().trim(), 16).unwrap();
-        if n == 0 {
-            return out;
-        }
-        out.extend_from_slice(&b[line_end + 2..line_end + 2 + n]);
-        b = &b[line_end + 2 + n + 2..];
-    }
-}
-
 /// One request on a new connection; the answer and the time from connect
 /// to the last byte.
 fn call(socket: &Path, method: &str, path: &str, body: Option<&Value>) -> (Resp, Duration) {
     let body = body.map(|b| b.to_string()).unwrap_or_default();
-    let mut raw = format!("{method} {path} HTTP/1.1\r\nHost: luks-agent\r\nConnection: close\r\n");
-    if method == "POST" {
-        raw.push_str(&format!(
-            "Content-Type: application/json\r\nContent-Length: {}\r\n",
-            body.len()
-        ));
-    }
-    raw.push_str("\r\n");
-    raw.push_str(&body);
+    let raw = request_bytes(method, path, body.as_bytes(), None);
     let started = Instant::now();
     let mut s = UnixStream::connect(socket).unwrap_or_else(|e| panic!("connect: {e}"));
     s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
-    s.write_all(raw.as_bytes()).unwrap();
+    s.write_all(&raw).unwrap();
     let mut out = vec![];
     s.read_to_end(&mut out)
         .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
     let took = started.elapsed();
-    let split = out
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .unwrap_or_else(|| panic!("{method} {path}: no HTTP answer: {out:?}"));
-    let head = String::from_utf8_lossy(&out[..split]).to_string();
-    let rest = &out[split + 4..];
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("bad status line: {head}"));
-    let bytes = if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        dechunk(rest)
-    } else {
-        rest.to_vec()
-    };
-    let body = serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+    let answer = Answer::parse(&out);
+    let body = serde_json::from_slice(&answer.body).unwrap_or_else(|e| {
         panic!(
             "{method} {path}: not JSON ({e}): {}",
-            String::from_utf8_lossy(&bytes)
+            String::from_utf8_lossy(&answer.body)
         )
     });
-    (Resp { status, body }, took)
+    (
+        Resp {
+            status: answer.status,
+            body,
+        },
+        took,
+    )
 }
 
 // ---------------------------------------------------------------------------
@@ -301,7 +206,7 @@ struct Volume {
 struct Run {
     dir: tempfile::TempDir,
     socket: PathBuf,
-    agent: Option<Child>,
+    agent: Option<Server>,
     barbican: String,
     token: String,
     volumes: Vec<Volume>,
@@ -317,65 +222,22 @@ impl Run {
     }
 
     fn pid(&self) -> i32 {
-        self.agent.as_ref().unwrap().id() as i32
+        self.agent.as_ref().unwrap().pid()
     }
 
     fn start_agent(&mut self, config: &Path) {
-        let log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.log_path())
-            .unwrap();
-        let child = Command::new(AGENT)
-            .args(["--config", config.to_str().unwrap(), "serve"])
-            .env("LUKS_AGENT_LOG", "debug")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.agent = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if UnixStream::connect(&self.socket).is_ok()
-                && call(&self.socket, "GET", "/healthz", None).0.status == 200
-            {
-                return;
-            }
-            if let Some(st) = self.agent.as_mut().unwrap().try_wait().unwrap() {
-                panic!("agent exited with {st}: {}", self.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "agent did not answer /healthz: {}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn log(&self) -> String {
-        fs::read_to_string(self.log_path()).unwrap_or_default()
+        let log = self.log_path();
+        self.agent = Some(Server::start(
+            config,
+            &self.socket,
+            &log,
+            Duration::from_secs(30),
+        ));
     }
 
     /// SIGTERM; the exit status.
     fn stop_agent(&mut self) -> Option<std::process::ExitStatus> {
-        let mut child = self.agent.take()?;
-        // SAFETY: kill has no memory preconditions; the pid is our child,
-        // not yet reaped.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(st) = child.try_wait().unwrap() {
-                return Some(st);
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.agent.as_mut()?.try_stop()
     }
 
     fn body(&self, v: &Volume, token: bool, extra: Value) -> Value {
@@ -714,7 +576,6 @@ fn report(title: &str, samples: &[Sample], wall: Duration) {
     }
 }
 
-static LIBVIRTD: OnceLock<Result<(), String>> = OnceLock::new();
 /// One test at a time, so that the load's figures are its own.
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -725,24 +586,15 @@ fn libvirtd() -> Option<MutexGuard<'static, ()>> {
     // libvirt's default handler prints every error (an expected "no such
     // secret" too) to stderr.
     virt::error::clear_error_callback();
-    if let Err(why) = LIBVIRTD.get_or_init(start_libvirtd) {
-        if ci() {
-            panic!("the libvirt-mode API tests cannot run: {why}");
-        }
-        eprintln!(
-            "\n*** SKIPPED: the libvirt-mode API tests cannot run here: {why}\n*** Run scripts/install-deps.sh as root; with CI=true this is a failure.\n"
-        );
-        return None;
-    }
-    Some(serial)
+    libvirtd_or_skip("the libvirt-mode API tests").then_some(serial)
 }
 
 #[test]
 fn two_hundred_concurrent_requests_in_libvirt_mode() {
     let Some(_serial) = libvirtd() else { return };
-    let cloud = cloud().unwrap_or_else(|e| panic!("the Keystone + Barbican test cloud: {e}"));
+    let cloud = test_cloud().unwrap_or_else(|e| panic!("the Keystone + Barbican test cloud: {e}"));
     let state = cloud["state_dir"].as_str().unwrap();
-    let token = openstack(&["token", "--state", state, "--user", "alice"])
+    let token = openstack_py(&["token", "--state", state, "--user", "alice"])
         .unwrap_or_else(|e| panic!("{e}"))
         .trim()
         .to_string();
@@ -1081,29 +933,12 @@ fn attach_and_detach_through_the_api_in_libvirt_mode() {
         token: String::new(),
         volumes: vec![],
     };
-    let config = run.dir.path().join("agent.toml");
-    let text = format!(
-        "state_dir = \"{p}/state\"\nrun_dir = \"{p}/run\"\n\
-         [key_manager.local]\ndir = \"{p}/keys\"\n\
-         [server]\nsocket = \"{p}/agent.sock\"\nkdf_memory_budget_kib = 262144\n\
-         [libvirt]\nuri = \"{URI}\"\n"
+    let config = write_local_config(
+        run.dir.path(),
+        &format!("kdf_memory_budget_kib = 262144\n[libvirt]\nuri = \"{URI}\""),
     );
-    fs::write(&config, &text).unwrap();
-    let cli = |args: &[&str]| {
-        let out = Command::new(AGENT)
-            .arg("--config")
-            .arg(&config)
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "luks-agent {args:?}: {out:?}");
-        String::from_utf8(out.stdout).unwrap()
-    };
-    let key_id = cli(&["keys", "create"]).trim().to_string();
-    let hex = cli(&["keys", "fetch", "--key-id", &key_id, "--reveal"])
-        .lines()
-        .find_map(|l| l.strip_prefix("passphrase: ").map(str::to_string))
-        .expect("keys fetch --reveal printed no passphrase");
+    let text = fs::read_to_string(&config).unwrap();
+    let (key_id, hex) = create_local_key(&config);
     let mut key = [0u8; 32];
     key.copy_from_slice(&hex::decode(&hex).unwrap());
     let file = run.dir.path().join("vol.img");

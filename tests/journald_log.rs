@@ -8,19 +8,16 @@
 //! Needs root (a mount namespace) and systemd-journald (package systemd).
 //! With CI=true a test that cannot run fails; elsewhere it says so loudly.
 
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
 
 use serde_json::Value;
 
-const AGENT: &str = env!("CARGO_BIN_EXE_luks-agent");
+mod common;
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
+use common::harness::{script, skip_or_fail_in_ci};
+use common::serve::{Server, cli, create_local_key, write_local_config};
 
 /// Why the test cannot run here, if it cannot.
 fn cannot_run() -> Option<String> {
@@ -37,51 +34,6 @@ fn cannot_run() -> Option<String> {
     (!found).then(|| "systemd-journald not found (package systemd)".into())
 }
 
-/// `GET /healthz` answered 200.
-fn healthy(socket: &Path) -> bool {
-    let Ok(mut s) = UnixStream::connect(socket) else {
-        return false;
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-    let mut answer = String::new();
-    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: luks-agent\r\nConnection: close\r\n\r\n")
-        .is_ok()
-        && s.read_to_string(&mut answer).is_ok()
-        && answer.starts_with("HTTP/1.1 200")
-}
-
-/// Runs the CLI with the test's config; (exit code, stdout, stderr).
-fn cli(config: &Path, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(AGENT)
-        .arg("--config")
-        .arg(config)
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn stop(child: &mut Child) -> std::process::ExitStatus {
-    // SAFETY: kill has no memory preconditions; the pid is our child, not
-    // yet reaped.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            return st;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("the agent under journald did not stop on SIGTERM");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 fn field<'a>(entry: &'a Value, name: &str) -> &'a str {
     entry[name].as_str().unwrap_or("")
 }
@@ -89,62 +41,22 @@ fn field<'a>(entry: &'a Value, name: &str) -> &'a str {
 #[test]
 fn operations_are_structured_journal_entries_without_secrets() {
     if let Some(why) = cannot_run() {
-        if std::env::var("CI").is_ok_and(|v| v == "true") {
-            panic!("the journald test cannot run: {why}");
-        }
-        eprintln!(
-            "\n*** SKIPPED: the journald test cannot run here: {why}\n*** Run scripts/install-deps.sh as root; with CI=true this is a failure.\n"
-        );
+        skip_or_fail_in_ci("the journald test", &why);
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let p = dir.path().display();
     let socket = dir.path().join("agent.sock");
-    let config = dir.path().join("agent.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "state_dir = \"{p}/state\"\nrun_dir = \"{p}/run\"\n\
-             [key_manager.local]\ndir = \"{p}/keys\"\n\
-             [server]\nsocket = \"{p}/agent.sock\"\n"
-        ),
-    )
-    .unwrap();
-    let key_id = cli(&config, &["keys", "create"]).1.trim().to_string();
-    let hex = cli(&config, &["keys", "fetch", "--key-id", &key_id, "--reveal"])
-        .1
-        .lines()
-        .find_map(|l| l.strip_prefix("passphrase: "))
-        .expect("keys fetch --reveal prints the passphrase")
-        .to_string();
+    let config = write_local_config(dir.path(), "");
+    let (key_id, hex) = create_local_key(&config);
     let raw = hex::decode(&hex).unwrap();
     let token = "gAAAAABjournal-token-SECRET-51c0";
     let token_file = dir.path().join("token");
     std::fs::write(&token_file, token).unwrap();
 
     let journal = dir.path().join("journal.export");
-    let mut child = Command::new(repo().join("tests/harness/journald.sh"))
-        .arg(&journal)
-        .arg("--")
-        .arg(AGENT)
-        .arg("--config")
-        .arg(&config)
-        .arg("serve")
-        .env("LUKS_AGENT_LOG", "debug")
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !healthy(&socket) {
-        if let Some(st) = child.try_wait().unwrap() {
-            panic!("journald.sh or the agent exited early: {st}");
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the agent did not answer /healthz"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let mut journald = Command::new(script("journald.sh"));
+    journald.arg(&journal).arg("--");
+    let mut agent = Server::start_under(journald, &config, &socket, Duration::from_secs(30));
 
     // Through the agent (its socket answers): one operation that fails
     // after the key was fetched and one that succeeds.
@@ -184,7 +96,7 @@ fn operations_are_structured_journal_entries_without_secrets() {
         ],
     );
     assert_eq!(noop.0, 0, "back-end attach: {noop:?}");
-    let status = stop(&mut child);
+    let status = agent.stop();
     assert!(
         status.success(),
         "agent under journald exited with {status}"

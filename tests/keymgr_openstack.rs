@@ -18,7 +18,6 @@ use std::io::Write;
 use std::net::TcpListener;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
@@ -35,37 +34,16 @@ use luks_agent::keymgr::{
 };
 use luks_agent::secret::SecretBytes;
 
+mod common;
+
+use common::harness::{openstack_py, test_cloud};
+
 // ---------------------------------------------------------------------------
 // The cloud
 // ---------------------------------------------------------------------------
 
 /// User-Agent of requests made by the harness script itself.
 const HARNESS_UA: &str = "luks-agent-test-harness";
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// Runs `openstack.py ARGS`; its stdout, or everything it said on failure.
-fn harness(args: &[&str]) -> Result<String, String> {
-    let script = repo().join("tests/harness/openstack.py");
-    let out = Command::new("python3")
-        .arg(&script)
-        .args(args)
-        .output()
-        .map_err(|e| format!("cannot run python3 {}: {e}", script.display()))?;
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    if !out.status.success() {
-        return Err(format!(
-            "python3 {} {} failed ({}):\n--- stdout ---\n{stdout}\n--- stderr ---\n{}",
-            script.display(),
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    Ok(stdout)
-}
 
 struct Cloud {
     state: String,
@@ -74,21 +52,10 @@ struct Cloud {
 
 impl Cloud {
     fn start() -> Result<Cloud, String> {
-        let json = match std::env::var_os("LUKS_AGENT_TEST_CLOUD") {
-            Some(p) => PathBuf::from(p),
-            None => {
-                let state = repo().join("target/test-cloud");
-                let out = harness(&["start", "--state", state.to_str().unwrap()])?;
-                PathBuf::from(out.lines().last().unwrap_or("").trim())
-            }
-        };
-        let text = fs::read_to_string(&json)
-            .map_err(|e| format!("cannot read cloud description {}: {e}", json.display()))?;
-        let v: Value = serde_json::from_str(&text)
-            .map_err(|e| format!("{} is not JSON: {e}", json.display()))?;
+        let v = test_cloud()?;
         let state = v["state_dir"]
             .as_str()
-            .ok_or_else(|| format!("{} has no state_dir", json.display()))?
+            .ok_or("the cloud description has no state_dir")?
             .to_string();
         Ok(Cloud { state, v })
     }
@@ -96,7 +63,7 @@ impl Cloud {
     fn run(&self, args: &[&str]) -> String {
         let mut all = vec![args[0], "--state", &self.state];
         all.extend_from_slice(&args[1..]);
-        harness(&all).unwrap_or_else(|e| panic!("{e}"))
+        openstack_py(&all).unwrap_or_else(|e| panic!("{e}"))
     }
 
     fn auth_url(&self) -> &str {
@@ -117,6 +84,13 @@ impl Cloud {
 
     fn token(&self, user: &str) -> String {
         self.run(&["token", "--user", user]).trim().to_string()
+    }
+
+    /// A new random 256-bit symmetric secret of alice's: its bytes and id.
+    fn new_symmetric_key(&self) -> (Vec<u8>, String) {
+        let key = random_key(32);
+        let id = self.create_secret(&key, "symmetric");
+        (key, id)
     }
 
     fn create_secret(&self, payload: &[u8], secret_type: &str) -> String {
@@ -208,6 +182,27 @@ impl Fx {
         let p = self.dir.path().join(name);
         fs::create_dir(&p).unwrap();
         p
+    }
+
+    /// The agent's configuration with `sections` (see `agent_toml`) and a
+    /// fresh state directory `name`, loaded from `name.toml`.
+    fn config(&self, name: &str, sections: &[String]) -> Config {
+        let text = agent_toml(&self.state(name), "", sections);
+        load_config(self.dir.path(), &format!("{name}.toml"), &text)
+    }
+
+    /// The key manager the agent makes of `sections` (see `agent_toml`)
+    /// with a fresh state directory `name`.
+    fn key_manager(&self, name: &str, sections: &[String]) -> Box<dyn KeyManager> {
+        self.key_manager_in(&self.state(name), sections)
+    }
+
+    /// As `key_manager`, with the state directory `state`; the file is
+    /// named after it.
+    fn key_manager_in(&self, state: &Path, sections: &[String]) -> Box<dyn KeyManager> {
+        let name = state.file_name().unwrap().to_str().unwrap();
+        let text = agent_toml(state, "", sections);
+        manager(self.dir.path(), &format!("{name}.toml"), &text)
     }
 
     fn fetch(&self, km: &dyn KeyManager, id: &str, auth: &RequestAuth) -> Result<Key, KeyError> {
@@ -496,7 +491,7 @@ impl Drop for BarbicanDown<'_> {
     fn drop(&mut self) {
         if self.down {
             self.down = false;
-            if let Err(e) = harness(&["start-barbican", "--state", &self.cloud.state]) {
+            if let Err(e) = openstack_py(&["start-barbican", "--state", &self.cloud.state]) {
                 eprintln!("restoring Barbican failed: {e}");
             }
         }
@@ -513,8 +508,7 @@ impl Drop for BarbicanDown<'_> {
 fn password_auth_with_catalog_endpoint_fetches_exact_key() {
     let fx = setup();
     let c = fx.cloud;
-    let want = random_key(32);
-    let id = c.create_secret(&want, "symmetric");
+    let (want, id) = c.new_symmetric_key();
     let text = agent_toml(&fx.state("s"), "", &[alice(c)]);
     assert!(!text.contains("endpoint"), "the catalog must be used");
     let km = manager(fx.dir.path(), "agent.toml", &text);
@@ -530,8 +524,7 @@ fn password_auth_with_catalog_endpoint_fetches_exact_key() {
 fn catalog_interface_and_region() {
     let fx = setup();
     let c = fx.cloud;
-    let want = random_key(32);
-    let id = c.create_secret(&want, "symmetric");
+    let (want, id) = c.new_symmetric_key();
     let ok = password_section(
         c,
         "alice",
@@ -539,11 +532,7 @@ fn catalog_interface_and_region() {
         c.password("alice"),
         "interface = \"internal\"\nregion_name = \"RegionOne\"\n",
     );
-    let km = manager(
-        fx.dir.path(),
-        "a.toml",
-        &agent_toml(&fx.state("a"), "", &[ok]),
-    );
+    let km = fx.key_manager("a", &[ok]);
     assert_symmetric(fx.fetch(&*km, &id, &RequestAuth::Service), &want);
 
     let elsewhere = password_section(
@@ -553,11 +542,7 @@ fn catalog_interface_and_region() {
         c.password("alice"),
         "region_name = \"NoSuchRegion\"\n",
     );
-    let km = manager(
-        fx.dir.path(),
-        "b.toml",
-        &agent_toml(&fx.state("b"), "", &[elsewhere]),
-    );
+    let km = fx.key_manager("b", &[elsewhere]);
     match expect_err(fx.fetch(&*km, &id, &RequestAuth::Service)) {
         KeyError::Config(msg) => {
             assert!(msg.contains("key-manager"), "{msg}");
@@ -572,8 +557,7 @@ fn catalog_interface_and_region() {
 fn application_credential_auth_by_id_and_by_name() {
     let fx = setup();
     let c = fx.cloud;
-    let want = random_key(32);
-    let id = c.create_secret(&want, "symmetric");
+    let (want, id) = c.new_symmetric_key();
 
     let by_id = format!(
         "[key_manager.keystone]\nauth_url = {}\nauth_type = \"application_credential\"\n\
@@ -582,11 +566,7 @@ fn application_credential_auth_by_id_and_by_name() {
         q(c.app_cred("id")),
         q(c.app_cred("secret"))
     );
-    let km = manager(
-        fx.dir.path(),
-        "id.toml",
-        &agent_toml(&fx.state("id"), "", &[by_id]),
-    );
+    let km = fx.key_manager("id", &[by_id]);
     assert_symmetric(fx.fetch(&*km, &id, &RequestAuth::Service), &want);
 
     let by_name = format!(
@@ -597,11 +577,7 @@ fn application_credential_auth_by_id_and_by_name() {
         q(c.app_cred("name")),
         q(c.app_cred("secret"))
     );
-    let km = manager(
-        fx.dir.path(),
-        "name.toml",
-        &agent_toml(&fx.state("name"), "", &[by_name]),
-    );
+    let km = fx.key_manager("name", &[by_name]);
     assert_symmetric(fx.fetch(&*km, &id, &RequestAuth::Service), &want);
 }
 
@@ -612,16 +588,11 @@ fn application_credential_auth_by_id_and_by_name() {
 fn token_pass_through_with_and_without_service_token() {
     let fx = setup();
     let c = fx.cloud;
-    let want = random_key(32);
-    let id = c.create_secret(&want, "symmetric");
+    let (want, id) = c.new_symmetric_key();
     let alice_token = c.token("alice");
     let service_token = c.token("barbican");
 
-    let km = manager(
-        fx.dir.path(),
-        "plain.toml",
-        &agent_toml(&fx.state("plain"), "", &[endpoint_section(c.barbican())]),
-    );
+    let km = fx.key_manager("plain", &[endpoint_section(c.barbican())]);
     assert_symmetric(fx.fetch(&*km, &id, &user_token(&alice_token)), &want);
     assert_symmetric(
         fx.fetch(
@@ -656,15 +627,7 @@ fn token_pass_through_with_and_without_service_token() {
         c.password("barbican"),
         "send_service_token = true\n",
     );
-    let km = manager(
-        fx.dir.path(),
-        "svc.toml",
-        &agent_toml(
-            &fx.state("svc"),
-            "",
-            &[endpoint_section(c.barbican()), agent],
-        ),
-    );
+    let km = fx.key_manager("svc", &[endpoint_section(c.barbican()), agent]);
     assert_symmetric(fx.fetch(&*km, &id, &user_token(&alice_token)), &want);
     // An agent whose own token lacks the service role: Barbican refuses the
     // request, which shows that the agent's token was sent along.
@@ -675,15 +638,7 @@ fn token_pass_through_with_and_without_service_token() {
         c.password("rita"),
         "send_service_token = true\n",
     );
-    let km = manager(
-        fx.dir.path(),
-        "rita.toml",
-        &agent_toml(
-            &fx.state("rita"),
-            "",
-            &[endpoint_section(c.barbican()), rita_agent],
-        ),
-    );
+    let km = fx.key_manager("rita", &[endpoint_section(c.barbican()), rita_agent]);
     let e = expect_err(fx.fetch(&*km, &id, &user_token(&alice_token)));
     check_status_error(&e, "Unauthenticated", &id, c.barbican(), 401);
 }
@@ -694,14 +649,9 @@ fn token_pass_through_with_and_without_service_token() {
 fn href_key_id_uses_only_the_last_segment() {
     let fx = setup();
     let c = fx.cloud;
-    let want = random_key(32);
-    let id = c.create_secret(&want, "symmetric");
+    let (want, id) = c.new_symmetric_key();
     let href = format!("http://bogus.invalid:9311/v1/secrets/{id}");
-    let km = manager(
-        fx.dir.path(),
-        "a.toml",
-        &agent_toml(&fx.state("a"), "", &[alice(c)]),
-    );
+    let km = fx.key_manager("a", &[alice(c)]);
     assert_symmetric(fx.fetch(&*km, &href, &RequestAuth::Service), &want);
     assert_symmetric(
         fx.fetch(&*km, &format!("{href}/"), &RequestAuth::Service),
@@ -724,11 +674,7 @@ fn passphrase_secret_is_used_as_raw_utf8() {
     let c = fx.cloud;
     let phrase = "correct horse battery staple – pässwörd ✓";
     let id = c.create_secret(phrase.as_bytes(), "passphrase");
-    let km = manager(
-        fx.dir.path(),
-        "a.toml",
-        &agent_toml(&fx.state("a"), "", &[alice(c)]),
-    );
+    let km = fx.key_manager("a", &[alice(c)]);
     let key = fx
         .fetch(&*km, &id, &RequestAuth::Service)
         .unwrap_or_else(|e| panic!("{e}"));
@@ -745,15 +691,10 @@ fn passphrase_secret_is_used_as_raw_utf8() {
 fn refusals_are_typed_errors() {
     let fx = setup();
     let c = fx.cloud;
-    let want = random_key(32);
-    let id = c.create_secret(&want, "symmetric");
+    let (want, id) = c.new_symmetric_key();
     let key_hex = hex::encode(&want);
     let bb = c.barbican();
-    let km = manager(
-        fx.dir.path(),
-        "tok.toml",
-        &agent_toml(&fx.state("tok"), "", &[endpoint_section(bb)]),
-    );
+    let km = fx.key_manager("tok", &[endpoint_section(bb)]);
 
     for user in ["bob", "rita"] {
         let token = c.token(user);
@@ -767,11 +708,7 @@ fn refusals_are_typed_errors() {
     check_status_error(&e, "Unauthenticated", &id, bb, 401);
     assert_error_text(&e, &id, bb, &[&key_hex, bogus]);
 
-    let agent = manager(
-        fx.dir.path(),
-        "alice.toml",
-        &agent_toml(&fx.state("alice"), "", &[alice(c)]),
-    );
+    let agent = fx.key_manager("alice", &[alice(c)]);
     assert_symmetric(fx.fetch(&*agent, &id, &RequestAuth::Service), &want);
     c.delete_secret(&id);
     let e = expect_err(fx.fetch(&*agent, &id, &RequestAuth::Service));
@@ -781,14 +718,9 @@ fn refusals_are_typed_errors() {
     let wrong = "not-alices-password-3f9a1c";
     let other = random_key(32);
     let other_id = c.create_secret(&other, "symmetric");
-    let km = manager(
-        fx.dir.path(),
-        "wrong.toml",
-        &agent_toml(
-            &fx.state("wrong"),
-            "",
-            &[password_section(c, "alice", "proj-a", wrong, "")],
-        ),
+    let km = fx.key_manager(
+        "wrong",
+        &[password_section(c, "alice", "proj-a", wrong, "")],
     );
     let e = expect_err(fx.fetch(&*km, &other_id, &RequestAuth::Service));
     check_status_error(&e, "Unauthenticated", &other_id, c.auth_url(), 401);
@@ -801,17 +733,12 @@ fn refusals_are_typed_errors() {
 fn barbican_down_then_back() {
     let fx = setup();
     let c = fx.cloud;
-    let want = random_key(32);
-    let id = c.create_secret(&want, "symmetric");
+    let (want, id) = c.new_symmetric_key();
     let http = http_section(
         "connect_timeout_ms = 1000\nrequest_timeout_ms = 2000\nmax_attempts = 20\n\
          backoff_base_ms = 50\nbackoff_max_ms = 400\ndeadline_ms = 3000\n",
     );
-    let km = manager(
-        fx.dir.path(),
-        "a.toml",
-        &agent_toml(&fx.state("a"), "", &[alice(c), http]),
-    );
+    let km = fx.key_manager("a", &[alice(c), http]);
     assert_symmetric(fx.fetch(&*km, &id, &RequestAuth::Service), &want);
 
     let mut down = BarbicanDown::stop(c);
@@ -868,15 +795,7 @@ fn silent_server_times_out_within_deadline() {
         "connect_timeout_ms = 1000\nrequest_timeout_ms = 10000\nmax_attempts = 3\n\
          deadline_ms = 2000\n",
     );
-    let km = manager(
-        fx.dir.path(),
-        "a.toml",
-        &agent_toml(
-            &fx.state("a"),
-            "",
-            &[alice(c), endpoint_section(&silent), http],
-        ),
-    );
+    let km = fx.key_manager("a", &[alice(c), endpoint_section(&silent), http]);
     let id = uuid::Uuid::new_v4().to_string();
     let t = Instant::now();
     let e = expect_err(fx.fetch(&*km, &id, &RequestAuth::Service));
@@ -905,11 +824,7 @@ fn three_byte_secret_is_invalid_key_material() {
     let fx = setup();
     let c = fx.cloud;
     let id = c.create_secret(&[0x01, 0x02, 0x03], "symmetric");
-    let km = manager(
-        fx.dir.path(),
-        "a.toml",
-        &agent_toml(&fx.state("a"), "", &[alice(c)]),
-    );
+    let km = fx.key_manager("a", &[alice(c)]);
     let e = expect_err(fx.fetch(&*km, &id, &RequestAuth::Service));
     match &e {
         KeyError::InvalidKeyMaterial {
@@ -933,13 +848,8 @@ fn three_byte_secret_is_invalid_key_material() {
 fn token_is_cached_across_fetches() {
     let fx = setup();
     let c = fx.cloud;
-    let want = random_key(32);
-    let id = c.create_secret(&want, "symmetric");
-    let cfg = load_config(
-        fx.dir.path(),
-        "a.toml",
-        &agent_toml(&fx.state("a"), "", &[alice(c)]),
-    );
+    let (want, id) = c.new_symmetric_key();
+    let cfg = fx.config("a", &[alice(c)]);
     const POST: &str = "POST /v3/auth/tokens";
     const CATALOG: &str = "GET /v3/auth/catalog";
     let before = c.settled_agent_requests(POST, 0);
@@ -971,13 +881,8 @@ fn token_is_cached_across_fetches() {
 fn cached_fetch_timing() {
     let fx = setup();
     let c = fx.cloud;
-    let want = random_key(32);
-    let id = c.create_secret(&want, "symmetric");
-    let cfg = load_config(
-        fx.dir.path(),
-        "a.toml",
-        &agent_toml(&fx.state("a"), "", &[alice(c)]),
-    );
+    let (want, id) = c.new_symmetric_key();
+    let cfg = fx.config("a", &[alice(c)]);
     let b = barbican_from(&cfg);
     let t = Instant::now();
     assert_symmetric(fx.fetch(&b, &id, &RequestAuth::Service), &want);
@@ -1006,15 +911,9 @@ fn cached_fetch_timing() {
 fn formatted_marker_in_barbican_metadata() {
     let fx = setup();
     let c = fx.cloud;
-    let want = random_key(32);
-    let id = c.create_secret(&want, "symmetric");
+    let (_, id) = c.new_symmetric_key();
     let svc = RequestAuth::Service;
-    let state_a = fx.state("a");
-    let a = manager(
-        fx.dir.path(),
-        "a.toml",
-        &agent_toml(&state_a, "", &[alice(c)]),
-    );
+    let a = fx.key_manager("a", &[alice(c)]);
     assert!(!fx.is_marked(&*a, &id, &svc));
     assert!(
         fx.secret_metadata(&id)["metadata"]
@@ -1036,33 +935,21 @@ fn formatted_marker_in_barbican_metadata() {
     fx.mark(&*a, &id, &svc);
 
     let state_b = fx.state("b");
-    let b = manager(
-        fx.dir.path(),
-        "b.toml",
-        &agent_toml(&state_b, "", &[alice(c)]),
-    );
+    let b = fx.key_manager_in(&state_b, &[alice(c)]);
     assert!(fx.is_marked(&*b, &id, &svc), "marker not seen in Barbican");
     assert!(
         !state_b.join("formatted").exists(),
         "the second manager must not have a local marker"
     );
     // Through alice's token as well.
-    let t = manager(
-        fx.dir.path(),
-        "t.toml",
-        &agent_toml(&fx.state("t"), "", &[endpoint_section(c.barbican())]),
-    );
+    let t = fx.key_manager("t", &[endpoint_section(c.barbican())]);
     assert!(fx.is_marked(&*t, &id, &user_token(&c.token("alice"))));
 
     // Rita may not read or write metadata: the marker falls back to the
     // local state directory.
     let other = c.create_secret(&random_key(32), "symmetric");
     let state_r = fx.state("r");
-    let r = manager(
-        fx.dir.path(),
-        "r.toml",
-        &agent_toml(&state_r, "", &[endpoint_section(c.barbican())]),
-    );
+    let r = fx.key_manager_in(&state_r, &[endpoint_section(c.barbican())]);
     let rita = user_token(&c.token("rita"));
     assert!(!fx.is_marked(&*r, &other, &rita));
     fx.mark(&*r, &other, &rita);
@@ -1087,11 +974,7 @@ fn format_intent_in_barbican_metadata() {
     let c = fx.cloud;
     let id = c.create_secret(&random_key(32), "symmetric");
     let svc = RequestAuth::Service;
-    let a = manager(
-        fx.dir.path(),
-        "a.toml",
-        &agent_toml(&fx.state("a"), "", &[alice(c)]),
-    );
+    let a = fx.key_manager("a", &[alice(c)]);
     assert_eq!(fx.intent(&*a, &id, &svc), None);
     let first = FormatIntent::new_here();
     fx.set_intent(&*a, &id, &svc, &first);
@@ -1105,11 +988,7 @@ fn format_intent_in_barbican_metadata() {
     assert!(meta["metadata"].get(MARKER_KEY).is_none(), "{meta}");
 
     let state_b = fx.state("b");
-    let b = manager(
-        fx.dir.path(),
-        "b.toml",
-        &agent_toml(&state_b, "", &[alice(c)]),
-    );
+    let b = fx.key_manager_in(&state_b, &[alice(c)]);
     assert_eq!(fx.intent(&*b, &id, &svc), Some(first.clone()));
     assert!(!state_b.join("format-intents").exists());
     // A second intent (a redo on another host) replaces the first, and the
@@ -1144,11 +1023,7 @@ fn format_intent_in_barbican_metadata() {
     .enumerate()
     {
         fx.put_metadata(&id, INTENT_KEY, nonsense);
-        let fresh = manager(
-            fx.dir.path(),
-            &format!("f{n}.toml"),
-            &agent_toml(&fx.state(&format!("f{n}")), "", &[alice(c)]),
-        );
+        let fresh = fx.key_manager(&format!("f{n}"), &[alice(c)]);
         assert_eq!(fx.intent(&*fresh, &id, &svc), None, "{nonsense:?}");
         assert_eq!(
             fx.intent(&*a, &id, &svc),
@@ -1160,11 +1035,7 @@ fn format_intent_in_barbican_metadata() {
     // Rita may not read or write metadata: the intent is kept locally.
     let other = c.create_secret(&random_key(32), "symmetric");
     let state_r = fx.state("r");
-    let r = manager(
-        fx.dir.path(),
-        "r.toml",
-        &agent_toml(&state_r, "", &[endpoint_section(c.barbican())]),
-    );
+    let r = fx.key_manager_in(&state_r, &[endpoint_section(c.barbican())]);
     let rita = user_token(&c.token("rita"));
     assert_eq!(fx.intent(&*r, &other, &rita), None);
     let third = FormatIntent::new_here();

@@ -14,7 +14,7 @@ use std::io::Write;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::sync::{Mutex, MutexGuard};
 use std::time::Instant;
 
 use luks_agent::blockdev::loopdev::LoopDevice;
@@ -22,43 +22,18 @@ use serde_json::Value;
 use virt::connect::Connect;
 use virt::secret::Secret;
 
-const AGENT: &str = env!("CARGO_BIN_EXE_luks-agent");
+mod common;
+
+use common::AGENT;
+use common::harness::{libvirtd_or_skip, libvirtd_sh};
+use common::serve::create_local_key;
+
 const URI: &str = "qemu:///system";
 const MIB: u64 = 1 << 20;
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn harness(args: &[&str]) -> Result<(), String> {
-    let out = Command::new(repo().join("tests/harness/libvirtd.sh"))
-        .args(args)
-        .output()
-        .map_err(|e| format!("cannot run tests/harness/libvirtd.sh: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "tests/harness/libvirtd.sh {args:?} failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ))
-    }
-}
-
-static DAEMON: OnceLock<Result<(), String>> = OnceLock::new();
 /// One test at a time: one test restarts libvirtd, and domains and secrets
 /// are system-wide.
 static SERIAL: Mutex<()> = Mutex::new(());
-
-fn start_daemon() -> Result<(), String> {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
-        return Err("these tests need root (libvirtd, loop devices)".into());
-    }
-    let owner = std::process::id().to_string();
-    harness(&["start", "--owner", &owner])
-}
 
 /// Per-test context; its Drop removes domains, secrets and files the test
 /// made, also when the test fails.
@@ -80,13 +55,7 @@ fn setup(persistent: bool) -> Option<Fx> {
     // libvirt's default handler prints every error (an expected "no such
     // secret" too) to stderr.
     virt::error::clear_error_callback();
-    if let Err(why) = DAEMON.get_or_init(start_daemon) {
-        if std::env::var("CI").is_ok_and(|v| v == "true") {
-            panic!("libvirt tests cannot run: {why}");
-        }
-        eprintln!(
-            "\n*** SKIPPED: libvirt tests cannot run here: {why}\n*** Run scripts/install-deps.sh as root; with CI=true this is a failure.\n"
-        );
+    if !libvirtd_or_skip("libvirt tests") {
         return None;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -99,28 +68,18 @@ fn setup(persistent: bool) -> Option<Fx> {
         ),
     )
     .unwrap();
-    let mut fx = Fx {
+    let (key_id, passphrase) = create_local_key(&config);
+    assert_eq!(passphrase.len(), 64, "hex of a 256-bit key");
+    Some(Fx {
         _serial: serial,
         dir,
         config,
-        key_id: String::new(),
-        passphrase: String::new(),
+        key_id,
+        passphrase,
         domains: vec![],
         volumes: vec![],
         loops: vec![],
-    };
-    let out = fx.agent(&["keys", "create"]);
-    assert!(out.status.success(), "keys create: {out:?}");
-    fx.key_id = String::from_utf8(out.stdout).unwrap().trim().to_string();
-    let out = fx.agent(&["keys", "fetch", "--key-id", &fx.key_id.clone(), "--reveal"]);
-    assert!(out.status.success(), "keys fetch: {out:?}");
-    fx.passphrase = String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("passphrase: ").map(str::to_string))
-        .expect("keys fetch --reveal printed no passphrase");
-    assert_eq!(fx.passphrase.len(), 64, "hex of a 256-bit key");
-    Some(fx)
+    })
 }
 
 impl Drop for Fx {
@@ -215,20 +174,35 @@ impl Fx {
         path
     }
 
-    /// `attach --mode libvirt --json` with `provider`; the raw output.
-    fn attach_raw(&self, vid: &str, device: &Path, provider: &str) -> Output {
-        self.agent(&[
-            "attach",
+    /// `OP --mode libvirt` (attach, detach, extend) of volume `vid` on
+    /// `device` with `provider`, then `extra`; the raw output.
+    fn volume_op(
+        &self,
+        op: &str,
+        vid: &str,
+        device: &Path,
+        provider: &str,
+        extra: &[&str],
+    ) -> Output {
+        let encryption = self.encryption(provider);
+        let mut args = vec![
+            op,
             "--mode",
             "libvirt",
-            "--json",
             "--volume-id",
             vid,
             "--device",
             device.to_str().unwrap(),
             "--encryption",
-            &self.encryption(provider),
-        ])
+            &encryption,
+        ];
+        args.extend(extra);
+        self.agent(&args)
+    }
+
+    /// `attach --mode libvirt --json` with `provider`; the raw output.
+    fn attach_raw(&self, vid: &str, device: &Path, provider: &str) -> Output {
+        self.volume_op("attach", vid, device, provider, &["--json"])
     }
 
     fn attach(&self, vid: &str, device: &Path) -> Value {
@@ -237,21 +211,40 @@ impl Fx {
         serde_json::from_slice(&out.stdout).unwrap()
     }
 
-    fn detach(&self, vid: &str, device: &Path, extra: &[&str]) -> Value {
-        let mut args = vec![
-            "detach",
-            "--mode",
-            "libvirt",
-            "--json",
-            "--volume-id",
-            vid,
-            "--device",
-            device.to_str().unwrap(),
-        ];
-        let enc = self.encryption("luks");
-        args.extend(["--encryption", enc.as_str()]);
+    /// `attach`, printing its time under `what`: the agent's own figure
+    /// and the whole process's.
+    fn timed_attach(&self, what: &str, vid: &str, device: &Path) -> Value {
+        let t = Instant::now();
+        let a = self.attach(vid, device);
+        eprintln!(
+            "{what}: {:.1} ms (process: {:.1} ms)",
+            a["duration_ms"].as_f64().unwrap(),
+            t.elapsed().as_secs_f64() * 1e3
+        );
+        a
+    }
+
+    /// The entries of `secrets list --json` (with `extra` arguments) for
+    /// volume `vid`.
+    fn listed_secrets(&self, vid: &str, extra: &[&str]) -> Vec<Value> {
+        let mut args = vec!["secrets", "list", "--json"];
         args.extend(extra);
         let out = self.agent(&args);
+        assert!(out.status.success(), "{}", text(&out));
+        let listed: Value = serde_json::from_slice(&out.stdout).unwrap();
+        listed
+            .as_array()
+            .unwrap_or_else(|| panic!("not a list: {listed}"))
+            .iter()
+            .filter(|s| s["volume_id"] == vid)
+            .cloned()
+            .collect()
+    }
+
+    fn detach(&self, vid: &str, device: &Path, extra: &[&str]) -> Value {
+        let mut args = vec!["--json"];
+        args.extend(extra);
+        let out = self.volume_op("detach", vid, device, "luks", &args);
         assert!(out.status.success(), "detach: {}", text(&out));
         serde_json::from_slice(&out.stdout).unwrap()
     }
@@ -279,6 +272,34 @@ impl Fx {
         self.domains.push(name.clone());
         name
     }
+}
+
+/// `virsh start --paused DOMAIN`, printing its time under `what`.
+fn timed_start_paused(domain: &str, what: &str) -> Output {
+    let t = Instant::now();
+    let out = virsh(&["start", "--paused", domain]);
+    eprintln!(
+        "virsh start --paused {what}: {:.0} ms",
+        t.elapsed().as_secs_f64() * 1e3
+    );
+    out
+}
+
+/// Defines a volume secret for `usage` with the `<secret>` attributes
+/// `attrs` and `value`, as another program would: its UUID.
+fn define_secret(attrs: &str, usage: &str, value: &[u8]) -> String {
+    let mut conn = Connect::open(Some(URI)).unwrap();
+    let s = Secret::define_xml(
+        &conn,
+        &format!("<secret {attrs}><usage type='volume'><volume>{usage}</volume></usage></secret>"),
+        0,
+    )
+    .unwrap();
+    s.set_value(value, 0).unwrap();
+    let uuid = s.get_uuid_string().unwrap();
+    drop(s);
+    conn.close().unwrap();
+    uuid
 }
 
 fn lookup_uuid(vid: &str) -> Option<String> {
@@ -317,13 +338,7 @@ fn secret_is_found_by_usage_private_ephemeral_and_idempotent() {
     let Some(mut fx) = setup(false) else { return };
     let vid = fx.volume();
     let img = fx.image("vol.img", 32 * MIB);
-    let t = Instant::now();
-    let a = fx.attach(&vid, &img);
-    eprintln!(
-        "first attach (format + secret): {:.1} ms (process: {:.1} ms)",
-        a["duration_ms"].as_f64().unwrap(),
-        t.elapsed().as_secs_f64() * 1e3
-    );
+    let a = fx.timed_attach("first attach (format + secret)", &vid, &img);
     assert_eq!(a["action"], "created");
     assert_eq!(a["formatted"], true);
     assert_eq!(a["ephemeral"], true);
@@ -355,28 +370,14 @@ fn secret_is_found_by_usage_private_ephemeral_and_idempotent() {
     // Ephemeral: nothing on disk.
     assert_eq!(secret_files(&uuid), Vec::<PathBuf>::new());
     // `secrets list` shows it with its flags, never a value.
-    let out = fx.agent(&["secrets", "list", "--json"]);
-    assert!(out.status.success(), "{}", text(&out));
-    let listed: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let mine: Vec<&Value> = listed
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|s| s["volume_id"] == vid.as_str())
-        .collect();
-    assert_eq!(mine.len(), 1, "{listed}");
+    let mine = fx.listed_secrets(&vid, &[]);
+    assert_eq!(mine.len(), 1, "{mine:?}");
     assert_eq!(mine[0]["uuid"], uuid.as_str());
     assert_eq!(mine[0]["ephemeral"], true);
     assert_eq!(mine[0]["private"], true);
 
     // Attach twice: one secret, the same UUID, nothing rewritten.
-    let t = Instant::now();
-    let b = fx.attach(&vid, &img);
-    eprintln!(
-        "re-attach (reuse): {:.1} ms (process: {:.1} ms)",
-        b["duration_ms"].as_f64().unwrap(),
-        t.elapsed().as_secs_f64() * 1e3
-    );
+    let b = fx.timed_attach("re-attach (reuse)", &vid, &img);
     assert_eq!(b["action"], "reused");
     assert_eq!(b["formatted"], false);
     assert_eq!(b["secret_uuid"], uuid.as_str());
@@ -398,7 +399,7 @@ fn secret_is_found_by_usage_private_ephemeral_and_idempotent() {
     assert_eq!(c["formatted"], false);
     // An ephemeral secret dies with libvirtd; the next attach defines it
     // again although the agent's record of the old one is still there.
-    harness(&["restart"]).unwrap();
+    libvirtd_sh(&["restart"]).unwrap();
     assert_eq!(lookup_uuid(&vid), None, "an ephemeral secret survived");
     let d = fx.attach(&vid, &img);
     assert_eq!(d["action"], "created");
@@ -422,7 +423,7 @@ fn persistent_secret_is_written_and_survives_a_libvirtd_restart() {
         .decode(stored.trim())
         .unwrap();
     assert_eq!(value, fx.passphrase.as_bytes(), "the value is the hex key");
-    harness(&["restart"]).unwrap();
+    libvirtd_sh(&["restart"]).unwrap();
     assert_eq!(lookup_uuid(&vid).as_deref(), Some(uuid.as_str()));
     let b = fx.attach(&vid, &img);
     assert_eq!(b["action"], "reused");
@@ -488,13 +489,8 @@ fn qemu_opens_the_volume_with_our_secret_and_refuses_a_wrong_one() {
     assert_eq!(a["formatted"], true);
     let enc = a["encryption_xml"].as_str().unwrap().to_string();
     let dom = fx.define_domain(&dev, &enc);
-    let t = Instant::now();
-    let out = virsh(&["start", "--paused", &dom]);
+    let out = timed_start_paused(&dom, "with our secret");
     assert!(out.status.success(), "virsh start: {}", text(&out));
-    eprintln!(
-        "virsh start --paused with our secret: {:.0} ms",
-        t.elapsed().as_secs_f64() * 1e3
-    );
     // Write through the guest's disk (QEMU decrypting with our secret).
     let w = hmp_qemu_io(&dom, "write -P 0x5a 0 65536");
     assert!(w.contains("wrote 65536/65536 bytes at offset 0"), "{w}");
@@ -529,33 +525,20 @@ fn qemu_opens_the_volume_with_our_secret_and_refuses_a_wrong_one() {
     );
 
     // A secret with a wrong value: QEMU refuses to start.
-    let mut conn = Connect::open(Some(URI)).unwrap();
-    let wrong = Secret::define_xml(
-        &conn,
-        &format!(
-            "<secret ephemeral='yes' private='yes'><usage type='volume'><volume>{vid}-wrong</volume></usage></secret>"
-        ),
-        0,
-    )
-    .unwrap();
     let mut bad = fx.passphrase.clone().into_bytes();
     bad[0] = if bad[0] == b'0' { b'1' } else { b'0' };
-    wrong.set_value(&bad, 0).unwrap();
-    let wrong_uuid = wrong.get_uuid_string().unwrap();
-    drop(wrong);
-    conn.close().unwrap();
+    let wrong_uuid = define_secret(
+        "ephemeral='yes' private='yes'",
+        &format!("{vid}-wrong"),
+        &bad,
+    );
     let dom2 = fx.define_domain(
         &dev,
         &format!(
             "<encryption format='luks'><secret type='passphrase' uuid='{wrong_uuid}'/></encryption>"
         ),
     );
-    let t = Instant::now();
-    let out = virsh(&["start", "--paused", &dom2]);
-    eprintln!(
-        "virsh start --paused with a wrong secret value: fails in {:.0} ms",
-        t.elapsed().as_secs_f64() * 1e3
-    );
+    let out = timed_start_paused(&dom2, "with a wrong secret value (refused)");
     assert!(!out.status.success(), "started with a wrong passphrase");
     assert!(
         text(&out).contains("Invalid password, cannot unlock any keyslot"),
@@ -563,13 +546,8 @@ fn qemu_opens_the_volume_with_our_secret_and_refuses_a_wrong_one() {
         text(&out)
     );
     // With our secret it still starts.
-    let t = Instant::now();
-    let out = virsh(&["start", "--paused", &dom]);
+    let out = timed_start_paused(&dom, "with our secret, again");
     assert!(out.status.success(), "virsh start: {}", text(&out));
-    eprintln!(
-        "virsh start --paused with our secret, again: {:.0} ms",
-        t.elapsed().as_secs_f64() * 1e3
-    );
 }
 
 #[test]
@@ -577,34 +555,11 @@ fn a_foreign_secret_with_another_value_is_replaced_in_place() {
     let Some(mut fx) = setup(false) else { return };
     let vid = fx.volume();
     // What nova leaves: persistent, readable, here with a stale value.
-    let mut conn = Connect::open(Some(URI)).unwrap();
-    let s = Secret::define_xml(
-        &conn,
-        &format!(
-            "<secret ephemeral='no' private='no'><usage type='volume'><volume>{vid}</volume></usage></secret>"
-        ),
-        0,
-    )
-    .unwrap();
-    s.set_value(b"stale", 0).unwrap();
-    let novas = s.get_uuid_string().unwrap();
-    drop(s);
-    conn.close().unwrap();
+    let novas = define_secret("ephemeral='no' private='no'", &vid, b"stale");
     assert!(!secret_files(&novas).is_empty());
     // `secrets list` shows only ours; --all shows nova's too, flagged.
-    let listed = |args: &[&str]| -> Vec<Value> {
-        let out = fx.agent(args);
-        assert!(out.status.success(), "{}", text(&out));
-        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-        v.as_array()
-            .unwrap()
-            .iter()
-            .filter(|s| s["volume_id"] == vid.as_str())
-            .cloned()
-            .collect()
-    };
-    assert!(listed(&["secrets", "list", "--json"]).is_empty());
-    let all = listed(&["secrets", "list", "--json", "--all"]);
+    assert!(fx.listed_secrets(&vid, &[]).is_empty());
+    let all = fx.listed_secrets(&vid, &["--all"]);
     assert_eq!(all.len(), 1);
     assert_eq!(all[0]["ours"], false);
     assert_eq!(all[0]["ephemeral"], false);
@@ -687,17 +642,7 @@ fn luks2_plain_and_an_unreachable_libvirtd_are_refused_without_writing() {
         assert!(msg.contains(&vid) && msg.contains(provider), "{msg}");
         assert!(zeros(&img), "{provider}: the device was written");
         assert_eq!(lookup_uuid(&vid), None);
-        let out = fx.agent(&[
-            "extend",
-            "--mode",
-            "libvirt",
-            "--volume-id",
-            &vid,
-            "--device",
-            img.to_str().unwrap(),
-            "--encryption",
-            &fx.encryption(provider),
-        ]);
+        let out = fx.volume_op("extend", &vid, &img, provider, &[]);
         assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     }
     // libvirtd unreachable: its own exit code, the volume untouched.
@@ -743,18 +688,7 @@ fn extend_reports_the_guest_visible_size() {
         .unwrap()
         .set_len(48 * MIB)
         .unwrap();
-    let out = fx.agent(&[
-        "extend",
-        "--mode",
-        "libvirt",
-        "--json",
-        "--volume-id",
-        &vid,
-        "--device",
-        img.to_str().unwrap(),
-        "--encryption",
-        &fx.encryption("luks"),
-    ]);
+    let out = fx.volume_op("extend", &vid, &img, "luks", &["--json"]);
     assert!(out.status.success(), "{}", text(&out));
     let j: Value = serde_json::from_slice(&out.stdout).unwrap();
     // The payload offset as cryptsetup reports it (sectors of 512 bytes).

@@ -1,11 +1,16 @@
 //! Shared helpers for the integration tests: temporary images and key files,
 //! running `luks-agent`, `cryptsetup`, `qemu-img` and `qemu-io`, parsing
-//! their output, and a reference AES-XTS implementation for checking data.
+//! their output, and a reference AES-XTS implementation for checking data;
+//! `luks-agent serve` and its socket in `serve`, the service harnesses in
+//! `harness`.
 //!
 //! Every external tool is required: a missing tool fails the test with a
 //! message that points at the project's dependency installer.
 
 #![allow(dead_code)]
+
+pub mod harness;
+pub mod serve;
 
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
