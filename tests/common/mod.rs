@@ -979,6 +979,43 @@ pub fn xts_plain64_encrypt(key: &[u8], data: &mut [u8], first_sector: u64) {
     xts_apply(key, data, first_sector, true);
 }
 
+/// A key as it could leak into a log or a journal, each form labelled for
+/// a failure message: raw bytes, lower and upper case hex, standard base64.
+pub fn key_encodings(what: &str, key: &[u8]) -> Vec<(String, Vec<u8>)> {
+    use base64::Engine;
+    let hex = hex::encode(key);
+    vec![
+        (format!("raw {what}"), key.to_vec()),
+        (format!("hex {what}"), hex.clone().into_bytes()),
+        (format!("HEX {what}"), hex.to_uppercase().into_bytes()),
+        (
+            format!("base64 {what}"),
+            base64::engine::general_purpose::STANDARD
+                .encode(key)
+                .into_bytes(),
+        ),
+    ]
+}
+
+/// The label of the first of `needles` that occurs in `haystack`.
+pub fn first_found<'a>(haystack: &[u8], needles: &'a [(String, Vec<u8>)]) -> Option<&'a str> {
+    needles.iter().find_map(|(what, needle)| {
+        assert!(!needle.is_empty(), "nothing to look for as {what}");
+        haystack
+            .windows(needle.len())
+            .any(|w| w == needle.as_slice())
+            .then_some(what.as_str())
+    })
+}
+
+/// Fails, naming the needle and `place`, when any of `needles` occurs in
+/// `haystack`.
+pub fn assert_none_in(haystack: &[u8], needles: &[(String, Vec<u8>)], place: &str) {
+    if let Some(what) = first_found(haystack, needles) {
+        panic!("{what} in {place}");
+    }
+}
+
 #[cfg(test)]
 mod self_tests {
     use super::*;
@@ -997,6 +1034,25 @@ mod self_tests {
         let ours = "Version: 2\nVolume key: 00aabb\n";
         assert_eq!(parse_volume_key(ours).as_deref(), Some("00aabb"));
         assert_eq!(parse_volume_key("MK bits: 512\n"), None);
+    }
+
+    #[test]
+    fn every_encoding_of_a_key_is_found() {
+        let key = [0xa5u8, 0x01, 0xfe, 0x7c];
+        let needles = key_encodings("k", &key);
+        let forms: [(&str, &[u8]); 4] = [
+            ("raw k", &key),
+            ("hex k", b"a501fe7c"),
+            ("HEX k", b"A501FE7C"),
+            ("base64 k", b"pQH+fA=="),
+        ];
+        assert_eq!(needles.len(), forms.len());
+        for (what, form) in forms {
+            let mut haystack = b"log line: ".to_vec();
+            haystack.extend_from_slice(form);
+            assert_eq!(first_found(&haystack, &needles), Some(what));
+        }
+        assert_eq!(first_found(b"nothing secret here", &needles), None);
     }
 
     #[test]
