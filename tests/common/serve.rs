@@ -35,17 +35,8 @@ pub fn write_local_config(dir: &Path, server_lines: &str) -> PathBuf {
 /// Runs the CLI with `config`: exit code (-1 when killed by a signal),
 /// stdout and stderr.
 pub fn cli(config: &Path, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(AGENT)
-        .arg("--config")
-        .arg(config)
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let r = super::agent(&super::cat(&["--config", super::s(config)], args));
+    (r.code.unwrap_or(-1), r.stdout, r.stderr)
 }
 
 /// A new key in the local key store of `config`: its id, and the
