@@ -6,18 +6,24 @@
 #                  `cryptsetup luksFormat` (pbkdf2 with 1000 iterations, or
 #                  a tiny Argon2id, so that this runs in seconds);
 #   unlock/        one-byte inputs selecting each reference image of the
-#                  unlock target, with and without LUKS2 checksum repair.
+#                  unlock target, with and without LUKS2 checksum repair;
+#   probe/         the head and tail of devices holding the signatures the
+#                  first-use guard knows (file systems, swap, partition
+#                  tables, LVM, LUKS), made by the tools that write them,
+#                  as far as they are installed.
 #
 # Usage: fuzz/gen_corpus.sh   (from anywhere inside the repository)
 # Keys and salts are random, so every run produces different bytes; commit
 # the result only when the seeds need to change. The corpus stays well under
-# 1 MiB (at most 8 files of 64 KiB).
+# 1 MiB for header_parse (at most 8 files of 64 KiB); probe seeds keep only
+# the non-zero span of a device's first 68 KiB and last 128 KiB.
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
 out=fuzz/corpus/header_parse
 unlock_out=fuzz/corpus/unlock
+probe_out=fuzz/corpus/probe
 head_bytes=65536
 
 work=$(mktemp -d)
@@ -25,8 +31,8 @@ trap 'rm -rf "$work"' EXIT
 key=$work/passphrase
 printf '%s' 'fuzz-passphrase' >"$key"
 
-mkdir -p "$out" "$unlock_out"
-rm -f "$out"/* "$unlock_out"/*
+mkdir -p "$out" "$unlock_out" "$probe_out"
+rm -f "$out"/* "$unlock_out"/* "$probe_out"/*
 
 # Creates a zeroed image of $2 MiB at $1.
 image() {
@@ -94,5 +100,67 @@ fi
 for flags in 00 01 02 05 06; do
     printf "\\x$flags" >"$unlock_out/image-$flags"
 done
+
+# probe: one input per device, in the target's encoding: size mode 2, the
+# device size (40 bits), the head length (24 bits), the head (the first
+# 68 KiB without trailing zeros), the tail (the last 128 KiB without
+# leading zeros; zeros between them are implied).
+probe_seed() { # IMAGE NAME
+    python3 - "$1" "$probe_out/$2" <<'PY'
+import os, sys
+img, out = sys.argv[1:]
+size = os.path.getsize(img)
+with open(img, 'rb') as f:
+    head = f.read(68 * 1024).rstrip(b'\0')
+    at = max(size - 128 * 1024, len(head))
+    f.seek(at)
+    tail = f.read().lstrip(b'\0')
+with open(out, 'wb') as f:
+    f.write(bytes([2]) + size.to_bytes(5, 'little') + len(head).to_bytes(3, 'little') + head + tail)
+PY
+    echo "seed $probe_out/$2"
+}
+
+# Runs a tool that writes a signature onto image $1 of $2 MiB; skips the
+# seed when the tool is missing or fails.
+probe_tool() { # IMAGE MIB NAME COMMAND...
+    local img=$1 mib=$2 name=$3
+    shift 3
+    command -v "$1" >/dev/null 2>&1 || { echo "$1 not found: no $name seed" >&2; return 0; }
+    image "$img" "$mib"
+    if "$@" >/dev/null 2>&1; then
+        probe_seed "$img" "$name"
+    else
+        echo "$* failed: no $name seed" >&2
+    fi
+}
+
+probe_tool "$img" 8 ext4 mkfs.ext4 -q -F "$img"
+probe_tool "$img" 300 xfs mkfs.xfs -q -f "$img"
+probe_tool "$img" 128 btrfs mkfs.btrfs -q -f "$img"
+probe_tool "$img" 8 vfat-mbr mkfs.vfat --mbr=y "$img"
+probe_tool "$img" 8 swap mkswap "$img"
+probe_tool "$img" 8 gpt sgdisk -n 1:0:0 "$img"
+probe_tool "$img" 8 dos sh -c "echo 'start=2048, type=83' | sfdisk -q '$img'"
+# A GPT on a device that grew by 64 KiB: the backup header is not at the
+# end, but still inside the seed's tail.
+probe_tool "$img" 8 gpt-grown sh -c "sgdisk -n 1:0:0 '$img' && truncate -s 8256K '$img'"
+# LVM needs a block device.
+if command -v pvcreate >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    image "$img" 8
+    if loop=$(losetup --find --show "$img" 2>/dev/null); then
+        pvcreate -q -ff -y --devices "$loop" "$loop" >/dev/null 2>&1 &&
+            probe_seed "$img" lvm2 || echo "pvcreate failed: no lvm2 seed" >&2
+        losetup -d "$loop"
+    fi
+fi
+image "$img" 3
+"$agent" luks format --type luks1 --pbkdf pbkdf2 --pbkdf-force-iterations 1000 \
+    --key-file "$key" "$img"
+probe_seed "$img" luks1
+image "$img" 2
+"$agent" luks format --type luks2 --pbkdf pbkdf2 --pbkdf-force-iterations 1000 \
+    --luks2-metadata-size 16384 --luks2-keyslots-size 262144 --key-file "$key" "$img"
+probe_seed "$img" luks2
 
 du -sh fuzz/corpus

@@ -3,6 +3,7 @@
 //! of stopping at the checksum), the KDF limits used while fuzzing, and the
 //! reference images the `unlock` target mutates.
 
+use std::cell::Cell;
 use std::io;
 use std::sync::OnceLock;
 
@@ -43,21 +44,49 @@ pub const LIMITS: KdfLimits = KdfLimits {
     max_argon2_parallel: 1,
 };
 
-/// A read-only device of `size` bytes that holds `head` at offset 0 and
-/// zeros after it. Behaves as a zero-padded `MemDisk` without allocating
-/// and copying megabytes for every input.
+/// A read-only device of `size` bytes that holds `head` at offset 0,
+/// `tail` at its very end and zeros everywhere else. Behaves as a padded
+/// `MemDisk` without allocating and copying megabytes (or terabytes) for
+/// every input, and counts the bytes read from it.
 pub struct PaddedDisk<'a> {
     head: &'a [u8],
+    tail: &'a [u8],
     size: u64,
+    bytes_read: Cell<u64>,
 }
 
 impl<'a> PaddedDisk<'a> {
     /// `head` followed by zeros up to `size` bytes (at least `head.len()`).
     pub fn new(head: &'a [u8], size: u64) -> Self {
+        Self::with_tail(head, &[], size)
+    }
+
+    /// `head`, zeros, then `tail` ending at `size` (at least the length of
+    /// both; where they would overlap, `tail` wins).
+    pub fn with_tail(head: &'a [u8], tail: &'a [u8], size: u64) -> Self {
         PaddedDisk {
             head,
-            size: size.max(head.len() as u64),
+            tail,
+            size: size.max(head.len() as u64 + tail.len() as u64),
+            bytes_read: Cell::new(0),
         }
+    }
+
+    /// Bytes handed out by `read_at` so far.
+    pub fn bytes_read(&self) -> u64 {
+        self.bytes_read.get()
+    }
+}
+
+/// Copies the part of `src`, which lies at `src_at` on the device, that
+/// overlaps `buf`, which is read from `offset`.
+fn copy_overlap(buf: &mut [u8], offset: u64, src: &[u8], src_at: u64) {
+    let start = offset.max(src_at);
+    let end = (offset + buf.len() as u64).min(src_at + src.len() as u64);
+    if start < end {
+        let n = (end - start) as usize;
+        let (b, s) = ((start - offset) as usize, (start - src_at) as usize);
+        buf[b..b + n].copy_from_slice(&src[s..s + n]);
     }
 }
 
@@ -69,7 +98,7 @@ impl Disk for PaddedDisk<'_> {
         Ok(self.size)
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        let end = offset
+        offset
             .checked_add(buf.len() as u64)
             .filter(|end| *end <= self.size)
             .ok_or_else(|| {
@@ -79,11 +108,10 @@ impl Disk for PaddedDisk<'_> {
                 )
             })?;
         buf.fill(0);
-        let head_len = self.head.len() as u64;
-        if offset < head_len {
-            let n = (end.min(head_len) - offset) as usize;
-            buf[..n].copy_from_slice(&self.head[offset as usize..offset as usize + n]);
-        }
+        copy_overlap(buf, offset, self.head, 0);
+        copy_overlap(buf, offset, self.tail, self.size - self.tail.len() as u64);
+        self.bytes_read
+            .set(self.bytes_read.get() + buf.len() as u64);
         Ok(())
     }
     fn write_at(&self, _buf: &[u8], _offset: u64) -> io::Result<()> {
@@ -288,6 +316,33 @@ mod tests {
         };
         assert_eq!(l.copies_valid, (true, true));
         assert!(l.binary.label.starts_with('x'));
+    }
+
+    #[test]
+    fn padded_disk_reads_as_the_device_it_describes() {
+        let head: Vec<u8> = (1..=100u8).collect();
+        let tail: Vec<u8> = (101..=150u8).collect();
+        for size in [150u64, 151, 4096] {
+            let mut whole = vec![0u8; size as usize];
+            whole[..100].copy_from_slice(&head);
+            let at = size as usize - tail.len();
+            whole[at..].copy_from_slice(&tail);
+            let disk = PaddedDisk::with_tail(&head, &tail, size);
+            assert_eq!(disk.size().unwrap(), size);
+            let mut read = 0;
+            for (offset, len) in [(0u64, size as usize), (90, 20), (99, 2), (at as u64 - 1, 3)] {
+                let mut buf = vec![0xaau8; len];
+                disk.read_at(&mut buf, offset).unwrap();
+                assert_eq!(
+                    buf,
+                    whole[offset as usize..offset as usize + len],
+                    "{size} {offset}"
+                );
+                read += len as u64;
+            }
+            assert_eq!(disk.bytes_read(), read);
+            assert!(disk.read_at(&mut [0u8; 2], size - 1).is_err());
+        }
     }
 
     #[test]
