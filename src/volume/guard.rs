@@ -94,10 +94,15 @@ const TAIL_CHECK: u64 = 64 * 1024;
 const UUID_FIELD: (u64, usize) = (168, 40);
 
 /// The raw UUID field of a LUKS header at `offset`, whether or not the
-/// header is valid; `None` when it is not ASCII text.
+/// header is valid; `None` when it is not ASCII text or lies (in part)
+/// beyond the end of the device, as in a magic near the end of a small one.
 fn raw_header_uuid(disk: &dyn Disk, offset: u64) -> std::io::Result<Option<String>> {
     let mut buf = [0u8; UUID_FIELD.1];
-    disk.read_at(&mut buf, offset + UUID_FIELD.0)?;
+    let at = offset.saturating_add(UUID_FIELD.0);
+    if at.saturating_add(UUID_FIELD.1 as u64) > disk.size()? {
+        return Ok(None);
+    }
+    disk.read_at(&mut buf, at)?;
     let len = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
     let text = &buf[..len];
     if text.is_empty() || !text.iter().all(|b| b.is_ascii_graphic()) {
@@ -265,5 +270,39 @@ impl Inspection {
             .map(|s| format!("{} at offset {}", s.what, s.offset))
             .collect::<Vec<_>>()
             .join(", ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::luks::MemDisk;
+
+    /// A LUKS magic whose UUID field would lie past the end of the device
+    /// is a refusal that names it, not a read error.
+    #[test]
+    fn a_magic_near_the_end_of_a_small_device_is_refused_not_an_error() {
+        let uuid = Uuid::from_u128(7);
+        for size in [6usize, 200, 16384 + 100] {
+            let mut bytes = vec![0u8; size];
+            let at = if size > 16384 { 16384 } else { 0 };
+            let magic: &[u8] = if at == 0 {
+                b"LUKS\xba\xbe"
+            } else {
+                b"SKUL\xba\xbe"
+            };
+            bytes[at..at + 6].copy_from_slice(magic);
+            let disk = MemDisk::new("small", bytes);
+            let inspection = Inspection::of(&disk).unwrap();
+            assert!(!inspection.is_blank(), "{size}: {}", inspection.describe());
+            let why = inspection
+                .foreign_to_format(&disk, &uuid, 1 << 20)
+                .unwrap_or_else(|e| panic!("{size}: {e}"))
+                .unwrap_or_else(|| panic!("{size}: redo allowed"));
+            assert!(
+                why.contains("(none)") || why.contains("holds"),
+                "{size}: {why}"
+            );
+        }
     }
 }
