@@ -28,7 +28,7 @@ use libfuzzer_sys::fuzz_target;
 use luks_agent::blockdev::probe::SignatureKind;
 use luks_agent::blockdev::probe::{self, MAX_READ_BYTES};
 use luks_agent::luks::Disk;
-use luks_agent::volume::guard::{DATA_HEAD_CHECK, Inspection};
+use luks_agent::volume::guard::{DATA_HEAD_CHECK, Inspection, raw_header_uuid};
 use luks_agent_fuzz::{PADDED_DISK, PaddedDisk};
 use uuid::Uuid;
 
@@ -37,14 +37,12 @@ const ZERO_CHECK: u64 = 64 * 1024;
 /// Data offsets of the interrupted format the redo check is asked about.
 const DATA_OFFSETS: [u64; 4] = [1 << 20, 2 << 20, 4 << 20, 16 << 20];
 
-/// The UUID in the raw UUID field (168, 40 bytes) of a LUKS header at 0,
+/// The UUID in the raw UUID field of a LUKS header at 0 (valid or torn),
 /// or a fixed one when there is none.
-fn header_uuid(head: &[u8]) -> Uuid {
-    let field = head.get(168..208).unwrap_or_default();
-    let text = &field[..field.iter().position(|&b| b == 0).unwrap_or(field.len())];
-    std::str::from_utf8(text)
-        .ok()
-        .and_then(|t| Uuid::try_parse(t).ok())
+fn header_uuid(disk: &dyn Disk) -> Uuid {
+    raw_header_uuid(disk, 0)
+        .expect("the fuzz device reads without errors")
+        .and_then(|t| Uuid::try_parse(&t).ok())
         .unwrap_or(Uuid::from_u128(0x0f4e_2c1a))
 }
 
@@ -99,7 +97,7 @@ fuzz_target!(|data: &[u8]| {
     // The redo check reads the device again; only its verdict matters.
     let inspection = Inspection { signatures: sigs };
     let verdict = inspection
-        .foreign_to_format(&disk, &header_uuid(head), data_offset)
+        .foreign_to_format(&disk, &header_uuid(&disk), data_offset)
         .expect("the fuzz device reads without errors");
     if verdict.is_none() {
         for s in &inspection.signatures {
