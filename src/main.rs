@@ -8,6 +8,10 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
+    // Before anything can hold a key: a crash must not dump one to disk.
+    if let Err(e) = luks_agent::secret::forbid_core_dumps() {
+        eprintln!("luks-agent: warning: cannot turn off core dumps: {e}");
+    }
     // Logging starts once the configuration is read (cli::run): its
     // format can come from there. LUKS_AGENT_LOG sets the level.
     let args = match cli::Cli::try_parse() {

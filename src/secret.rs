@@ -5,9 +5,13 @@
 //! [`SecretBytes`]. The buffer is allocated once at its final size (a `Vec`
 //! that grows would leave stale copies behind in freed memory), locked with
 //! `mlock(2)` so it is not swapped out, and wiped before it is freed.
+//! [`forbid_core_dumps`] keeps the rest of the process's memory (TLS and
+//! HTTP buffers that held a key on its way in) out of core dumps.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::io::Read;
+use std::sync::{Mutex, OnceLock};
 
 use zeroize::Zeroize;
 
@@ -200,20 +204,96 @@ impl fmt::Debug for VolumeKey {
     }
 }
 
+/// Makes the process non-dumpable (`PR_SET_DUMPABLE` 0), as ssh-agent
+/// does: a crash writes no core dump, so the key material that passed
+/// through buffers this crate does not own (TLS records, HTTP bodies,
+/// JSON) never reaches a file, and users other than root cannot attach a
+/// debugger. Called first thing by the binary.
+pub fn forbid_core_dumps() -> nix::Result<()> {
+    nix::sys::prctl::set_dumpable(false)
+}
+
+/// How many live secrets use each locked page, by page number.
+/// `mlock` does not nest: a single `munlock` unlocks a page for every
+/// secret on it, so small secrets that share a heap page keep it locked
+/// until the last of them is dropped.
+static LOCKED_PAGES: Mutex<BTreeMap<usize, usize>> = Mutex::new(BTreeMap::new());
+
+fn page_size() -> usize {
+    static PAGE: OnceLock<usize> = OnceLock::new();
+    *PAGE.get_or_init(|| {
+        // SAFETY: sysconf has no preconditions and reads no memory of ours.
+        let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        usize::try_from(n).ok().filter(|&n| n > 0).unwrap_or(4096)
+    })
+}
+
+/// The page numbers `[first, end)` that `buf` touches.
+fn pages_of(buf: &[u8]) -> (usize, usize) {
+    let page = page_size();
+    let start = buf.as_ptr() as usize;
+    (start / page, (start + buf.len()).div_ceil(page))
+}
+
+fn locked_pages() -> std::sync::MutexGuard<'static, BTreeMap<usize, usize>> {
+    // The map holds only counters; one left by a panicking thread is
+    // still consistent.
+    LOCKED_PAGES.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn lock_memory(buf: &[u8]) -> bool {
     if buf.is_empty() {
         return false;
     }
-    // SAFETY: mlock only reads the address range, which is a live allocation
-    // of exactly `buf.len()` bytes owned by the caller.
-    unsafe { libc::mlock(buf.as_ptr().cast(), buf.len()) == 0 }
+    let (first, end) = pages_of(buf);
+    let mut pages = locked_pages();
+    if (first..end).any(|p| !pages.contains_key(&p)) {
+        // Pages already locked for another secret are locked again, which
+        // is harmless and keeps this to one call.
+        // SAFETY: mlock only reads the address range, which is a live
+        // allocation of exactly `buf.len()` bytes owned by the caller.
+        if unsafe { libc::mlock(buf.as_ptr().cast(), buf.len()) } != 0 {
+            return false;
+        }
+    }
+    for p in first..end {
+        *pages.entry(p).or_insert(0) += 1;
+    }
+    true
 }
 
+/// Releases `buf`'s hold on its pages and unlocks those no other secret
+/// holds. Only for a buffer that `lock_memory` locked.
 fn unlock_memory(buf: &[u8]) {
-    // SAFETY: the range is the same live allocation that was locked; munlock
-    // does not touch its contents.
+    let (first, end) = pages_of(buf);
+    let page = page_size();
+    // The map stays held until the munlock calls are done, so no other
+    // secret can take one of these pages in between.
+    let mut pages = locked_pages();
+    let unused: Vec<usize> = (first..end)
+        .filter(|p| match pages.get_mut(p) {
+            Some(n) if *n > 1 => {
+                *n -= 1;
+                false
+            }
+            Some(_) => {
+                pages.remove(p);
+                true
+            }
+            None => false,
+        })
+        .collect();
+    for run in unused.chunk_by(|a, b| *b == a + 1) {
+        munlock_pages(run[0] * page, run.len() * page);
+    }
+}
+
+fn munlock_pages(addr: usize, len: usize) {
+    // SAFETY: the pages belong to a live allocation that was locked and
+    // that no other secret still uses; munlock does not touch their
+    // contents.
     unsafe {
-        libc::munlock(buf.as_ptr().cast(), buf.len());
+        libc::munlock(addr as *const libc::c_void, len);
     }
 }
 
@@ -266,6 +346,63 @@ mod tests {
     #[test]
     fn small_secrets_are_locked() {
         // RLIMIT_MEMLOCK is at least 64 KiB on Linux, so a small key locks.
-        assert!(SecretBytes::zeroed(64).is_locked());
+        let s = SecretBytes::zeroed(64);
+        assert!(s.is_locked());
+        assert!(page_is_locked(s.expose().as_ptr() as usize));
+    }
+
+    /// Whether the kernel has the page holding `addr` locked: the
+    /// `VmFlags` of its mapping in /proc/self/smaps include `lo`.
+    fn page_is_locked(addr: usize) -> bool {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let mut inside = false;
+        for line in smaps.lines() {
+            let head = line.split_whitespace().next().unwrap_or("");
+            if let Some((lo, hi)) = head.split_once('-')
+                && let (Ok(lo), Ok(hi)) =
+                    (usize::from_str_radix(lo, 16), usize::from_str_radix(hi, 16))
+            {
+                inside = (lo..hi).contains(&addr);
+            } else if inside && let Some(flags) = line.strip_prefix("VmFlags:") {
+                return flags.split_whitespace().any(|f| f == "lo");
+            }
+        }
+        panic!("{addr:#x} is in no mapping of /proc/self/smaps");
+    }
+
+    #[test]
+    fn a_shared_page_stays_locked_until_its_last_secret_goes() {
+        let page = page_size();
+        // Three pages of our own hold one whole page that no other
+        // allocation (another test's secret) can share.
+        let backing = vec![0u8; 3 * page];
+        let base = backing.as_ptr() as usize;
+        let at = base.next_multiple_of(page) - base;
+        let (a, b) = (&backing[at..at + 32], &backing[at + 64..at + 96]);
+        let (c, d) = (
+            &backing[at + page - 16..at + page + 16],
+            &backing[at + page + 64..at + page + 96],
+        );
+        assert!(lock_memory(a) && lock_memory(b) && lock_memory(c) && lock_memory(d));
+        let (p1, p2) = (base + at, base + at + page);
+        assert!(page_is_locked(p1) && page_is_locked(p2));
+        unlock_memory(a);
+        assert!(
+            page_is_locked(p1),
+            "dropping one secret unlocked the page of another"
+        );
+        unlock_memory(c);
+        assert!(
+            page_is_locked(p1) && page_is_locked(p2),
+            "a straddling secret's unlock took its neighbours' pages"
+        );
+        unlock_memory(b);
+        assert!(
+            !page_is_locked(p1),
+            "the page stayed locked after its last secret"
+        );
+        assert!(page_is_locked(p2));
+        unlock_memory(d);
+        assert!(!page_is_locked(p2));
     }
 }

@@ -315,3 +315,108 @@ fn usage_errors_exit_1_and_key_material_is_never_an_argument() {
     let out = run(&["luks", "frobnicate"], None);
     assert_eq!(out.status.code(), Some(1));
 }
+
+/// Starts `argv` in `dir` with the core size limit lifted; once it has
+/// opened `fifo` for reading (so it runs its own code), writes part of a
+/// key into it, keeps it open so the program waits for more, aborts the
+/// program with SIGABRT and returns how it ended.
+fn abort_while_it_reads(dir: &Path, fifo: &Path, argv: &[&str]) -> std::process::ExitStatus {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut child = Command::new("sh")
+        .args(["-c", r#"ulimit -c unlimited && exec "$@""#, "sh"])
+        .args(argv)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn sh");
+    let started = std::time::Instant::now();
+    // A non-blocking open for writing fails (ENXIO) until a reader has
+    // the FIFO open; a blocking one would hang if the program died first.
+    let mut writer = loop {
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(fifo)
+        {
+            Ok(f) => break f,
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => {
+                if let Some(status) = child.try_wait().unwrap() {
+                    let mut err = String::new();
+                    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err)
+                        .unwrap();
+                    panic!("{argv:?} ended ({status}) before opening the FIFO: {err}");
+                }
+                assert!(
+                    started.elapsed() < std::time::Duration::from_secs(30),
+                    "{argv:?} never opened the FIFO"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            Err(e) => panic!("opening the FIFO: {e}"),
+        }
+    };
+    writer.write_all(b"0f1e2d3c4b5a6978").unwrap();
+    let pid = child.id().to_string();
+    let kill = Command::new("kill").args(["-ABRT", &pid]).status().unwrap();
+    assert!(kill.success(), "kill -ABRT {pid}");
+    let status = child.wait().unwrap();
+    drop(writer);
+    status
+}
+
+#[test]
+fn a_crash_while_holding_a_key_writes_no_core_dump() {
+    use std::os::unix::process::ExitStatusExt as _;
+    let fx = Fixture::new();
+    let fifo = fx.path("key.fifo");
+    let made = Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(made.success(), "mkfifo");
+    let img = fx.image("volume.img", 20 << 20);
+    let cores = || {
+        std::fs::read_dir(fx.dir.path())
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| n.starts_with("core"))
+            .collect::<Vec<_>>()
+    };
+
+    // The control: an ordinary reader aborted the same way dumps core, so
+    // this machine writes core dumps and the check below can fail.
+    let control = abort_while_it_reads(fx.dir.path(), &fifo, &["cat", s(&fifo)]);
+    let pattern = std::fs::read_to_string("/proc/sys/kernel/core_pattern").unwrap_or_default();
+    assert!(
+        control.core_dumped(),
+        "`cat` aborted with the core limit lifted dumped no core ({control}; core_pattern {:?}): \
+         this machine cannot show that luks-agent never dumps one",
+        pattern.trim()
+    );
+    for core in cores() {
+        std::fs::remove_file(fx.path(&core)).unwrap();
+    }
+
+    let agent = abort_while_it_reads(
+        fx.dir.path(),
+        &fifo,
+        &[
+            BIN,
+            "luks",
+            "test-passphrase",
+            "--key-file",
+            s(&fifo),
+            s(&img),
+        ],
+    );
+    assert_eq!(agent.signal(), Some(libc::SIGABRT), "{agent}");
+    assert!(
+        !agent.core_dumped(),
+        "luks-agent dumped core while reading a key"
+    );
+    assert_eq!(
+        cores(),
+        Vec::<String>::new(),
+        "core files in {:?}",
+        fx.dir.path()
+    );
+}
