@@ -166,8 +166,11 @@ fn check_keep_secret(a: &VolumeArgs, op: Op) -> anyhow::Result<()> {
 fn run_op(a: &VolumeArgs, config: &Config, op: Op) -> anyhow::Result<serde_json::Value> {
     check_keep_secret(a, op)?;
     let body = body_of(a)?;
+    // One runtime for asking the agent and, when none answers, acting here.
+    let rt = runtime()?;
     if !a.local
         && let Some(out) = ask_agent::<serde_json::Value>(
+            &rt,
             config,
             hyper::Method::POST,
             &volume_path(a, op.name()),
@@ -181,7 +184,7 @@ fn run_op(a: &VolumeArgs, config: &Config, op: Op) -> anyhow::Result<serde_json:
     let volumes = Volumes::new(keys.as_ref(), volume_options(config));
     let native = native_options(config);
     let started = Instant::now();
-    let r = runtime()?.block_on(ops::perform(
+    let r = rt.block_on(ops::perform(
         &volumes,
         &native,
         op,
@@ -221,13 +224,14 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 /// Asks the agent; `Ok(None)` when none listens (the caller acts itself).
 fn ask_agent<T: serde::de::DeserializeOwned>(
+    rt: &tokio::runtime::Runtime,
     config: &Config,
     method: hyper::Method,
     path: &str,
     body: Option<Vec<u8>>,
 ) -> anyhow::Result<Option<T>> {
     let socket = &config.server.socket;
-    let answer = runtime()?.block_on(client::request(socket, method, path, body, AGENT_TIMEOUT));
+    let answer = rt.block_on(client::request(socket, method, path, body, AGENT_TIMEOUT));
     match answer {
         Err(ClientError::NotRunning(_)) => Ok(None),
         Err(e) => Err(e.into()),
@@ -356,7 +360,15 @@ pub fn udev_id(a: UdevIdArgs, config: &Config) -> anyhow::Result<u8> {
 
 pub fn status(a: StatusArgs, config: &Config) -> anyhow::Result<u8> {
     let maps: Vec<api::Mapping> = match (!a.local)
-        .then(|| ask_agent::<VolumesResponse>(config, hyper::Method::GET, "/v1/volumes", None))
+        .then(|| {
+            ask_agent::<VolumesResponse>(
+                &runtime()?,
+                config,
+                hyper::Method::GET,
+                "/v1/volumes",
+                None,
+            )
+        })
         .transpose()?
         .flatten()
     {
