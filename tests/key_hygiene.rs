@@ -316,14 +316,14 @@ fn usage_errors_exit_1_and_key_material_is_never_an_argument() {
     assert_eq!(out.status.code(), Some(1));
 }
 
-/// Starts `argv` in `dir` with the core size limit lifted; once it has
-/// opened `fifo` for reading (so it runs its own code), writes part of a
-/// key into it, keeps it open so the program waits for more, aborts the
-/// program with SIGABRT and returns how it ended.
+/// Starts `argv` in `dir` with the core size limit raised to its hard
+/// limit; once it has opened `fifo` for reading (so it runs its own code),
+/// writes part of a key into it, keeps it open so the program waits for
+/// more, aborts the program with SIGABRT and returns how it ended.
 fn abort_while_it_reads(dir: &Path, fifo: &Path, argv: &[&str]) -> std::process::ExitStatus {
     use std::os::unix::fs::OpenOptionsExt as _;
     let mut child = Command::new("sh")
-        .args(["-c", r#"ulimit -c unlimited && exec "$@""#, "sh"])
+        .args(["-c", r#"ulimit -S -c "$(ulimit -H -c)" && exec "$@""#, "sh"])
         .args(argv)
         .current_dir(dir)
         .stdin(Stdio::null())
@@ -383,7 +383,8 @@ fn a_crash_while_holding_a_key_writes_no_core_dump() {
     };
 
     // The control: an ordinary reader aborted the same way dumps core, so
-    // this machine writes core dumps and the check below can fail.
+    // this machine writes core dumps and the check below can fail. (A hard
+    // core limit of 0 or a broken core_pattern helper fails here.)
     let control = abort_while_it_reads(fx.dir.path(), &fifo, &["cat", s(&fifo)]);
     let pattern = std::fs::read_to_string("/proc/sys/kernel/core_pattern").unwrap_or_default();
     assert!(
