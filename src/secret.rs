@@ -54,20 +54,19 @@ impl SecretBytes {
     /// stripping anything, the way `cryptsetup --key-file` does. Returns
     /// `Ok(None)` when the input exceeds `MAX_PASSPHRASE_LEN`.
     pub fn read_all(mut reader: impl Read) -> std::io::Result<Option<Self>> {
-        let mut staging = Self::zeroed(MAX_PASSPHRASE_LEN + 1);
-        let mut filled = 0;
+        let mut staging = SecretCollector::new(MAX_PASSPHRASE_LEN);
         loop {
-            if filled == staging.buf.len() {
+            let Some(room) = staging.room() else {
                 return Ok(None);
-            }
-            match reader.read(&mut staging.buf[filled..]) {
+            };
+            match reader.read(room) {
                 Ok(0) => break,
-                Ok(n) => filled += n,
+                Ok(n) => staging.advance(n),
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
         }
-        Ok(Some(Self::from_slice(&staging.buf[..filled])))
+        Ok(Some(staging.finish()))
     }
 
     /// The secret bytes.
@@ -105,6 +104,81 @@ impl SecretBytes {
             out.buf[2 * i + 1] = DIGITS[usize::from(b & 0x0f)];
         }
         out
+    }
+}
+
+/// Secret bytes of a length not known in advance (a key file, a key
+/// manager's answer), collected up to `max` bytes. Keys are a few dozen
+/// bytes, so it starts small and doubles: each move goes into a new locked
+/// buffer and the old one is wiped as it is dropped, so no copy is left
+/// behind.
+pub struct SecretCollector {
+    buf: SecretBytes,
+    len: usize,
+    max: usize,
+}
+
+impl SecretCollector {
+    const FIRST_CAPACITY: usize = 256;
+
+    /// An empty collector that accepts at most `max` bytes.
+    pub fn new(max: usize) -> Self {
+        SecretCollector {
+            buf: SecretBytes::zeroed(Self::FIRST_CAPACITY.min(max.saturating_add(1))),
+            len: 0,
+            max,
+        }
+    }
+
+    /// Makes room for `extra` more bytes, up to one byte past `max` (so a
+    /// reader can show that its input is too long).
+    fn reserve(&mut self, extra: usize) {
+        let need = self
+            .len
+            .saturating_add(extra)
+            .min(self.max.saturating_add(1));
+        if need <= self.buf.len() {
+            return;
+        }
+        let mut cap = self.buf.len().max(1);
+        while cap < need {
+            cap = cap.saturating_mul(2);
+        }
+        let mut bigger = SecretBytes::zeroed(cap.min(self.max.saturating_add(1)));
+        bigger.buf[..self.len].copy_from_slice(&self.buf.buf[..self.len]);
+        self.buf = bigger;
+    }
+
+    /// Appends `bytes`; `false`, with nothing appended, when the total
+    /// would exceed `max`.
+    pub fn push(&mut self, bytes: &[u8]) -> bool {
+        if self.len.saturating_add(bytes.len()) > self.max {
+            return false;
+        }
+        self.reserve(bytes.len());
+        self.buf.buf[self.len..self.len + bytes.len()].copy_from_slice(bytes);
+        self.len += bytes.len();
+        true
+    }
+
+    /// Space to read into, grown first when full; `None` once more than
+    /// `max` bytes have been read. Follow a read with [`Self::advance`].
+    pub fn room(&mut self) -> Option<&mut [u8]> {
+        if self.len > self.max {
+            return None;
+        }
+        self.reserve(1);
+        Some(&mut self.buf.buf[self.len..])
+    }
+
+    /// Counts `n` bytes read into [`Self::room`].
+    pub fn advance(&mut self, n: usize) {
+        self.len = (self.len + n).min(self.buf.len());
+    }
+
+    /// The bytes collected, in a buffer of exactly their length.
+    pub fn finish(self) -> SecretBytes {
+        SecretBytes::from_slice(&self.buf.buf[..self.len])
     }
 }
 
@@ -331,6 +405,36 @@ mod tests {
             SecretBytes::read_all(&max[..]).unwrap().unwrap().len(),
             MAX_PASSPHRASE_LEN
         );
+    }
+
+    #[test]
+    fn the_collector_grows_without_losing_bytes_and_keeps_its_bound() {
+        let input: Vec<u8> = (0..5000u32).map(|i| (i * 7 % 251) as u8).collect();
+        // One byte per read: every doubling happens on the way.
+        struct Trickle<'a>(&'a [u8]);
+        impl Read for Trickle<'_> {
+            fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+                let Some((first, rest)) = self.0.split_first() else {
+                    return Ok(0);
+                };
+                out[0] = *first;
+                self.0 = rest;
+                Ok(1)
+            }
+        }
+        let read = SecretBytes::read_all(Trickle(&input)).unwrap().unwrap();
+        assert_eq!(read.expose(), &input[..]);
+        assert!(read.is_locked());
+
+        let mut c = SecretCollector::new(1000);
+        assert!(c.push(&input[..600]));
+        assert!(
+            !c.push(&input[600..1001]),
+            "1001 bytes accepted with max 1000"
+        );
+        assert!(c.push(&input[600..1000]));
+        assert!(!c.push(&input[..1]));
+        assert_eq!(c.finish().expose(), &input[..1000]);
     }
 
     #[test]

@@ -247,6 +247,17 @@ fn passphrase_secrets_are_used_raw() {
 }
 
 #[test]
+fn a_long_payload_arrives_whole() {
+    // Far past the first buffer the body is collected into, so it has to
+    // grow several times, across many reads.
+    let long: Vec<u8> = (0..40_000u32).map(|i| b'a' + (i * 7 % 26) as u8).collect();
+    let s = serve(standard(long.clone(), "passphrase", 0));
+    let (b, _state) = barbican(s.port, http(5000, 2));
+    let (r, _) = fetch(&b, SECRET, &user());
+    assert_eq!(r.unwrap().passphrase().expose(), &long[..]);
+}
+
+#[test]
 fn server_that_never_answers_times_out_within_the_deadline() {
     let s = serve(|_, _| None);
     let (b, _state) = barbican(s.port, http(2000, 10));

@@ -17,7 +17,7 @@ use super::{
     BoxFuture, FormatIntent, InvalidMaterial, Key, KeyError, KeyId, KeyManager, RequestAuth,
     SecretKind, SecretString,
 };
-use crate::secret::SecretBytes;
+use crate::secret::{SecretBytes, SecretCollector};
 
 /// Metadata key under which the formatted marker is stored.
 pub const MARKER_KEY: &str = "luks-agent-formatted";
@@ -565,8 +565,7 @@ async fn read_capped(
     budget: &Budget,
 ) -> Result<SecretBytes, KeyError> {
     let (started, deadline) = (budget.started, budget.deadline);
-    let mut buf = SecretBytes::zeroed(MAX_BODY);
-    let mut len = 0;
+    let mut body = SecretCollector::new(MAX_BODY);
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         let chunk = match tokio::time::timeout(left, resp.chunk()).await {
@@ -588,7 +587,7 @@ async fn read_capped(
             Ok(Ok(None)) => break,
             Ok(Ok(Some(c))) => c,
         };
-        if len + chunk.len() > MAX_BODY {
+        if !body.push(&chunk) {
             return Err(KeyError::Protocol {
                 key_id: key_id.into(),
                 endpoint: endpoint.into(),
@@ -596,10 +595,8 @@ async fn read_capped(
                 reason: format!("response body larger than {MAX_BODY} bytes"),
             });
         }
-        buf.expose_mut()[len..len + chunk.len()].copy_from_slice(&chunk);
-        len += chunk.len();
     }
-    Ok(SecretBytes::from_slice(&buf.expose()[..len]))
+    Ok(body.finish())
 }
 
 impl KeyManager for Barbican {
