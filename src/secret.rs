@@ -140,11 +140,10 @@ impl SecretCollector {
         if need <= self.buf.len() {
             return;
         }
-        let mut cap = self.buf.len().max(1);
-        while cap < need {
-            cap = cap.saturating_mul(2);
-        }
-        let mut bigger = SecretBytes::zeroed(cap.min(self.max.saturating_add(1)));
+        let cap = need
+            .max(self.buf.len().saturating_mul(2))
+            .min(self.max.saturating_add(1));
+        let mut bigger = SecretBytes::zeroed(cap);
         bigger.buf[..self.len].copy_from_slice(&self.buf.buf[..self.len]);
         self.buf = bigger;
     }
