@@ -1,64 +1,88 @@
 #!/usr/bin/env bash
-# Installs what the test suite needs on Debian 12, idempotently: the
-# reference tools the tests compare against (cryptsetup, QEMU's LUKS
-# driver), filesystem and volume tools whose signatures the format guard
-# must see, a venv with Keystone and Barbican, a venv with os-brick, the
-# guest kernel and QEMU for the VM tier, libvirt (daemon, QEMU driver,
-# clients, headers) for the libvirt-mode tests, the packaging tools, and
-# cargo-fuzz. Safe to run again; installs only what is missing.
+# Installs what the demo and the test suite need on Debian 12, idempotently:
+# the Debian packages listed below (each with the reason it is here), then
+# cargo-fuzz, a venv with Keystone and Barbican, a venv with os-brick and
+# the VM tier's kernel, QEMU and busybox (vm/install.sh). Safe to run again;
+# installs only what is missing.
+#
+# A package counts as present only when dpkg-query reports it installed:
+# files or commands that look like a package's are not asked about, since a
+# look-alike (libclang-cpp14's libclang-cpp.so.14 is not libclang.so) once
+# hid a missing package on every fresh machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-need_apt=()
-command -v cryptsetup >/dev/null 2>&1 || need_apt+=(cryptsetup-bin)
-command -v qemu-img >/dev/null 2>&1 || need_apt+=(qemu-utils)
-command -v qemu-io >/dev/null 2>&1 || need_apt+=(qemu-utils)
-command -v losetup >/dev/null 2>&1 || need_apt+=(mount)
-command -v c++ >/dev/null 2>&1 || need_apt+=(g++)
-command -v cc >/dev/null 2>&1 || need_apt+=(gcc)
-command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
-python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_apt+=(python3-venv)
-# Build dependencies of the devicemapper crate (bindgen over libdevmapper's
-# headers); the binary does not link libdevmapper.
-pkg-config --exists 'devmapper >= 1.02.151' 2>/dev/null || need_apt+=(libdevmapper-dev pkg-config)
-ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || need_apt+=(libclang-dev)
-# Tools that make the signatures the first-use format guard must detect.
-command -v mkfs.ext4 >/dev/null 2>&1 || need_apt+=(e2fsprogs)
-command -v mkfs.xfs >/dev/null 2>&1 || need_apt+=(xfsprogs)
-command -v mkfs.btrfs >/dev/null 2>&1 || need_apt+=(btrfs-progs)
-command -v mkfs.vfat >/dev/null 2>&1 || need_apt+=(dosfstools)
-command -v sfdisk >/dev/null 2>&1 || need_apt+=(fdisk)
-command -v mdadm >/dev/null 2>&1 || need_apt+=(mdadm)
-command -v pvcreate >/dev/null 2>&1 || need_apt+=(lvm2)
-command -v wipefs >/dev/null 2>&1 || need_apt+=(util-linux)
-# The VM tier kills the agent at exact system calls and injects faults
-# with the host's strace (the guest runs host binaries).
-command -v strace >/dev/null 2>&1 || need_apt+=(strace)
-command -v dmsetup >/dev/null 2>&1 || need_apt+=(dmsetup)
-# The package tier: build the .deb, check the units and the RPM spec, and
-# start the installed daemon as its units would.
-command -v dpkg-shlibdeps >/dev/null 2>&1 || need_apt+=(dpkg-dev)
-command -v rpmspec >/dev/null 2>&1 || need_apt+=(rpm)
-command -v curl >/dev/null 2>&1 || need_apt+=(curl)
-command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)
-command -v systemd-socket-activate >/dev/null 2>&1 || need_apt+=(systemd)
-# libvirt mode: the agent loads libvirt.so.0 at run time; its tests
-# inspect libvirt through the virt crate (built against libvirt-dev) and
-# run a real libvirtd (with the QEMU driver and virtlogd) and virsh. QEMU
-# itself comes from vm/install.sh below.
-pkg-config --exists libvirt 2>/dev/null || need_apt+=(libvirt-dev pkg-config)
-command -v libvirtd >/dev/null 2>&1 || need_apt+=(libvirt-daemon)
-dpkg -s libvirt-daemon-driver-qemu >/dev/null 2>&1 || need_apt+=(libvirt-daemon-driver-qemu)
-command -v virsh >/dev/null 2>&1 || need_apt+=(libvirt-clients)
+# name            reason
+PACKAGES="
+gcc               C compiler and linker driver for cargo and the -sys crates
+g++               C++ compiler (cc crate users among the dependencies)
+libc6-dev         C library headers and start files the linker needs
+binutils          readelf: vm/install.sh checks that busybox is static
+pkg-config        how devicemapper-sys and virt find their C libraries
+libdevmapper-dev  devicemapper-sys runs bindgen over libdevmapper's headers
+libclang-dev      bindgen loads libclang.so (libclang-cpp is not enough)
+libvirt-dev       the virt crate builds against libvirt; libvirt.so.0 at run time
+python3           test harness, benchmark, os-brick and the nova plug-in tests
+python3-venv      venvs for Keystone, Barbican, os-brick and nova
+ca-certificates   TLS to the package registries (pip, cargo)
+cryptsetup-bin    the reference LUKS implementation, oracle of the interop tests
+qemu-utils        qemu-img and qemu-io, QEMU's LUKS driver as a second oracle
+mount             losetup for the loop devices of the host tier
+util-linux        wipefs, blkid, blkdiscard, flock, setsid
+openssl           test certificates for the key manager's TLS tests
+e2fsprogs         mkfs.ext4: a signature the format guard must refuse
+xfsprogs          mkfs.xfs: a signature the format guard must refuse
+btrfs-progs       mkfs.btrfs: a signature the format guard must refuse
+dosfstools        mkfs.vfat: a signature the format guard must refuse
+fdisk             sfdisk: partition tables the format guard must refuse
+mdadm             MD superblocks the format guard must refuse
+lvm2              LVM physical volumes the format guard must refuse
+strace            the VM tier kills the agent at exact system calls
+dmsetup           the VM tier compares our tables with what the kernel holds
+kmod              modprobe resolves the guest's module dependencies
+cpio              packs the guest's initramfs
+gzip              compresses the guest's initramfs
+xz-utils          decompresses the kernel and xz modules for the guest
+zstd              decompresses zstd modules for the guest
+procps            ps and pkill in the test scripts
+dpkg-dev          the package tier builds the .deb (dpkg-shlibdeps)
+rpm               the package tier checks the RPM spec (rpmspec)
+curl              the package tier asks the installed agent over its socket
+systemd           systemd-analyze and systemd-socket-activate for the units
+libvirt-daemon    a real libvirtd for the libvirt-mode tests
+libvirt-daemon-driver-qemu  libvirtd's QEMU driver (secrets, domains)
+libvirt-clients   virsh, to check libvirt's view in the tests
+mmdebstrap        the clean-root tier builds a fresh Debian 12 root
+"
 
-if [ ${#need_apt[@]} -gt 0 ]; then
+installed() { # PKG -> success when dpkg reports the package installed
+    [ "$(dpkg-query -W -f='${db:Status-Status}' "$1" 2>/dev/null)" = installed ]
+}
+
+missing=()
+while read -r pkg _; do
+    [ -n "$pkg" ] || continue
+    installed "$pkg" || missing+=("$pkg")
+done <<<"$PACKAGES"
+
+if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" -ne 0 ]; then
-        echo "install-deps: need root to install: ${need_apt[*]}" >&2
+        echo "install-deps: need root to install: ${missing[*]}" >&2
         exit 1
     fi
-    echo "install-deps: installing ${need_apt[*]}"
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+    echo "install-deps: installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get -o DPkg::Lock::Timeout=600 update -qq
+    # --no-remove: fail rather than replace something already installed
+    # (qemu-utils may come from bookworm-backports).
+    apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends --no-remove \
+        "${missing[@]}" >/dev/null
+    still=()
+    for pkg in "${missing[@]}"; do installed "$pkg" || still+=("$pkg"); done
+    if [ ${#still[@]} -gt 0 ]; then
+        echo "install-deps: apt-get finished but these are not installed: ${still[*]}" >&2
+        exit 1
+    fi
 fi
 
 if ! cargo fuzz --help >/dev/null 2>&1; then

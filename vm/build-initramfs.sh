@@ -42,16 +42,19 @@ fi
 [ -n "$kver" ] || die "no kernel with modules in /boot (run vm/install.sh)"
 [ -f "/boot/vmlinuz-$kver" ] || die "/boot/vmlinuz-$kver missing"
 [ -f "/lib/modules/$kver/modules.dep" ] || die "/lib/modules/$kver/modules.dep missing"
-[ -x /bin/busybox ] || die "/bin/busybox missing (run vm/install.sh)"
-file -L /bin/busybox 2>/dev/null | grep -q 'statically linked' \
-    || ldd /bin/busybox 2>&1 | grep -q 'not a dynamic' \
-    || die "/bin/busybox is not static (install busybox-static)"
+# The static busybox that vm/install.sh unpacks (never the system's
+# /bin/busybox, which may be the dynamic one of package busybox).
+busybox=${VM_BUSYBOX_DIR:-/var/cache/luks-agent-tests/busybox-static}/bin/busybox
+[ -x "$busybox" ] || die "$busybox missing (run vm/install.sh)"
+! readelf -l "$busybox" 2>/dev/null | grep -q INTERP \
+    || die "$busybox is not static (run vm/install.sh)"
 
 script_sum=$(sha256sum "$0" | cut -d' ' -f1)
 stamp="kernel=$kver
-script=$script_sum"
+script=$script_sum
+busybox=$(sha256sum "$busybox" | cut -d' ' -f1)"
 if [ "$force" = 0 ] && [ -f "$out" ] && [ -f "$out.stamp" ] \
-    && [ "$(head -n2 "$out.stamp")" = "$stamp" ]; then
+    && [ "$(head -n3 "$out.stamp")" = "$stamp" ]; then
     boot=$(sed -n 's/^boot=//p' "$out.stamp")
     if [ -n "$boot" ] && [ -f "$boot" ]; then exit 0; fi
 fi
@@ -61,7 +64,7 @@ mkdir -p "$(dirname "$out")"
 stage=$(mktemp -d "$(dirname "$out")/initramfs.XXXXXX")
 trap 'rm -rf "$stage"' EXIT
 mkdir -p "$stage"/{bin,sbin,usr/bin,usr/sbin,dev,proc,sys,mnt,job,tmp,lib/modules}
-cp /bin/busybox "$stage/bin/busybox"
+cp "$busybox" "$stage/bin/busybox"
 mknod -m 600 "$stage/dev/console" c 5 1
 mknod -m 666 "$stage/dev/null" c 1 3
 

@@ -3,7 +3,12 @@
 # what is missing:
 #   linux-image-amd64  - the guest kernel and its modules (dm-crypt, 9p, ...)
 #   qemu-system-x86    - the emulator that boots it
-#   busybox-static     - the guest's init and tools inside the initramfs
+#   busybox-static     - the guest's init and tools inside the initramfs:
+#                        its .deb is downloaded and unpacked into
+#                        /var/cache/luks-agent-tests/busybox-static, never
+#                        installed, so a dynamic busybox that the system
+#                        may carry (package busybox, which conflicts with
+#                        busybox-static) cannot take its place
 # then checks that qemu-img and qemu-io (used by the host tier) still work.
 #
 # qemu-system-x86 must come from the same QEMU release as an installed
@@ -24,12 +29,18 @@ version_of() { dpkg-query -W -f='${Version}' "$1" 2>/dev/null || true; }
 
 need=()
 installed linux-image-amd64 || need+=(linux-image-amd64)
-installed busybox-static || need+=(busybox-static)
+busybox_dir=${VM_BUSYBOX_DIR:-/var/cache/luks-agent-tests/busybox-static}
+busybox=$busybox_dir/bin/busybox
+is_static() { # FILE -> success when FILE is an ELF executable without an interpreter
+    [ -x "$1" ] && readelf -h "$1" >/dev/null 2>&1 && ! readelf -l "$1" 2>/dev/null | grep -q INTERP
+}
+need_busybox=0
+is_static "$busybox" || need_busybox=1
 need_qemu=0
 installed qemu-system-x86 || need_qemu=1
 
-if [ ${#need[@]} -gt 0 ] || [ "$need_qemu" = 1 ]; then
-    [ "$(id -u)" -eq 0 ] || die "need root to install: ${need[*]} $([ "$need_qemu" = 1 ] && echo qemu-system-x86)"
+if [ ${#need[@]} -gt 0 ] || [ "$need_qemu" = 1 ] || [ "$need_busybox" = 1 ]; then
+    [ "$(id -u)" -eq 0 ] || die "need root to install: ${need[*]} $([ "$need_qemu" = 1 ] && echo qemu-system-x86) $([ "$need_busybox" = 1 ] && echo busybox-static)"
     export DEBIAN_FRONTEND=noninteractive
     log "apt-get update"
     apt-get -o DPkg::Lock::Timeout=600 update -qq
@@ -37,6 +48,26 @@ if [ ${#need[@]} -gt 0 ] || [ "$need_qemu" = 1 ]; then
     if [ ${#need[@]} -gt 0 ]; then
         log "installing ${need[*]}"
         apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends --no-remove "${need[@]}" >/dev/null
+    fi
+
+    if [ "$need_busybox" = 1 ]; then
+        log "unpacking busybox-static into $busybox_dir"
+        dl=$(mktemp -d)
+        (cd "$dl" && apt-get -o APT::Sandbox::User=root download -qq busybox-static) \
+            || die "apt-get download busybox-static failed"
+        rm -rf "$busybox_dir.new"
+        mkdir -p "$busybox_dir.new"
+        dpkg-deb -x "$dl"/busybox-static_*.deb "$busybox_dir.new/root"
+        mkdir -p "$busybox_dir.new/bin"
+        found=
+        for c in bin/busybox usr/bin/busybox; do
+            if [ -f "$busybox_dir.new/root/$c" ]; then found=$busybox_dir.new/root/$c; break; fi
+        done
+        [ -n "$found" ] || die "busybox-static's .deb holds no bin/busybox"
+        mv "$found" "$busybox_dir.new/bin/busybox"
+        rm -rf "$busybox_dir.new/root" "$dl"
+        rm -rf "$busybox_dir"
+        mv "$busybox_dir.new" "$busybox_dir"
     fi
 
     if [ "$need_qemu" = 1 ]; then
@@ -84,7 +115,7 @@ command -v qemu-img >/dev/null || die "qemu-img not found (reinstall qemu-utils)
 command -v qemu-io >/dev/null || die "qemu-io not found (reinstall qemu-utils)"
 qemu-img --version >/dev/null || die "qemu-img does not run"
 qemu-io --version >/dev/null || die "qemu-io does not run"
-[ -x /bin/busybox ] || die "/bin/busybox missing"
+is_static "$busybox" || die "$busybox is not a static executable"
 kver=$(find /boot -maxdepth 1 -name 'vmlinuz-*' -printf '%f\n' | sed 's|^vmlinuz-||' | sort -V | tail -n1)
 [ -n "$kver" ] || die "no kernel in /boot"
 [ -d "/lib/modules/$kver/kernel" ] || die "no modules for kernel $kver"
