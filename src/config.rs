@@ -175,12 +175,24 @@ pub struct VolumeConfig {
     /// not before: a format still running elsewhere must not be raced.
     #[serde(default = "default_format_intent_min_age_secs")]
     pub format_intent_min_age_secs: u64,
+    /// Opening a volume's device gives up after this many milliseconds (a
+    /// device stuck in its driver must not hold the volume's lock and a
+    /// thread forever); the operation fails and names the device.
+    #[serde(default = "default_device_open_timeout_ms")]
+    pub device_open_timeout_ms: u64,
+}
+
+/// Default of `[volume] device_open_timeout_ms`: ten seconds, far above
+/// what opening a healthy local, iSCSI or RBD device takes.
+fn default_device_open_timeout_ms() -> u64 {
+    10_000
 }
 
 impl Default for VolumeConfig {
     fn default() -> Self {
         VolumeConfig {
             format_intent_min_age_secs: default_format_intent_min_age_secs(),
+            device_open_timeout_ms: default_device_open_timeout_ms(),
         }
     }
 }
@@ -215,14 +227,19 @@ pub struct ServerConfig {
     pub allowed_groups: Vec<String>,
     /// Largest accepted request body in bytes.
     pub max_body_bytes: usize,
+    /// Connections served at once; more are answered 503
+    /// `too_many_connections` and closed, so that many idle or slow
+    /// clients cannot exhaust the agent's memory.
+    pub max_connections: usize,
     /// Time a client has to send a request's headers, and the longest a
     /// kept-alive connection may sit idle, in milliseconds.
     pub header_timeout_ms: u64,
     /// Time a client has to send a request body, in milliseconds.
     pub body_timeout_ms: u64,
-    /// On SIGTERM or SIGINT: how long to wait for callers to receive the
-    /// answers of requests in progress, in milliseconds. Operations that
-    /// already started always run to completion.
+    /// On SIGTERM or SIGINT: how long, from the signal, callers and
+    /// running operations are given to finish, in milliseconds. An
+    /// operation still running then is abandoned (named in the log) and
+    /// the agent exits; a second signal stops waiting at once.
     pub shutdown_timeout_ms: u64,
     /// Memory that Argon2 key derivations may use together, in KiB. Unset:
     /// a quarter of the machine's memory, at least 1 GiB.
@@ -240,6 +257,7 @@ impl Default for ServerConfig {
             allowed_gids: vec![],
             allowed_groups: vec![],
             max_body_bytes: 64 * 1024,
+            max_connections: 256,
             header_timeout_ms: 10_000,
             body_timeout_ms: 10_000,
             shutdown_timeout_ms: 30_000,

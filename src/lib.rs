@@ -11,4 +11,5 @@ pub mod libvirt;
 pub mod luks;
 pub mod secret;
 pub mod state_file;
+pub mod text;
 pub mod volume;

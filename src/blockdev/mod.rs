@@ -1,33 +1,17 @@
-//! Opening block devices and image files, and finding their size.
+//! Block devices and image files: what a path may be and opening it
+//! (`device`), sizes, zeroing, signature probing, loop devices.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Seek, SeekFrom};
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
-use std::path::Path;
+use std::os::unix::fs::FileTypeExt;
 
+pub mod device;
 pub mod loopdev;
 pub mod probe;
 
-/// Opens a device or image for reading, or reading and writing. Block
-/// devices are opened with `O_EXCL` when writable so that a mounted or
-/// mapped device is refused by the kernel instead of being written under
-/// its user.
-pub fn open(path: &Path, writable: bool) -> io::Result<File> {
-    let mut opts = OpenOptions::new();
-    opts.read(true).write(writable);
-    let is_block = std::fs::metadata(path)
-        .map(|m| m.file_type().is_block_device())
-        .unwrap_or(false);
-    opts.custom_flags(
-        libc::O_CLOEXEC
-            | if writable && is_block {
-                libc::O_EXCL
-            } else {
-                0
-            },
-    );
-    opts.open(path)
-}
+pub use device::{
+    Accept, DeviceError, DeviceKind, check_device, open_device, size_without_opening,
+};
 
 /// Size in bytes of a regular file or block device.
 pub fn size_of(file: &File) -> io::Result<u64> {

@@ -126,7 +126,8 @@ pub struct FormatArgs {
     /// LUKS2: record this key manager key id in a `luks-agent` token.
     #[arg(long, value_name = "ID")]
     key_id: Option<String>,
-    /// Format even if the device already holds a LUKS header (destroys it).
+    /// Format even if the device holds a LUKS header, a file system or other
+    /// data (destroys it).
     #[arg(long)]
     force: bool,
     #[command(flatten)]
@@ -192,11 +193,11 @@ pub struct RemoveKeyArgs {
 pub fn run(cmd: LuksCommand, config: &Config) -> anyhow::Result<u8> {
     match cmd {
         LuksCommand::Format(a) => format(a, config),
-        LuksCommand::Dump(a) => dump(a),
-        LuksCommand::TestPassphrase(a) => test_passphrase(a),
+        LuksCommand::Dump(a) => dump(a, config),
+        LuksCommand::TestPassphrase(a) => test_passphrase(a, config),
         LuksCommand::AddKey(a) => add_key(a, false, config),
         LuksCommand::ChangeKey(a) => add_key(a, true, config),
-        LuksCommand::RemoveKey(a) => remove_key(a),
+        LuksCommand::RemoveKey(a) => remove_key(a, config),
     }
 }
 
@@ -222,17 +223,16 @@ fn read_passphrase(path: &Path) -> anyhow::Result<Passphrase> {
     Ok(Passphrase::new(secret))
 }
 
-fn open_disk(path: &Path, writable: bool) -> anyhow::Result<FileDisk> {
-    let name = path.display().to_string();
-    let file = blockdev::open(path, writable).map_err(|source| LuksError::Io {
-        device: name.clone(),
-        op: format!(
-            "opening for {}",
-            if writable { "writing" } else { "reading" }
-        ),
-        source,
-    })?;
-    Ok(FileDisk::new(file, name))
+/// Opens a block device or image file (never a FIFO, character device or
+/// directory), giving up after the configured device open timeout.
+fn open_disk(path: &Path, writable: bool, config: &Config) -> anyhow::Result<FileDisk> {
+    let file = blockdev::open_device(
+        path,
+        writable,
+        blockdev::Accept::BlockOrFile,
+        std::time::Duration::from_millis(config.volume.device_open_timeout_ms),
+    )?;
+    Ok(FileDisk::new(file, blockdev::device::shown(path)))
 }
 
 fn kdf_policy(
@@ -306,7 +306,7 @@ fn format(a: FormatArgs, config: &Config) -> anyhow::Result<u8> {
         CipherSpec::parse(&a.cipher, a.key_size / 8).map_err(|e| UsageError(e.to_string()))?;
     let passphrase = read_passphrase(&a.key.key_file)?;
     let kdf = kdf_policy(&a.kdf, version, hash, config.kdf.max_argon2_memory_kib)?;
-    let disk = open_disk(&a.device, true)?;
+    let disk = open_disk(&a.device, true, config)?;
     if !a.force {
         match Header::read(&disk) {
             Err(LuksError::NotLuks { .. }) => {}
@@ -320,6 +320,29 @@ fn format(a: FormatArgs, config: &Config) -> anyhow::Result<u8> {
             }
             Err(LuksError::TooSmall { .. }) => {}
             Err(e) => return Err(e.into()),
+        }
+        // What attach's guard refuses, format refuses too: a file system,
+        // a partition table, any known signature, or data where the probe
+        // looks. `--force` is the operator saying it may all go.
+        let device = disk_name(&a.device);
+        let found = luks_agent::blockdev::probe::probe(&disk).map_err(|source| LuksError::Io {
+            device: device.clone(),
+            op: "probing".into(),
+            source,
+        })?;
+        if !luks_agent::blockdev::probe::is_blank(&found) {
+            let what = found
+                .iter()
+                .map(|s| format!("{} at offset {}", s.what, s.offset))
+                .collect::<Vec<_>>()
+                .join(", ");
+            return Err(LuksError::Refused {
+                device,
+                reason: format!(
+                    "the device is not blank: {what}; use --force to destroy what it holds"
+                ),
+            }
+            .into());
         }
     }
     let opts = FormatOptions {
@@ -347,11 +370,11 @@ fn format(a: FormatArgs, config: &Config) -> anyhow::Result<u8> {
 }
 
 fn disk_name(p: &Path) -> String {
-    p.display().to_string()
+    blockdev::device::shown(p)
 }
 
-fn dump(a: DumpArgs) -> anyhow::Result<u8> {
-    let disk = open_disk(&a.device, false)?;
+fn dump(a: DumpArgs, config: &Config) -> anyhow::Result<u8> {
+    let disk = open_disk(&a.device, false, config)?;
     let header = Header::read(&disk)?;
     let key = match (&a.key_file, a.dump_volume_key) {
         (Some(path), true) => {
@@ -386,9 +409,9 @@ fn dump(a: DumpArgs) -> anyhow::Result<u8> {
     Ok(EXIT_OK)
 }
 
-fn test_passphrase(a: UnlockArgs) -> anyhow::Result<u8> {
+fn test_passphrase(a: UnlockArgs, config: &Config) -> anyhow::Result<u8> {
     let passphrase = read_passphrase(&a.key.key_file)?;
-    let disk = open_disk(&a.device, false)?;
+    let disk = open_disk(&a.device, false, config)?;
     let header = Header::read(&disk)?;
     let unlocked = header.unlock(&disk, &passphrase, a.key_slot, &KdfLimits::default())?;
     eprintln!(
@@ -414,7 +437,7 @@ fn add_key(a: AddKeyArgs, remove_old: bool, config: &Config) -> anyhow::Result<u
     }
     let old = read_passphrase(&a.key.key_file)?;
     let new = read_passphrase(&a.new_key_file)?;
-    let disk = open_disk(&a.device, true)?;
+    let disk = open_disk(&a.device, true, config)?;
     let mut header = Header::read(&disk)?;
     let limits = KdfLimits::default();
     let unlocked = header.unlock(&disk, &old, None, &limits)?;
@@ -448,9 +471,9 @@ fn add_key(a: AddKeyArgs, remove_old: bool, config: &Config) -> anyhow::Result<u
     Ok(EXIT_OK)
 }
 
-fn remove_key(a: RemoveKeyArgs) -> anyhow::Result<u8> {
+fn remove_key(a: RemoveKeyArgs, config: &Config) -> anyhow::Result<u8> {
     let passphrase = read_passphrase(&a.key.key_file)?;
-    let disk = open_disk(&a.device, true)?;
+    let disk = open_disk(&a.device, true, config)?;
     let mut header = Header::read(&disk)?;
     let limits = KdfLimits::default();
     let target = match a.key_slot {

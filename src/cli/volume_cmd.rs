@@ -179,6 +179,22 @@ fn run_op(a: &VolumeArgs, config: &Config, op: Op) -> anyhow::Result<serde_json:
     {
         return Ok(out);
     }
+    if !a.local && luks_agent::daemon::agent_process_alive(&config.run_dir) {
+        // The socket is gone but an agent process lives on (stopping, or
+        // stuck in the kernel): it may hold this volume's lock and be
+        // halfway through an operation on it. Acting here would queue
+        // behind that lock, or race what it left.
+        return Err(RemoteError {
+            status: 503,
+            code: "shutting_down".into(),
+            message: format!(
+                "no agent answers on {}, but an agent process using {} is still running (stopping): retry when it has exited, or pass --local to act directly",
+                config.server.socket.display(),
+                config.run_dir.display()
+            ),
+        }
+        .into());
+    }
     let req = request_of(a)?;
     let keys = config.key_manager()?;
     let volumes = Volumes::new(keys.as_ref(), volume_options(config));
@@ -194,11 +210,13 @@ fn run_op(a: &VolumeArgs, config: &Config, op: Op) -> anyhow::Result<serde_json:
     ));
     let ms = started.elapsed().as_secs_f64() * 1000.0;
     let (op_name, mode) = (op.name(), a.mode.name());
+    let device = a.device.to_string_lossy();
     match &r {
         Ok(out) => tracing::info!(
             op = op_name,
             mode,
             volume_id = a.volume_id,
+            device = %device,
             outcome = "ok",
             action = out.action,
             duration_ms = ms,
@@ -208,6 +226,7 @@ fn run_op(a: &VolumeArgs, config: &Config, op: Op) -> anyhow::Result<serde_json:
             op = op_name,
             mode,
             volume_id = a.volume_id,
+            device = %device,
             error = %e,
             duration_ms = ms,
             "volume operation"

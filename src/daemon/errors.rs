@@ -9,6 +9,7 @@
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 
+use crate::blockdev::DeviceError;
 use crate::dm::DmError;
 use crate::keymgr::KeyError;
 use crate::libvirt::LibvirtError;
@@ -72,9 +73,11 @@ pub const CODES: &[(&str, u16)] = &[
     ("key_manager_error", 502),
     ("libvirt_error", 502),
     ("out_of_memory", 503),
+    ("too_many_connections", 503),
     ("shutting_down", 503),
     ("libvirt_unavailable", 503),
     ("key_manager_timeout", 504),
+    ("device_timeout", 504),
 ];
 
 /// An error and its causes on one line, `a: b: c`, exactly as the CLI
@@ -148,6 +151,17 @@ impl ApiError {
                 _ => "io_error",
             },
             VolumeError::FormatRefused { .. } => "format_refused",
+            VolumeError::Device { source, .. } => match source {
+                DeviceError::NotFound { .. } => "device_not_found",
+                DeviceError::TimedOut { .. } => "device_timeout",
+                DeviceError::Io { source, .. } if source.raw_os_error() == Some(libc::EBUSY) => {
+                    "busy"
+                }
+                DeviceError::Io { .. } => "io_error",
+                DeviceError::NotADevice { .. }
+                | DeviceError::InvalidPath { .. }
+                | DeviceError::Changed { .. } => "device_unusable",
+            },
             VolumeError::Dm { source, .. } => match source {
                 DmError::Busy { .. } => "busy",
                 _ => "device_mapper_error",

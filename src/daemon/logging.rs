@@ -3,7 +3,12 @@
 //! comes from `LUKS_AGENT_LOG` (an env-filter directive). No layer of the
 //! agent logs key material; the daemon tests scan every line for it.
 
+use std::fmt;
 use std::path::Path;
+
+use tracing::field::{Field, Visit};
+use tracing_subscriber::field::{MakeVisitor, VisitFmt, VisitOutput};
+use tracing_subscriber::fmt::format::Writer;
 
 use tracing_journald::{Priority, PriorityMappings};
 use tracing_subscriber::layer::SubscriberExt;
@@ -46,6 +51,7 @@ pub fn init(format: LogFormat, default_level: &str, journal: bool) {
             .with_writer(std::io::stderr)
             .boxed(),
         (None, LogFormat::Human) => tracing_subscriber::fmt::layer()
+            .fmt_fields(EscapingFields)
             .with_writer(std::io::stderr)
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .boxed(),
@@ -53,4 +59,113 @@ pub fn init(format: LogFormat, default_level: &str, journal: bool) {
     let _ = tracing_subscriber::registry()
         .with(layer.with_filter(filter))
         .try_init();
+}
+
+/// Fields of human-readable lines as `name=value`, space-separated, like
+/// tracing's default, but with control characters in every value escaped
+/// ([`crate::text::escape_controls`]): device paths, volume ids and
+/// providers come from callers, and a newline in one must not start a
+/// forged line. JSON lines escape by construction; the journal keeps
+/// fields apart.
+pub struct EscapingFields;
+
+impl<'a> MakeVisitor<Writer<'a>> for EscapingFields {
+    type Visitor = EscapingVisitor<'a>;
+
+    fn make_visitor(&self, target: Writer<'a>) -> Self::Visitor {
+        EscapingVisitor {
+            writer: target,
+            first: true,
+            result: Ok(()),
+        }
+    }
+}
+
+/// Writes one event's or span's fields (see [`EscapingFields`]).
+pub struct EscapingVisitor<'a> {
+    writer: Writer<'a>,
+    first: bool,
+    result: fmt::Result,
+}
+
+impl EscapingVisitor<'_> {
+    fn field(&mut self, field: &Field, value: &str) {
+        if self.result.is_err() {
+            return;
+        }
+        let value = crate::text::escape_controls(value);
+        let sep = if self.first { "" } else { " " };
+        self.first = false;
+        self.result = if field.name() == "message" {
+            write!(self.writer, "{sep}{value}")
+        } else {
+            write!(self.writer, "{sep}{}={value}", field.name())
+        };
+    }
+}
+
+impl Visit for EscapingVisitor<'_> {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.field(field, value);
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        self.field(field, &format!("{value:?}"));
+    }
+}
+
+impl VisitOutput<fmt::Result> for EscapingVisitor<'_> {
+    fn finish(self) -> fmt::Result {
+        self.result
+    }
+}
+
+impl VisitFmt for EscapingVisitor<'_> {
+    fn writer(&mut self) -> &mut dyn fmt::Write {
+        &mut self.writer
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone, Default)]
+    struct Buf(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Buf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_newline_or_escape_in_a_value_cannot_forge_a_line() {
+        let buf = Buf::default();
+        let sink = buf.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .fmt_fields(EscapingFields)
+            .with_ansi(false)
+            .with_writer(move || sink.clone())
+            .finish();
+        let device =
+            "/dev/x\n2026-01-01T00:00:00Z  INFO volume operation op=attach outcome=ok\x1b[2J";
+        let error = std::io::Error::other("bad\rthing");
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::warn!(device, provider = "luks\n", error = %error, volume_id = "v1", "volume operation");
+        });
+        let out = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(out.lines().count(), 1, "{out}");
+        assert!(!out.trim_end().chars().any(|c| c.is_control()), "{out:?}");
+        assert!(out.contains("device=/dev/x\\n2026"), "{out}");
+        assert!(out.contains("provider=luks\\n"), "{out}");
+        assert!(out.contains("error=bad\\rthing"), "{out}");
+        assert!(out.contains("volume_id=v1"), "{out}");
+        assert!(out.contains("volume operation"), "{out}");
+    }
 }

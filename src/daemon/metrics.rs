@@ -32,6 +32,16 @@ pub struct Metrics {
     in_flight: AtomicI64,
 }
 
+/// A request being served; dropping it (answered, or abandoned because
+/// its connection closed first) ends it.
+pub struct InFlight<'a>(&'a AtomicI64);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// The route label of a request path.
 pub fn route_label(path: &str) -> &'static str {
     let parts: Vec<&str> = path.trim_end_matches('/').split('/').collect();
@@ -54,13 +64,13 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl Metrics {
     /// A request started.
-    pub fn start(&self) {
+    pub fn start(&self) -> InFlight<'_> {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(&self.in_flight)
     }
 
     /// A request ended with `outcome` (`ok` or an error code).
     pub fn finish(&self, route: &'static str, outcome: &'static str, took: Duration) {
-        self.in_flight.fetch_sub(1, Ordering::Relaxed);
         *lock(&self.requests).entry((route, outcome)).or_default() += 1;
         let mut d = lock(&self.durations);
         let h = d.entry(route).or_default();
@@ -160,9 +170,12 @@ mod tests {
     #[test]
     fn render_counts_and_buckets() {
         let m = Metrics::default();
-        m.start();
+        let served = m.start();
         m.finish("/healthz", "ok", Duration::from_millis(3));
-        m.start();
+        drop(served);
+        let _serving = m.start();
+        // A request whose connection went away before the answer.
+        drop(m.start());
         let text = m.render(0, Some(&MemoryBudget::new(1024)));
         assert!(text.contains("luks_agent_requests_total{route=\"/healthz\",outcome=\"ok\"} 1"));
         assert!(text.contains(

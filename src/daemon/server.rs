@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Body;
+use axum::extract::rejection::PathRejection;
 use axum::extract::{Path as UrlPath, State};
 use axum::http::{Method, Request, Response, StatusCode, header};
 use axum::response::IntoResponse;
@@ -192,6 +193,11 @@ pub fn serve(config: &Config) -> Result<(), ServeError> {
         Some(l) => (l, None),
         None => (bind(&cfg)?, Some(cfg.socket.clone())),
     };
+    super::hold_agent_lock(&config.run_dir).map_err(|source| ServeError::Socket {
+        op: "locking the run directory",
+        path: config.run_dir.display().to_string(),
+        source,
+    })?;
     std_listener
         .set_nonblocking(true)
         .map_err(|source| ServeError::Socket {
@@ -226,8 +232,8 @@ pub fn serve(config: &Config) -> Result<(), ServeError> {
         .build()
         .map_err(ServeError::Signals)?;
     let result = rt.block_on(run(shared, std_listener, own_socket.as_deref()));
-    // Every operation has finished; nothing left on blocking threads that
-    // could be cut short.
+    // Every operation has finished or was abandoned at the shutdown
+    // timeout: a thread stuck in the kernel is not waited for.
     rt.shutdown_timeout(Duration::from_secs(1));
     result
 }
@@ -258,7 +264,11 @@ async fn run(
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(Duration::from_millis(shared.cfg.header_timeout_ms))
+        // A client may shut down its sending side once the request is
+        // out and still wait for the answer.
+        .half_close(true)
         .keep_alive(true);
+    let connections = Arc::new(tokio::sync::Semaphore::new(shared.cfg.max_connections));
     loop {
         let stream = tokio::select! {
             r = listener.accept() => match r {
@@ -271,6 +281,10 @@ async fn run(
                 }
             },
             _ = shutdown.stopping() => break,
+        };
+        let Ok(slot) = connections.clone().try_acquire_owned() else {
+            tokio::spawn(refuse_connection(stream, shared.cfg.max_connections));
+            continue;
         };
         let peer = match Peer::of(&stream) {
             Ok(p) => p,
@@ -286,6 +300,7 @@ async fn run(
         let conn = builder.serve_connection(TokioIo::new(stream), svc);
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
+            let _slot = slot;
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, uid = peer_uid, "connection ended");
             }
@@ -295,26 +310,64 @@ async fn run(
     if let Some(p) = own_socket {
         let _ = std::fs::remove_file(p);
     }
-    let wait = Duration::from_millis(shared.cfg.shutdown_timeout_ms);
-    if tokio::time::timeout(wait, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!(
+    let deadline = Instant::now() + Duration::from_millis(shared.cfg.shutdown_timeout_ms);
+    tokio::select! {
+        _ = graceful.shutdown() => {}
+        _ = tokio::time::sleep_until(deadline.into()) => tracing::warn!(
             after_ms = shared.cfg.shutdown_timeout_ms,
             "connections still open at the shutdown timeout; closing them"
-        );
+        ),
+        _ = shared.shutdown.hurried() => {}
     }
     if shared.shutdown.running() > 0 {
         tracing::info!(
             operations_in_flight = shared.shutdown.running(),
-            "waiting for running operations to finish"
+            "waiting for running operations to finish until the shutdown timeout"
         );
     }
-    shared.shutdown.idle().await;
+    let abandoned = shared.shutdown.idle_until(deadline).await;
+    for o in &abandoned {
+        tracing::error!(
+            op = o.op,
+            volume_id = o.volume_id,
+            running_ms = o.since.elapsed().as_millis() as u64,
+            "abandoning an operation still running at shutdown; the next operation on this volume finishes or undoes it"
+        );
+    }
     signals.abort();
-    tracing::info!("stopped");
+    tracing::info!(abandoned = abandoned.len(), "stopped");
     Ok(())
+}
+
+/// Answers a connection over `[server] max_connections` with a 503 and
+/// closes it, without reading the request: a flood of idle or slow
+/// connections cannot grow the agent's memory.
+async fn refuse_connection(mut stream: tokio::net::UnixStream, limit: usize) {
+    use tokio::io::AsyncWriteExt;
+    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        tracing::warn!(
+            max_connections = limit,
+            "connection limit reached; refusing new connections until some close"
+        );
+    }
+    let body = serde_json::to_string(&api::ErrorBody {
+        error: api::ErrorDetail {
+            code: "too_many_connections".into(),
+            message: format!("the agent serves at most {limit} connections at once; retry shortly"),
+            volume_id: None,
+        },
+    })
+    .unwrap_or_default();
+    let answer = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        let _ = stream.write_all(answer.as_bytes()).await;
+        let _ = stream.shutdown().await;
+    })
+    .await;
 }
 
 /// Every request: peer check, metrics, then the router.
@@ -326,7 +379,9 @@ async fn handle(
 ) -> Result<Response<Body>, std::convert::Infallible> {
     let started = Instant::now();
     let route = route_label(req.uri().path());
-    shared.metrics.start();
+    // Counted until this future ends, answered or dropped with its
+    // connection.
+    let _in_flight = shared.metrics.start();
     let resp = if shared.policy.allows(&peer) {
         req.extensions_mut().insert(peer.clone());
         match router.oneshot(req.map(Body::new)).await {
@@ -489,10 +544,32 @@ fn check_id(id: &str) -> Result<(), ApiError> {
     }
 }
 
-async fn show_volume(State(st): State<AppState>, UrlPath(id): UrlPath<String>) -> Response<Body> {
-    if let Err(e) = check_id(&id) {
-        return e.into_response();
+/// The volume id of the route, or the JSON error for one that does not
+/// decode (a percent-escape that is not UTF-8, like `%FF`).
+fn id_of(id: Result<UrlPath<String>, PathRejection>) -> Result<String, ApiError> {
+    match id {
+        Ok(UrlPath(id)) => {
+            check_id(&id)?;
+            Ok(id)
+        }
+        Err(e) => Err(ApiError::new(
+            "invalid_volume_id",
+            format!(
+                "the volume id in the path does not decode: {}",
+                e.body_text().escape_debug()
+            ),
+        )),
     }
+}
+
+async fn show_volume(
+    State(st): State<AppState>,
+    id: Result<UrlPath<String>, PathRejection>,
+) -> Response<Body> {
+    let id = match id_of(id) {
+        Ok(id) => id,
+        Err(e) => return e.into_response(),
+    };
     let run_dir = st.opts.run_dir.clone();
     let want = id.clone();
     match tokio::task::spawn_blocking(move || volumes_now(&run_dir, Some(&want))).await {
@@ -565,19 +642,25 @@ async fn read_body(st: &Shared, req: Request<Body>) -> Result<VolumeBody, ApiErr
     })
 }
 
-async fn attach(st: State<AppState>, id: UrlPath<String>, req: Request<Body>) -> Response<Body> {
-    operate(st.0, id.0, Op::Attach, req).await
+type IdParam = Result<UrlPath<String>, PathRejection>;
+
+async fn attach(st: State<AppState>, id: IdParam, req: Request<Body>) -> Response<Body> {
+    operate(st.0, id, Op::Attach, req).await
 }
 
-async fn detach(st: State<AppState>, id: UrlPath<String>, req: Request<Body>) -> Response<Body> {
-    operate(st.0, id.0, Op::Detach, req).await
+async fn detach(st: State<AppState>, id: IdParam, req: Request<Body>) -> Response<Body> {
+    operate(st.0, id, Op::Detach, req).await
 }
 
-async fn extend(st: State<AppState>, id: UrlPath<String>, req: Request<Body>) -> Response<Body> {
-    operate(st.0, id.0, Op::Extend, req).await
+async fn extend(st: State<AppState>, id: IdParam, req: Request<Body>) -> Response<Body> {
+    operate(st.0, id, Op::Extend, req).await
 }
 
-async fn operate(st: AppState, id: String, op: Op, req: Request<Body>) -> Response<Body> {
+async fn operate(st: AppState, id: IdParam, op: Op, req: Request<Body>) -> Response<Body> {
+    let id = match id_of(id) {
+        Ok(id) => id,
+        Err(e) => return e.into_response(),
+    };
     match operate_inner(st, &id, op, req).await {
         Ok(r) => r,
         Err(e) => {
@@ -597,7 +680,6 @@ async fn operate_inner(
     op: Op,
     req: Request<Body>,
 ) -> Result<Response<Body>, ApiError> {
-    check_id(id)?;
     let peer = req.extensions().get::<Peer>().cloned();
     let body = read_body(&st, req).await?;
     if body.keep_secret && !(op == Op::Detach && body.mode == Mode::Libvirt) {
@@ -618,7 +700,7 @@ async fn operate_inner(
     if st.shutdown.is_stopping() {
         return Err(ApiError::shutting_down());
     }
-    let running = st.shutdown.start_operation();
+    let running = st.shutdown.start_operation(op.name(), id);
     let handle = tokio::runtime::Handle::current();
     let shared = st.clone();
     // The blocking task owns the lock and the operation guard: a caller
@@ -646,10 +728,12 @@ async fn operate_inner(
             peer.as_ref().map(|p| p.uid),
             peer.as_ref().and_then(|p| p.pid),
         );
+        let device = request.device_path.to_string_lossy();
         match &result {
             Ok((_, action)) => tracing::info!(
                 op = op.name(),
                 volume_id = vid,
+                device = %device,
                 outcome = "ok",
                 action,
                 duration_ms = ms,
@@ -660,6 +744,7 @@ async fn operate_inner(
             Err(e) => tracing::warn!(
                 op = op.name(),
                 volume_id = vid,
+                device = %device,
                 outcome = e.code,
                 error = %e.message,
                 duration_ms = ms,

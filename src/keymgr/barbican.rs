@@ -482,6 +482,50 @@ impl Barbican {
             .await
     }
 
+    /// Removes the intent from the secret's metadata when it is `intent`,
+    /// and the local copy likewise (first: it cannot be refused).
+    async fn intent_withdraw(
+        &self,
+        id: &KeyId,
+        auth: &RequestAuth,
+        intent: &FormatIntent,
+    ) -> Result<(), KeyError> {
+        self.markers.withdraw_intent(id, intent)?;
+        let Some(v) = self.metadata_get(id, auth).await? else {
+            return Ok(());
+        };
+        let stored = v["metadata"]
+            .get(INTENT_KEY)
+            .and_then(Value::as_str)
+            .and_then(FormatIntent::decode);
+        if stored.as_ref() != Some(intent) {
+            return Ok(());
+        }
+        let budget = &Budget::start(&self.http);
+        let uuid = id.uuid()?.hyphenated().to_string();
+        let (a, base) = self
+            .call(
+                auth,
+                id.as_str(),
+                ApiRequest {
+                    method: reqwest::Method::DELETE,
+                    path: &format!("/v1/secrets/{uuid}/metadata/{INTENT_KEY}"),
+                    accept: "application/json",
+                    body: None,
+                },
+                budget,
+            )
+            .await?;
+        match a.status {
+            200 | 204 | 404 => Ok(()),
+            403 => {
+                self.note_metadata_refused(&base);
+                Ok(())
+            }
+            _ => Err(self.status_error(&a, id.as_str(), &base, "removing secret metadata")),
+        }
+    }
+
     async fn marker_set(&self, id: &KeyId, auth: &RequestAuth) -> Result<(), KeyError> {
         // Locally first: it cannot be refused by policy, and a crash between
         // the two still leaves one marker.
@@ -635,6 +679,15 @@ impl KeyManager for Barbican {
         intent: &'a FormatIntent,
     ) -> BoxFuture<'a, Result<(), KeyError>> {
         Box::pin(self.intent_set(id, auth, intent))
+    }
+
+    fn withdraw_formatting<'a>(
+        &'a self,
+        id: &'a KeyId,
+        auth: &'a RequestAuth,
+        intent: &'a FormatIntent,
+    ) -> BoxFuture<'a, Result<(), KeyError>> {
+        Box::pin(self.intent_withdraw(id, auth, intent))
     }
 
     fn formatting_intent<'a>(

@@ -94,6 +94,18 @@ impl KeyManager for WithFixedKey {
         self.inner.mark_formatting(id, auth, intent)
     }
 
+    fn withdraw_formatting<'a>(
+        &'a self,
+        id: &'a KeyId,
+        auth: &'a RequestAuth,
+        intent: &'a FormatIntent,
+    ) -> BoxFuture<'a, Result<(), KeyError>> {
+        if Self::is_fixed(id) {
+            return Box::pin(async { Ok(()) });
+        }
+        self.inner.withdraw_formatting(id, auth, intent)
+    }
+
     fn formatting_intent<'a>(
         &'a self,
         id: &'a KeyId,

@@ -97,9 +97,14 @@ impl LocalKeyStore {
             if uuid::Uuid::parse_str(&name).is_err() {
                 continue;
             }
+            // The entry itself, not what a symlink leads to: only regular
+            // files are keys (read refuses anything else the same way).
             let meta = entry
                 .metadata()
                 .map_err(|e| Self::local_err(&name, "reading", &entry.path(), e))?;
+            if !meta.file_type().is_file() {
+                continue;
+            }
             keys.push(StoredKey {
                 id: name,
                 bits: meta.len() * 8,
@@ -114,6 +119,7 @@ impl LocalKeyStore {
         let path = self.path_of(id)?;
         let f = OpenOptions::new()
             .write(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
             .open(&path)
             .map_err(|e| match e.kind() {
                 std::io::ErrorKind::NotFound => KeyError::NotFound {
@@ -123,7 +129,16 @@ impl LocalKeyStore {
                 },
                 _ => Self::local_err(id.as_str(), "opening key file", &path, e),
             })?;
-        let len = f.metadata().map(|m| m.len()).unwrap_or(0) as usize;
+        let meta = f
+            .metadata()
+            .map_err(|e| Self::local_err(id.as_str(), "opening key file", &path, e))?;
+        if !meta.file_type().is_file() {
+            return Err(KeyError::Config(format!(
+                "key file {} is not a regular file",
+                path.display()
+            )));
+        }
+        let len = meta.len() as usize;
         std::os::unix::fs::FileExt::write_all_at(&f, &vec![0u8; len], 0)
             .and_then(|_| f.sync_all())
             .and_then(|_| fs::remove_file(&path))
@@ -146,7 +161,13 @@ impl LocalKeyStore {
 
     fn read(&self, id: &KeyId) -> Result<Key, KeyError> {
         let path = self.path_of(id)?;
-        let f = match fs::File::open(&path) {
+        // Never follow a symlink out of the store, and never block on a
+        // FIFO planted in it: only a regular file is read.
+        let f = match OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open(&path)
+        {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Err(KeyError::NotFound {
@@ -160,6 +181,12 @@ impl LocalKeyStore {
         let meta = f
             .metadata()
             .map_err(|e| Self::local_err(id.as_str(), "reading key file", &path, e))?;
+        if !meta.file_type().is_file() {
+            return Err(KeyError::Config(format!(
+                "key file {} is not a regular file",
+                path.display()
+            )));
+        }
         if meta.mode() & 0o077 != 0 {
             return Err(KeyError::Config(format!(
                 "key file {} is accessible to group or others (mode {:o}); it must be 0600",
@@ -214,6 +241,15 @@ impl KeyManager for LocalKeyStore {
         intent: &'a FormatIntent,
     ) -> BoxFuture<'a, Result<(), KeyError>> {
         Box::pin(async move { self.markers.set_intent(id, intent) })
+    }
+
+    fn withdraw_formatting<'a>(
+        &'a self,
+        id: &'a KeyId,
+        _auth: &'a RequestAuth,
+        intent: &'a FormatIntent,
+    ) -> BoxFuture<'a, Result<(), KeyError>> {
+        Box::pin(async move { self.markers.withdraw_intent(id, intent) })
     }
 
     fn formatting_intent<'a>(

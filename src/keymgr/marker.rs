@@ -108,6 +108,22 @@ impl LocalMarkers {
     }
 }
 
+impl LocalMarkers {
+    /// Removes the recorded intent when it is `intent` (durably).
+    pub fn withdraw_intent(&self, id: &KeyId, intent: &FormatIntent) -> Result<(), KeyError> {
+        if self.intent(id)?.as_ref() != Some(intent) {
+            return Ok(());
+        }
+        let p = self.intents.join(file_name(id));
+        match fs::remove_file(&p) {
+            Ok(()) => state_file::sync_dir(&self.intents)
+                .map_err(|e| self.err(id, "removing format intent", &p, e)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(self.err(id, "removing format intent", &p, e)),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -360,6 +360,17 @@ pub trait KeyManager: Send + Sync {
         intent: &'a FormatIntent,
     ) -> BoxFuture<'a, Result<(), KeyError>>;
 
+    /// Removes the recorded format intent when it is `intent`: a format
+    /// that failed before its first write takes back what it recorded, so
+    /// that its intent does not hold off later attaches. An intent that
+    /// another attempt recorded since is left alone; no intent is fine.
+    fn withdraw_formatting<'a>(
+        &'a self,
+        id: &'a KeyId,
+        auth: &'a RequestAuth,
+        intent: &'a FormatIntent,
+    ) -> BoxFuture<'a, Result<(), KeyError>>;
+
     /// The last recorded format intent for this key, if any. A stored value
     /// that does not parse is logged and reported as no intent.
     fn formatting_intent<'a>(

@@ -551,6 +551,35 @@ pub fn format(
     opts: &FormatOptions,
     passphrase: &Passphrase,
 ) -> Result<(Header, VolumeKey), LuksError> {
+    plan_format(disk, opts, passphrase)?.write(disk, passphrase)
+}
+
+/// A format worked out in memory and checked against the device (its
+/// size included) without writing anything: every way a format can fail
+/// before its first write fails here. [`FormatPlan::write`] is the first
+/// write, so a caller can keep records of a format it is about to start
+/// only for plans that got that far.
+pub struct FormatPlan {
+    header: PlannedHeader,
+    key: VolumeKey,
+    kdf: Kdf,
+    slot: u32,
+    link_token: bool,
+}
+
+enum PlannedHeader {
+    Luks1(Luks1Header),
+    Luks2(luks2::Luks2Header),
+}
+
+/// Works out the format of `disk` with `opts` (the KDF benchmarked, the
+/// volume key drawn, the header laid out, the size checked); writes
+/// nothing.
+pub fn plan_format(
+    disk: &dyn Disk,
+    opts: &FormatOptions,
+    passphrase: &Passphrase,
+) -> Result<FormatPlan, LuksError> {
     let device = disk.name();
     let arg = |reason: String| LuksError::InvalidArgument {
         device: device.into(),
@@ -559,6 +588,12 @@ pub fn format(
     if passphrase.expose().is_empty() {
         return Err(arg("the passphrase is empty".into()));
     }
+    let size = disk
+        .size()
+        .map_err(|e| error::io_err(device, "reading the device size", e))?;
+    // The layout alone says how large the device must be: refuse a device
+    // that is too small before the KDF benchmark costs seconds.
+    require_size(device, opts.data_offset(), size)?;
     let key = VolumeKey::new(SecretBytes::random(opts.cipher.key_bytes).map_err(|_| {
         LuksError::Random {
             device: device.into(),
@@ -571,9 +606,6 @@ pub fn format(
         .unwrap_or_else(Uuid::new_v4)
         .hyphenated()
         .to_string();
-    let size = disk
-        .size()
-        .map_err(|e| error::io_err(device, "reading the device size", e))?;
     let slot = opts.keyslot.unwrap_or(0);
     let header = match opts.version {
         LuksVersion::Luks1 => {
@@ -582,10 +614,7 @@ pub fn format(
                     "LUKS1 has no tokens; a key id can be recorded only in LUKS2".into(),
                 ));
             }
-            let Kdf::Pbkdf2 { iterations, .. } = kdf else {
-                unreachable!("checked by resolve_kdf")
-            };
-            let mut h = Luks1Header::new_layout(
+            let h = Luks1Header::new_layout(
                 opts.cipher,
                 opts.hash,
                 &key,
@@ -594,19 +623,11 @@ pub fn format(
                 device,
             )?;
             require_size(device, h.data_offset(), size)?;
-            // As cryptsetup: the header area reads as zeros, and all eight
-            // keyslot areas hold random bytes, used or not.
-            keyslot::wipe_zero(disk, 0, h.data_offset())?;
-            for area in h.keyslot_areas() {
-                keyslot::wipe_random(disk, area.0, area.1)?;
-            }
-            h.prepare_keyslot(disk, slot as usize, iterations, passphrase.expose(), &key)?;
-            h.write(disk)?;
-            Header::Luks1(h)
+            PlannedHeader::Luks1(h)
         }
         LuksVersion::Luks2 => {
             let hdr_size = opts.metadata_size.unwrap_or(luks2::DEFAULT_HDR_SIZE);
-            let mut h = luks2::Luks2Header::new_layout(
+            let h = luks2::Luks2Header::new_layout(
                 device,
                 opts.cipher,
                 opts.hash,
@@ -619,24 +640,79 @@ pub fn format(
                 opts.key_id.as_deref(),
             )?;
             require_size(device, h.data_offset(), size)?;
-            // Both metadata copies and the whole keyslots region read as
-            // zeros (old headers and keyslots are gone); the area of each
-            // keyslot we create is filled with random bytes before its key
-            // material goes in. cryptsetup random-fills the unused rest of
-            // the region too; that hides nothing (the JSON metadata lists
-            // every keyslot in plain text) and costs a 16 MiB write, while
-            // a zero range is a metadata operation on files and thin
-            // devices.
-            keyslot::wipe_zero(disk, 0, h.data_offset())?;
-            h.prepare_keyslot(disk, slot, kdf, passphrase.expose(), &key)?;
-            if opts.key_id.is_some() {
-                h.link_token_to_keyslot(device, slot)?;
-            }
-            h.write_new(disk)?;
-            Header::Luks2(h)
+            PlannedHeader::Luks2(h)
         }
     };
-    Ok((header, key))
+    Ok(FormatPlan {
+        header,
+        key,
+        kdf,
+        slot,
+        link_token: opts.key_id.is_some(),
+    })
+}
+
+impl FormatPlan {
+    /// Where the data segment starts: the bytes before it are all that
+    /// [`write`](Self::write) touches.
+    pub fn data_offset(&self) -> u64 {
+        match &self.header {
+            PlannedHeader::Luks1(h) => h.data_offset(),
+            PlannedHeader::Luks2(h) => h.data_offset(),
+        }
+    }
+
+    /// Writes the planned format: the header area zeroed, the keyslot
+    /// material for `passphrase` (the one the plan was made for), and the
+    /// header last.
+    pub fn write(
+        self,
+        disk: &dyn Disk,
+        passphrase: &Passphrase,
+    ) -> Result<(Header, VolumeKey), LuksError> {
+        let device = disk.name();
+        let FormatPlan {
+            header,
+            key,
+            kdf,
+            slot,
+            link_token,
+        } = self;
+        let header = match header {
+            PlannedHeader::Luks1(mut h) => {
+                let Kdf::Pbkdf2 { iterations, .. } = kdf else {
+                    unreachable!("resolve_kdf gives LUKS1 only pbkdf2")
+                };
+                // As cryptsetup: the header area reads as zeros, and all
+                // eight keyslot areas hold random bytes, used or not.
+                keyslot::wipe_zero(disk, 0, h.data_offset())?;
+                for area in h.keyslot_areas() {
+                    keyslot::wipe_random(disk, area.0, area.1)?;
+                }
+                h.prepare_keyslot(disk, slot as usize, iterations, passphrase.expose(), &key)?;
+                h.write(disk)?;
+                Header::Luks1(h)
+            }
+            PlannedHeader::Luks2(mut h) => {
+                // Both metadata copies and the whole keyslots region read
+                // as zeros (old headers and keyslots are gone); the area of
+                // each keyslot we create is filled with random bytes before
+                // its key material goes in. cryptsetup random-fills the
+                // unused rest of the region too; that hides nothing (the
+                // JSON metadata lists every keyslot in plain text) and costs
+                // a 16 MiB write, while a zero range is a metadata operation
+                // on files and thin devices.
+                keyslot::wipe_zero(disk, 0, h.data_offset())?;
+                h.prepare_keyslot(disk, slot, kdf, passphrase.expose(), &key)?;
+                if link_token {
+                    h.link_token_to_keyslot(device, slot)?;
+                }
+                h.write_new(disk)?;
+                Header::Luks2(h)
+            }
+        };
+        Ok((header, key))
+    }
 }
 
 fn require_size(device: &str, needed: u64, size: u64) -> Result<(), LuksError> {

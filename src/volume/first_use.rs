@@ -7,9 +7,9 @@
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use super::guard::Inspection;
-use super::{EncryptionSpec, Provider, VolumeError, Volumes, io_err, key_err};
-use crate::blockdev;
+use super::guard::{self, Decision, Inspection, IntentSeen};
+use super::{EncryptionSpec, Provider, VolumeError, Volumes, dev_err, io_err, key_err};
+use crate::blockdev::{self, Accept};
 use crate::keymgr::{FormatIntent, KeyId, RequestAuth};
 use crate::luks::{
     self, CipherSpec, Disk, FileDisk, FormatOptions, Header, KdfLimits, KdfPolicy, LuksError,
@@ -38,24 +38,13 @@ struct FirstUse<'a> {
     auth: &'a RequestAuth,
 }
 
-/// What an attach may do about a device whose header does not open.
-enum Redo {
-    /// Format again over what an interrupted format left, reusing this
-    /// intent's LUKS UUID.
-    Allowed(FormatIntent),
-    /// No intent applies (none recorded, or the marker says the volume
-    /// was formatted): the usual checks decide.
-    NoIntent,
-    /// An intent is recorded but the device or its age forbid a redo.
-    Refused(String),
-}
-
 impl Volumes<'_> {
     /// Opens the volume's LUKS header with its key, or formats the device
     /// on first use when the guard allows it (the state machine is in
     /// `guard.rs`). Returns the header, the volume key and whether this
     /// call formatted. Shared by the dm-crypt and the QEMU-native attach,
-    /// so both refuse and format under exactly the same rules.
+    /// so both refuse and format under exactly the same rules. `device`
+    /// has passed [`blockdev::check_device`].
     #[allow(clippy::too_many_arguments)]
     pub(super) async fn open_or_format(
         &self,
@@ -68,7 +57,7 @@ impl Volumes<'_> {
         auth: &RequestAuth,
     ) -> Result<(Header, VolumeKey, bool), VolumeError> {
         let passphrase = key.passphrase();
-        let dev_name = device.display().to_string();
+        let dev_name = blockdev::device::shown(device);
         let luks_err = |source| VolumeError::Luks {
             volume_id: vid.into(),
             device: dev_name.clone(),
@@ -79,7 +68,15 @@ impl Volumes<'_> {
             device: dev_name.clone(),
             reason,
         };
-        let file = blockdev::open(device, true).map_err(io_err(vid, "opening", device))?;
+        // Libvirt mode takes image files (NFS-backed volumes); dm mode has
+        // refused anything but a block device before the key was fetched.
+        let file = blockdev::open_device(
+            device,
+            true,
+            Accept::BlockOrFile,
+            self.opts.device_open_timeout,
+        )
+        .map_err(dev_err(vid))?;
         let disk = FileDisk::new(file, dev_name.clone());
         let job = FirstUse {
             vid,
@@ -89,97 +86,73 @@ impl Volumes<'_> {
             auth,
         };
         let limits = KdfLimits::default();
-        let recorded = self.records.is_recorded(vid);
-        // An interrupted format of our own on this host may be redone: our
-        // record says it started here, and no marker says it finished.
-        let redo_ours = recorded && !self.is_formatted(vid, key_id, auth).await?;
-        // Only a format needs these: a spec that a format cannot use must
-        // not stop an existing header from opening.
-        let options = || self.format_options(vid, &disk, provider, spec, key, key_id);
-        let opened = match Header::read(&disk) {
+        // Why the header did not open: `None` when there is none at all.
+        let not_opened = match Header::read(&disk) {
             Ok(h) => match h.unlock(&disk, &passphrase, None, &limits) {
                 Ok(u) => {
                     self.heal_marker(vid, key_id, auth).await?;
-                    (h, u.volume_key, false)
+                    return Ok((h, u.volume_key, false));
                 }
-                Err(LuksError::WrongPassphrase { .. }) if redo_ours => {
-                    let (h, k) = self.redo(&job, options()?).await?;
-                    (h, k, true)
-                }
-                Err(e @ LuksError::WrongPassphrase { .. }) => {
-                    let Ok(opts) = options() else {
-                        return Err(luks_err(e));
-                    };
-                    let (h, k) = self
-                        .format_redone_elsewhere(&job, opts, luks_err(e))
-                        .await?;
-                    (h, k, true)
-                }
+                Err(e @ LuksError::WrongPassphrase { .. }) => Some(luks_err(e)),
                 Err(e) => return Err(luks_err(e)),
             },
-            Err(LuksError::NotLuks { .. }) => {
-                if self.is_formatted(vid, key_id, auth).await? {
-                    return Err(refused(format!(
-                        "no LUKS header, but the key manager records key {key_id} as formatted: the header was destroyed or the device is not the volume"
-                    )));
-                }
-                let seen = Inspection::of(&disk).map_err(io_err(vid, "probing", device))?;
-                let opts = options()?;
-                let (h, k) = if redo_ours {
-                    self.redo(&job, opts).await?
-                } else {
-                    match self.redo_elsewhere(&job, &opts).await? {
-                        Redo::Allowed(intent) => self.format(&job, opts, intent).await?,
-                        Redo::Refused(reason) => return Err(refused(reason)),
-                        Redo::NoIntent if seen.is_blank() => {
-                            self.format(&job, opts, FormatIntent::new_here()).await?
-                        }
-                        Redo::NoIntent => {
-                            return Err(refused(format!(
-                                "the device is not blank: {}",
-                                seen.describe()
-                            )));
-                        }
-                    }
-                };
-                (h, k, true)
-            }
+            Err(LuksError::NotLuks { .. }) => None,
             Err(
                 e @ (LuksError::InvalidHeader { .. }
                 | LuksError::Unsupported { .. }
                 | LuksError::TooSmall { .. }),
-            ) => {
-                let opts = match options() {
-                    Ok(o) => o,
-                    Err(_) if !redo_ours => return Err(luks_err(e)),
-                    Err(x) => return Err(x),
-                };
-                let (h, k) = if redo_ours {
-                    self.redo(&job, opts).await?
-                } else {
-                    self.format_redone_elsewhere(&job, opts, luks_err(e))
-                        .await?
-                };
-                (h, k, true)
-            }
+            ) => Some(luks_err(e)),
             Err(e) => return Err(luks_err(e)),
         };
-        Ok(opened)
-    }
-
-    /// Redoes an interrupted format recorded on this host. The UUID of a
-    /// recorded intent is kept, so that whatever this attempt leaves still
-    /// matches the intent any other host will read.
-    async fn redo(
-        &self,
-        job: &FirstUse<'_>,
-        opts: FormatOptions,
-    ) -> Result<(Header, VolumeKey), VolumeError> {
-        let mut intent = FormatIntent::new_here();
-        if let Some(earlier) = self.intent(job).await? {
-            intent.luks_uuid = earlier.luks_uuid;
+        if self.is_formatted(vid, key_id, auth).await? {
+            return Err(not_opened.unwrap_or_else(|| {
+                refused(format!(
+                    "no LUKS header, but the key manager records key {key_id} as formatted: the header was destroyed or the device is not the volume"
+                ))
+            }));
         }
-        self.format(job, opts, intent).await
+        // Only a format needs these: a spec that a format cannot use must
+        // not hide why an existing header did not open.
+        let opts = match self.format_options(vid, &disk, provider, spec, key, key_id) {
+            Ok(o) => o,
+            Err(e) => return Err(not_opened.unwrap_or(e)),
+        };
+        let probing = |e| io_err(vid, "probing", device)(e);
+        let seen = Inspection::of(&disk).map_err(probing)?;
+        let intent = self.intent_seen(&job).await?;
+        let record = self.records.read(vid);
+        let decision = guard::decide(
+            &seen,
+            &disk,
+            intent.as_ref(),
+            record.as_ref(),
+            self.opts.format_intent_min_age.as_secs(),
+            opts.data_offset(),
+        )
+        .map_err(probing)?;
+        let uuid = match decision {
+            Decision::FormatNew => None,
+            Decision::Redo(uuid) => {
+                if !seen.is_blank() || intent.is_some() {
+                    tracing::warn!(
+                        volume_id = vid,
+                        device = disk.name(),
+                        key_id = key_id.as_str(),
+                        luks_uuid = %uuid,
+                        "redoing a first-use format that was interrupted"
+                    );
+                }
+                Some(uuid)
+            }
+            Decision::Refuse(reason) => return Err(refused(reason)),
+            Decision::NotBlank => {
+                return Err(not_opened.unwrap_or_else(|| {
+                    refused(format!("the device is not blank: {}", seen.describe()))
+                }));
+            }
+        };
+        let (h, k) = self.format(&job, opts, uuid).await?;
+        Ok((h, k, true))
     }
 
     /// Whether the key manager records the volume as formatted.
@@ -195,53 +168,17 @@ impl Volumes<'_> {
             .map_err(key_err(vid))
     }
 
-    /// The format intent the key manager records for the volume's key.
-    async fn intent(&self, job: &FirstUse<'_>) -> Result<Option<FormatIntent>, VolumeError> {
-        self.keys
+    /// The format intent the key manager records for the volume's key, as
+    /// the guard weighs it.
+    async fn intent_seen(&self, job: &FirstUse<'_>) -> Result<Option<IntentSeen>, VolumeError> {
+        let Some(intent) = self
+            .keys
             .formatting_intent(job.key_id, job.auth)
             .await
-            .map_err(key_err(job.vid))
-    }
-
-    /// Formats over what an interrupted format of another host left, when
-    /// [`Self::redo_elsewhere`] allows it; otherwise its refusal, or
-    /// `otherwise` when no intent applies.
-    async fn format_redone_elsewhere(
-        &self,
-        job: &FirstUse<'_>,
-        opts: FormatOptions,
-        otherwise: VolumeError,
-    ) -> Result<(Header, VolumeKey), VolumeError> {
-        match self.redo_elsewhere(job, &opts).await? {
-            Redo::Allowed(intent) => self.format(job, opts, intent).await,
-            Redo::Refused(reason) => Err(VolumeError::FormatRefused {
-                volume_id: job.vid.into(),
-                device: job.disk.name().into(),
-                reason,
-            }),
-            Redo::NoIntent => Err(otherwise),
-        }
-    }
-
-    /// Whether an interrupted format recorded in the key manager (by any
-    /// host) may be redone here without a local record: no marker says it
-    /// finished, the intent is old enough that the format cannot still be
-    /// running, and the device holds only what that format can have
-    /// written (see [`Inspection::foreign_to_format`]).
-    async fn redo_elsewhere(
-        &self,
-        job: &FirstUse<'_>,
-        opts: &FormatOptions,
-    ) -> Result<Redo, VolumeError> {
-        let FirstUse {
-            vid, disk, key_id, ..
-        } = *job;
-        let Some(intent) = self.intent(job).await? else {
-            return Ok(Redo::NoIntent);
+            .map_err(key_err(job.vid))?
+        else {
+            return Ok(None);
         };
-        if self.is_formatted(vid, key_id, job.auth).await? {
-            return Ok(Redo::NoIntent);
-        }
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
@@ -251,37 +188,20 @@ impl Volumes<'_> {
         // as just now: waiting is always safe.
         let age = now.saturating_sub(intent.started_at);
         let started = rfc3339(intent.started_at);
-        if age < min_age {
-            return Ok(Redo::Refused(format!(
+        let key_id = job.key_id;
+        Ok(Some(IntentSeen {
+            luks_uuid: intent.luks_uuid,
+            age_secs: age,
+            too_young: format!(
                 "a format of key {key_id}'s volume started on host {} at {started} and may still be running; if it was interrupted, attach again after {} s, when it is {min_age} s old",
                 intent.host,
-                min_age - age
-            )));
-        }
-        let seen = Inspection::of(disk).map_err(io_err(vid, "probing", Path::new(disk.name())))?;
-        match seen
-            .foreign_to_format(disk, &intent.luks_uuid, opts.data_offset())
-            .map_err(io_err(vid, "probing", Path::new(disk.name())))?
-        {
-            Some(why) => Ok(Redo::Refused(format!(
-                "key {key_id} records a format that started on host {} at {started} and did not finish, but it cannot be redone: {why}",
+                min_age.saturating_sub(age)
+            ),
+            context: format!(
+                "key {key_id} records a format that started on host {} at {started} and did not finish, but it cannot be redone",
                 intent.host
-            ))),
-            None => {
-                tracing::warn!(
-                    volume_id = vid,
-                    device = disk.name(),
-                    key_id = key_id.as_str(),
-                    host = intent.host,
-                    started = %started,
-                    "redoing a first-use format that was interrupted"
-                );
-                Ok(Redo::Allowed(FormatIntent {
-                    luks_uuid: intent.luks_uuid,
-                    ..FormatIntent::new_here()
-                }))
-            }
-        }
+            ),
+        }))
     }
 
     pub(super) async fn heal_marker(
@@ -359,14 +279,19 @@ impl Volumes<'_> {
         })
     }
 
-    /// Formats: the local record, then the intent with the LUKS UUID the
-    /// header will carry, both durable before the first byte goes to the
-    /// device; then the format; then the marker, and the record dropped.
+    /// Formats: the format worked out and checked against the device
+    /// (size, parameters) first; then the local record and the intent,
+    /// both carrying the LUKS UUID the header will carry and both durable
+    /// before the first byte goes to the device; then the writes; then the
+    /// marker, and the record dropped. `uuid` is that of the interrupted
+    /// format being redone, `None` for a first format. An attempt that
+    /// fails before its first write takes back what it recorded, so that
+    /// it blocks no later attach.
     async fn format(
         &self,
         job: &FirstUse<'_>,
         mut opts: FormatOptions,
-        intent: FormatIntent,
+        uuid: Option<uuid::Uuid>,
     ) -> Result<(Header, VolumeKey), VolumeError> {
         let FirstUse {
             vid,
@@ -376,25 +301,74 @@ impl Volumes<'_> {
             auth,
         } = *job;
         let dev = disk.name().to_string();
+        let luks_err = |source| VolumeError::Luks {
+            volume_id: vid.into(),
+            device: dev.clone(),
+            source,
+        };
+        let mut intent = FormatIntent::new_here();
+        if let Some(u) = uuid {
+            intent.luks_uuid = u;
+        }
         opts.uuid = Some(intent.luks_uuid);
-        self.records.record(vid, &dev).map_err(io_err(
-            vid,
-            "recording format of",
-            Path::new(&dev),
-        ))?;
-        self.keys
-            .mark_formatting(key_id, auth, &intent)
-            .await
-            .map_err(key_err(vid))?;
-        let (header, vk) =
-            luks::format(disk, &opts, &key.passphrase()).map_err(|source| VolumeError::Luks {
-                volume_id: vid.into(),
-                device: dev.clone(),
-                source,
-            })?;
+        let passphrase = key.passphrase();
+        let plan = luks::plan_format(disk, &opts, &passphrase).map_err(luks_err)?;
+        let recorded_before = self.records.read(vid);
+        self.records
+            .record(vid, &dev, &intent.luks_uuid)
+            .map_err(io_err(vid, "recording format of", Path::new(&dev)))?;
+        if let Err(e) = self.keys.mark_formatting(key_id, auth, &intent).await {
+            let cause = key_err(vid)(e);
+            return Err(
+                match self
+                    .take_back(job, &intent, uuid.is_none(), recorded_before)
+                    .await
+                {
+                    Ok(()) => cause,
+                    Err(r) => VolumeError::Rollback {
+                        cause: Box::new(cause),
+                        rollback: Box::new(r),
+                    },
+                },
+            );
+        }
+        let (header, vk) = plan.write(disk, &passphrase).map_err(luks_err)?;
         tracing::info!(volume_id = vid, device = dev, "formatted on first use");
         self.heal_marker(vid, key_id, auth).await?;
         Ok((header, vk))
+    }
+
+    /// Takes back what a format attempt recorded when it failed before its
+    /// first write: the local record (unless an earlier one of this host
+    /// names the same UUID, which still accounts for an earlier attempt),
+    /// and, for a first format, the intent if it was stored and is still
+    /// this one. A redo's intent stays: it carries the UUID of the
+    /// interrupted format whose leftovers may be on the device.
+    async fn take_back(
+        &self,
+        job: &FirstUse<'_>,
+        intent: &FormatIntent,
+        first: bool,
+        recorded_before: Option<guard::FormatRecord>,
+    ) -> Result<(), VolumeError> {
+        let vid = job.vid;
+        let keep_record = recorded_before.is_some_and(|r| r.luks_uuid == Some(intent.luks_uuid));
+        let record = if keep_record {
+            Ok(())
+        } else {
+            self.records.clear(vid).map_err(io_err(
+                vid,
+                "removing format record of",
+                Path::new(vid),
+            ))
+        };
+        if first {
+            self.keys
+                .withdraw_formatting(job.key_id, job.auth, intent)
+                .await
+                .map_err(key_err(vid))?;
+        }
+        record
     }
 
     /// Fetches the volume's key.

@@ -32,6 +32,10 @@ struct Fx {
 }
 
 fn setup() -> Fx {
+    setup_sized(SIZE)
+}
+
+fn setup_sized(size: u64) -> Fx {
     let dir = tempfile::tempdir().unwrap();
     let keys = LocalKeyStore::new(&dir.path().join("keys"), &dir.path().join("km-state"));
     let key_id = keys.create(256).unwrap();
@@ -48,7 +52,7 @@ fn setup() -> Fx {
         .write(true)
         .open(&dev)
         .unwrap()
-        .set_len(SIZE)
+        .set_len(size)
         .unwrap();
     Fx {
         dir,
@@ -88,6 +92,7 @@ impl Fx {
                 detach_backoff: Duration::from_millis(1),
                 crypt: CryptOptions::default(),
                 format_intent_min_age: Duration::from_secs(600),
+                device_open_timeout: Duration::from_secs(10),
             },
         )
     }
@@ -390,7 +395,7 @@ fn a_local_redo_keeps_the_intent_uuid() {
     fx.intent(u, 5);
     let state = fx.dir.path().join("a/state");
     crate::volume::guard::FormatRecords::new(&state)
-        .record(VID, "dev")
+        .record(VID, "dev", &u)
         .unwrap();
     fx.assert_formatted_with(&a, u);
     assert_eq!(fx.stored_intent().unwrap().luks_uuid, u);
@@ -408,4 +413,201 @@ fn format_options_predict_the_data_offset() {
         let (h, _) = luks::format(&fx.disk(), &opts, &fx.key.passphrase()).unwrap();
         assert_eq!(opts.data_offset(), h.data_offset(), "{version:?} {bits}");
     }
+}
+
+/// A key manager that records the intent and then fails, as Barbican does
+/// when it accepts the local copy and then refuses or loses the request.
+struct IntentWriteFails<'a>(&'a LocalKeyStore);
+
+impl KeyManager for IntentWriteFails<'_> {
+    fn describe(&self) -> String {
+        "intent write fails".into()
+    }
+    fn fetch<'a>(
+        &'a self,
+        id: &'a KeyId,
+        auth: &'a RequestAuth,
+    ) -> crate::keymgr::BoxFuture<'a, Result<Key, crate::keymgr::KeyError>> {
+        self.0.fetch(id, auth)
+    }
+    fn is_marked_formatted<'a>(
+        &'a self,
+        id: &'a KeyId,
+        auth: &'a RequestAuth,
+    ) -> crate::keymgr::BoxFuture<'a, Result<bool, crate::keymgr::KeyError>> {
+        self.0.is_marked_formatted(id, auth)
+    }
+    fn mark_formatted<'a>(
+        &'a self,
+        id: &'a KeyId,
+        auth: &'a RequestAuth,
+    ) -> crate::keymgr::BoxFuture<'a, Result<(), crate::keymgr::KeyError>> {
+        self.0.mark_formatted(id, auth)
+    }
+    fn mark_formatting<'a>(
+        &'a self,
+        id: &'a KeyId,
+        auth: &'a RequestAuth,
+        intent: &'a FormatIntent,
+    ) -> crate::keymgr::BoxFuture<'a, Result<(), crate::keymgr::KeyError>> {
+        Box::pin(async move {
+            self.0.mark_formatting(id, auth, intent).await?;
+            Err(crate::keymgr::KeyError::Unavailable {
+                key_id: id.to_string(),
+                endpoint: "test".into(),
+                attempts: 1,
+                last: "connection reset".into(),
+            })
+        })
+    }
+    fn withdraw_formatting<'a>(
+        &'a self,
+        id: &'a KeyId,
+        auth: &'a RequestAuth,
+        intent: &'a FormatIntent,
+    ) -> crate::keymgr::BoxFuture<'a, Result<(), crate::keymgr::KeyError>> {
+        self.0.withdraw_formatting(id, auth, intent)
+    }
+    fn formatting_intent<'a>(
+        &'a self,
+        id: &'a KeyId,
+        auth: &'a RequestAuth,
+    ) -> crate::keymgr::BoxFuture<'a, Result<Option<FormatIntent>, crate::keymgr::KeyError>> {
+        self.0.formatting_intent(id, auth)
+    }
+}
+
+/// An ext4 superblock magic and file data past the header area.
+fn put_ext4(fx: &Fx) {
+    fx.write(0x438, &[0x53, 0xef]);
+    fx.write(20 * MIB, b"the customer's data");
+}
+
+fn options_of(fx: &Fx, name: &str) -> VolumeOptions {
+    let state = fx.dir.path().join(name);
+    VolumeOptions {
+        state_dir: state.join("state"),
+        run_dir: state.join("run"),
+        max_argon2_memory_kib: 64 * 1024,
+        detach_attempts: 1,
+        detach_backoff: Duration::from_millis(1),
+        crypt: CryptOptions::default(),
+        format_intent_min_age: Duration::from_secs(600),
+        device_open_timeout: Duration::from_secs(10),
+    }
+}
+
+#[test]
+fn a_too_small_device_records_nothing_and_the_next_device_is_not_formatted_over() {
+    // The reproduction: attach on a 1 MiB device fails as too small; the
+    // same volume on a device holding ext4 must be refused, untouched.
+    let fx = setup_sized(MIB);
+    let a = fx.host("a");
+    let e = fx.attach(&a).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            VolumeError::Luks {
+                source: luks::LuksError::TooSmall { .. },
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert!(!a_record(&fx, "a").exists(), "a record was left");
+    assert!(fx.stored_intent().is_none(), "an intent was left");
+    fs::remove_file(&fx.dev).unwrap();
+    OpenOptions::new()
+        .create_new(true)
+        .write(true)
+        .open(&fx.dev)
+        .unwrap()
+        .set_len(SIZE)
+        .unwrap();
+    put_ext4(&fx);
+    let text = fx.assert_refused(&a, &["FormatRefused", "not blank", "ext"]);
+    assert!(text.contains(&fx.dev.display().to_string()), "{text}");
+    // And a blank device there formats at once: nothing of the failed
+    // attempt holds it off.
+    fs::remove_file(&fx.dev).unwrap();
+    OpenOptions::new()
+        .create_new(true)
+        .write(true)
+        .open(&fx.dev)
+        .unwrap()
+        .set_len(SIZE)
+        .unwrap();
+    let (_, formatted) = fx.attach(&a).unwrap();
+    assert!(formatted);
+}
+
+#[test]
+fn a_stale_record_and_intent_never_skip_the_device_checks() {
+    // What an earlier version left after a failure before its first
+    // write: this host's record and a young intent with the same UUID.
+    // The device now behind the volume id holds data, or a LUKS header of
+    // another volume, or random bytes: each is refused and left as it is.
+    for content in ["ext4", "random", "foreign luks"] {
+        let fx = setup();
+        let u = Uuid::new_v4();
+        match content {
+            "ext4" => put_ext4(&fx),
+            "random" => fx.write(
+                0,
+                crate::secret::SecretBytes::random(64 * 1024)
+                    .unwrap()
+                    .expose(),
+            ),
+            _ => fx.torn_format(Uuid::new_v4()),
+        }
+        fx.intent(u, 5);
+        let state = fx.dir.path().join("a/state");
+        crate::volume::guard::FormatRecords::new(&state)
+            .record(VID, "/dev/other", &u)
+            .unwrap();
+        fx.assert_refused(&fx.host("a"), &["FormatRefused", "cannot be redone"]);
+        // An old intent changes nothing: the device must still prove it.
+        fx.intent(u, 3600);
+        fx.assert_refused(&fx.host("a"), &["FormatRefused", "cannot be redone"]);
+        // Nor does a record of an older version, without a UUID.
+        let fx2 = setup();
+        put_ext4(&fx2);
+        let state = fx2.dir.path().join("a/state/formatting");
+        fs::create_dir_all(&state).unwrap();
+        fs::write(state.join(VID), "/dev/other\n").unwrap();
+        fx2.assert_refused(&fx2.host("a"), &["not blank", "ext"]);
+    }
+}
+
+#[test]
+fn a_failed_intent_write_takes_back_the_record_and_the_intent() {
+    let fx = setup();
+    let failing = IntentWriteFails(&fx.keys);
+    let a = Volumes::new(&failing, options_of(&fx, "a"));
+    let before = fx.digest();
+    let e = fx.attach(&a).unwrap_err();
+    assert!(matches!(e, VolumeError::Key { .. }), "{e}");
+    assert_eq!(fx.digest(), before, "the device changed");
+    assert!(!a_record(&fx, "a").exists(), "the record was left");
+    assert!(fx.stored_intent().is_none(), "the intent was left");
+    // With the key manager back, the same host and any other format at once.
+    let (_, formatted) = fx.attach(&fx.host("b")).unwrap();
+    assert!(formatted);
+}
+
+#[test]
+fn this_hosts_own_interrupted_format_is_redone_without_waiting() {
+    // Cut after the header was torn (the write started): the record and
+    // the intent name the same UUID, so this host redoes it at once, while
+    // another host waits for the intent's age.
+    let fx = setup();
+    let u = Uuid::new_v4();
+    fx.torn_format(u);
+    fx.intent(u, 5);
+    fx.assert_refused(&fx.host("b"), &["may still be running"]);
+    let state = fx.dir.path().join("a/state");
+    crate::volume::guard::FormatRecords::new(&state)
+        .record(VID, "dev", &u)
+        .unwrap();
+    fx.assert_formatted_with(&fx.host("a"), u);
 }

@@ -1,25 +1,38 @@
-//! The first-use format guard: when a volume without a LUKS header may be
-//! formatted, and the records that keep an interrupted format recoverable.
+//! The first-use format guard: when a volume without a LUKS header that
+//! opens may be formatted, and the records that keep an interrupted format
+//! recoverable.
 //!
 //! os-brick formats whenever `cryptsetup isLuks` fails, which also happens
 //! when a degraded backend transiently reads zeros over a volume that holds
-//! data. We format only when every check passes:
+//! data. The device behind a volume id can also change between two
+//! attaches (another path, a reused LUN, a multipath mix-up). So every
+//! format, first or redo, on this host or another, requires the device to
+//! prove, at that moment, that it holds nothing but what a format of ours
+//! can have written; no record, intent or earlier check stands in for that
+//! ([`decide`]):
 //!
-//! 1. no LUKS header, primary or secondary at any allowed offset;
-//! 2. no other known signature (filesystems, swap, LVM, MD, bcache,
-//!    partition tables including the GPT backup at the end), and zero
-//!    bytes where our own format would write first and where data starts;
-//! 3. the key manager holds no "formatted" marker for the volume's key;
-//! 4. the key manager holds no format intent younger than the safety age
-//!    (`[volume] format_intent_min_age_secs`): a format that another host
-//!    may still be running is not raced.
-//!
-//! The one exception is the redo of an interrupted format of ours, below.
+//! 1. the device is a block device (or, in libvirt mode, an image file),
+//!    opened exclusively, large enough for the header (checked before
+//!    anything is recorded, see `first_use.rs`);
+//! 2. the key manager holds no "formatted" marker for the volume's key;
+//! 3. the device is blank (no LUKS header at any allowed offset, no other
+//!    known signature, zeros where signatures live), or it holds only what
+//!    an interrupted format with the recorded UUID can have left
+//!    ([`Inspection::foreign_to_format`]): LUKS headers, valid or torn,
+//!    carrying that UUID, no other signature, nothing in the first sector
+//!    but such a header, zeros at the start of the data segment and at the
+//!    end of the device;
+//! 4. a format intent in the key manager younger than the safety age
+//!    (`[volume] format_intent_min_age_secs`) is not raced: that format may
+//!    still be running on another host. The one exception is this host's
+//!    own interrupted format: its local record names the intent's UUID, and
+//!    the volume lock rules out a second format here.
 //!
 //! State machine of one format (each arrow is a durable write):
 //!
 //! ```text
-//!  Blank --local record "formatting"--> Recorded
+//!  Checked (device usable, format planned in memory: nothing written)
+//!        --local record (device, LUKS UUID)--> Recorded
 //!        --intent (LUKS UUID, time, host) in key manager--> Intended
 //!        --zeros, keyslots, then header carrying that UUID--> Formatted
 //!        --marker in key manager--> Marked --drop local record--> Done
@@ -28,29 +41,22 @@
 //! The intent stays after `Done`: the marker outranks it, and it is the
 //! record of which host formatted the volume and when.
 //!
-//! * Crash in `Recorded`: nothing was written to the device. The same host
-//!   finds its record and formats; another host finds a blank device and
-//!   no intent (or an older one, see below) and formats as on first use.
+//! * Failure in `Checked` (too small, bad parameters): nothing recorded.
+//! * Failure writing the intent: the attempt takes back its local record
+//!   and, for a first format, the intent if it got stored: nothing of it
+//!   holds off a later attach.
+//! * Crash in `Recorded`: nothing was written to the device. The record's
+//!   UUID has no intent to match, so it grants nothing: the next attach,
+//!   here or elsewhere, sees a blank device and formats as on first use.
 //! * Crash in `Intended` (nothing written yet, zeros, partial keyslot
-//!   area, torn or missing header): no valid header, or one that no
-//!   keyslot opens, and no marker. Nothing was ever attached, so no data
-//!   can exist.
-//!   - The same host finds its record and formats again, keeping the
-//!     intent's UUID, so that a crash of the redo leaves the same picture.
-//!   - Another host (the volume was evacuated) has no record. It redoes the
-//!     format only when the intent is at least the safety age old (a
-//!     format takes milliseconds to seconds; a younger intent may belong to
-//!     a format still running, and the refusal says on which host and
-//!     since when), and the device holds only what that format can have
-//!     written ([`Inspection::foreign_to_format`]): every LUKS header
-//!     magic, valid or torn, carries the intent's UUID; no other
-//!     signature; zeros at the start of the data segment and at the end of
-//!     the device. Anything else is refused and named: it never formats
-//!     over bytes it cannot account for. The device checks are a second
-//!     line: the marker is durable in the key manager before an attach
-//!     hands out the device, so data can only exist where the marker does
-//!     (where policy keeps marker and intent local, no other host sees
-//!     either).
+//!   area, torn or missing header): no valid header that opens, no marker.
+//!   - This host (record and intent name the same UUID) redoes the format
+//!     at once, keeping the UUID, if the device passes check 3 with it.
+//!   - Another host (the volume was evacuated) redoes it only once the
+//!     intent is at least the safety age old, and only if the device passes
+//!     check 3; the refusal says on which host and since when.
+//!   - Anything the device holds that check 3 cannot account for is
+//!     refused and named: nothing formats over bytes it cannot explain.
 //! * Crash in `Formatted` or `Marked`: the header opens; attach proceeds,
 //!   sets the marker if it is missing and drops the record.
 //! * After `Done`, a missing header with the marker present is refused:
@@ -61,16 +67,18 @@
 //!   only read.
 //!
 //! Key managers without a per-volume place for the intent (nova's fixed
-//! key, shared by every legacy volume) keep none: those volumes get only
-//! the same-host redo. Where Barbican's policy refuses secret metadata,
-//! the intent and the marker are kept in the local state directory, with
-//! the same effect.
+//! key, shared by every legacy volume) keep none: for those volumes this
+//! host's record alone can account for a torn header of its own, under
+//! check 3 as always. Where Barbican's policy refuses secret metadata, the
+//! intent and the marker are kept in the local state directory, with the
+//! same effect.
 //!
 //! `tests/vm/kill_format.sh` proves this with real dm-crypt: SIGKILL on
 //! entry to each state-changing system call of a first-use attach and of
 //! a normal one, and after increasing delays, then attach again; for some
 //! kills during the format writes also without the local record, as on
-//! another host.
+//! another host. `tests/vm/format_guard.sh` and `tests/hostile_input.rs`
+//! attach a volume whose first attempt failed on a device that holds data.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -126,6 +134,16 @@ fn first_non_zero(disk: &dyn Disk, start: u64, end: u64) -> std::io::Result<Opti
     Ok(None)
 }
 
+/// A local record of a format this host started and has not finished.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FormatRecord {
+    /// The device the format was started on (for logs).
+    pub device: String,
+    /// The LUKS UUID that format writes into the header; `None` in a
+    /// record written by an older version, which proves nothing.
+    pub luks_uuid: Option<Uuid>,
+}
+
 /// Records of formats in progress, under `<state_dir>/formatting/`.
 #[derive(Clone, Debug)]
 pub struct FormatRecords {
@@ -144,14 +162,22 @@ impl FormatRecords {
         self.dir.join(volume_id)
     }
 
-    /// Whether a format of `volume_id` was started and not finished.
-    pub fn is_recorded(&self, volume_id: &str) -> bool {
-        self.path(volume_id).exists()
+    /// The record of a format of `volume_id` that was started here and
+    /// not finished, if any. A record that cannot be read counts as none:
+    /// a record only ever lets a redo skip the intent's age, never the
+    /// device checks.
+    pub fn read(&self, volume_id: &str) -> Option<FormatRecord> {
+        let text = fs::read_to_string(self.path(volume_id)).ok()?;
+        let mut lines = text.lines();
+        let device = lines.next()?.to_string();
+        let luks_uuid = lines.next().and_then(|u| Uuid::try_parse(u).ok());
+        Some(FormatRecord { device, luks_uuid })
     }
 
-    /// Durably records that a format of `volume_id` on `device` begins.
-    pub fn record(&self, volume_id: &str, device: &str) -> std::io::Result<()> {
-        let line = format!("{device}\n");
+    /// Durably records that a format of `volume_id` on `device`, writing a
+    /// header with `luks_uuid`, begins.
+    pub fn record(&self, volume_id: &str, device: &str, luks_uuid: &Uuid) -> std::io::Result<()> {
+        let line = format!("{device}\n{}\n", luks_uuid.hyphenated());
         state_file::replace(
             &self.path(volume_id),
             line.as_bytes(),
@@ -159,17 +185,17 @@ impl FormatRecords {
         )
     }
 
-    /// Drops the record after the format is complete and marked.
+    /// Drops the record after the format is complete and marked, or when
+    /// the attempt failed before its first write.
     ///
     /// The directory is synced only when a record was removed. Every
     /// attach of an existing volume comes here, almost always with no
     /// record, and a directory fsync can cost a device cache flush. With
     /// no record there is nothing to make durable: the one case is a
     /// record removed by an earlier run that died before its sync, which
-    /// may reappear after a power loss. That is harmless, because the
-    /// marker is durable before any record is dropped: a header that
-    /// opens drops the record again, and with the marker present a
-    /// recorded format is never redone.
+    /// may reappear after a power loss. That is harmless: a record never
+    /// lets a format skip the device checks, and with the marker present
+    /// a recorded format is never redone.
     pub fn clear(&self, volume_id: &str) -> std::io::Result<()> {
         match fs::remove_file(self.path(volume_id)) {
             Ok(()) => state_file::sync_dir(&self.dir).or(Ok(())),
@@ -177,6 +203,80 @@ impl FormatRecords {
             Err(e) => Err(e),
         }
     }
+}
+
+/// What the guard decides about a device whose header does not open with
+/// the volume's key, when no "formatted" marker exists.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// The device is blank and nothing was started: a first format with a
+    /// fresh UUID.
+    FormatNew,
+    /// The device holds nothing but what an interrupted format with this
+    /// UUID can have written (or nothing at all): format again, keeping
+    /// the UUID, so that whatever this attempt leaves still matches.
+    Redo(Uuid),
+    /// Formatting is refused; the reason names what was found.
+    Refuse(String),
+    /// No intent and no record apply and the device is not blank: the
+    /// caller reports why its header did not open (a wrong key, a damaged
+    /// header), or that the device is not blank.
+    NotBlank,
+}
+
+/// A format intent as the guard weighs it.
+#[derive(Clone, Debug)]
+pub struct IntentSeen {
+    /// The UUID the interrupted format writes.
+    pub luks_uuid: Uuid,
+    /// How old the intent is, in seconds (0 for one from the future).
+    pub age_secs: u64,
+    /// The refusal text for an intent too young to redo (it names the
+    /// host and the time it started).
+    pub too_young: String,
+    /// The text that introduces a refusal to redo it.
+    pub context: String,
+}
+
+/// The guard's decision, from what the device holds (`seen`), the key
+/// manager's intent, this host's local record, and the safety age. Every
+/// path that formats requires the device to prove it holds nothing else:
+/// blank, or only what an interrupted format with the chosen UUID can
+/// have written ([`Inspection::foreign_to_format`]). A local record never
+/// skips that; it only lets this host redo its own interrupted format
+/// (same UUID as the intent) without waiting for the intent's age.
+pub fn decide(
+    seen: &Inspection,
+    disk: &dyn Disk,
+    intent: Option<&IntentSeen>,
+    record: Option<&FormatRecord>,
+    min_age_secs: u64,
+    data_offset: u64,
+) -> std::io::Result<Decision> {
+    if let Some(intent) = intent {
+        let ours = record.and_then(|r| r.luks_uuid) == Some(intent.luks_uuid);
+        if !ours && intent.age_secs < min_age_secs {
+            return Ok(Decision::Refuse(intent.too_young.clone()));
+        }
+        return Ok(
+            match seen.foreign_to_format(disk, &intent.luks_uuid, data_offset)? {
+                None => Decision::Redo(intent.luks_uuid),
+                Some(why) => Decision::Refuse(format!("{}: {why}", intent.context)),
+            },
+        );
+    }
+    if seen.is_blank() {
+        return Ok(Decision::FormatNew);
+    }
+    // No intent (a key manager without a place for one, or this host was
+    // cut before writing it): this host's own record may still account
+    // for what is on the device.
+    if let Some(uuid) = record.and_then(|r| r.luks_uuid)
+        && seen.foreign_to_format(disk, &uuid, data_offset)?.is_none()
+    {
+        return Ok(Decision::Redo(uuid));
+    }
+    Ok(Decision::NotBlank)
 }
 
 /// What the device looks like to the guard.
@@ -222,8 +322,17 @@ impl Inspection {
                 SignatureKind::Luks2Secondary => s.offset < data_offset,
                 SignatureKind::NonZeroHead => {
                     // Only the first non-zero byte is reported; what lies
-                    // past the header area is checked below.
-                    if s.offset < data_offset {
+                    // past the header area is checked below. In the first
+                    // sector, where the header begins, our format writes
+                    // nothing but the header itself (a write tears at
+                    // sector boundaries, and the magic and UUID lie in
+                    // that sector): bytes there without a LUKS magic are
+                    // someone else's.
+                    let header_at_start = self.signatures.iter().any(|h| {
+                        h.offset == 0
+                            && matches!(h.kind, SignatureKind::Luks1 | SignatureKind::Luks2Primary)
+                    });
+                    if s.offset < data_offset && (s.offset >= 512 || header_at_start) {
                         continue;
                     }
                     false

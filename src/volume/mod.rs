@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::blockdev;
+use crate::blockdev::{self, Accept};
 use crate::dm::{CryptOptions, CryptTarget, DeviceMapper, DmError, MappingInfo};
 use crate::keymgr::{KeyError, KeyManager, RequestAuth};
 use crate::luks::{self, CipherSpec, FileDisk, Header, KdfLimits, LuksError, LuksVersion};
@@ -31,7 +31,7 @@ pub use spec::{EncryptionSpec, Provider, SpecError};
 #[derive(Debug, thiserror::Error)]
 pub enum VolumeError {
     /// The encryption metadata cannot be used.
-    #[error("volume {volume_id}: {source}")]
+    #[error("volume {volume_id}")]
     Spec {
         /// Volume.
         volume_id: String,
@@ -79,6 +79,16 @@ pub enum VolumeError {
         /// Why.
         #[source]
         source: DmError,
+    },
+    /// The device path does not name a usable device, or opening it
+    /// failed; nothing was opened for writing or recorded.
+    #[error("volume {volume_id}")]
+    Device {
+        /// Volume.
+        volume_id: String,
+        /// Why.
+        #[source]
+        source: blockdev::DeviceError,
     },
     /// A file operation (lock, state, symlink, device) failed.
     #[error("volume {volume_id}: {op} {path}")]
@@ -204,6 +214,8 @@ pub struct VolumeOptions {
     /// How old a format intent recorded in the key manager must be before
     /// another attach, on any host, may redo that format (see `guard.rs`).
     pub format_intent_min_age: Duration,
+    /// How long opening a device may take before the operation gives up.
+    pub device_open_timeout: Duration,
 }
 
 /// Attach/detach orchestration.
@@ -218,11 +230,23 @@ fn key_err(volume_id: &str) -> impl FnOnce(crate::keymgr::KeyError) -> VolumeErr
     move |source| VolumeError::Key { volume_id, source }
 }
 
+fn dev_err(volume_id: &str) -> impl FnOnce(blockdev::DeviceError) -> VolumeError {
+    let volume_id = volume_id.to_string();
+    move |source| VolumeError::Device { volume_id, source }
+}
+
+/// The device behind `path`, checked from `stat` (it exists and is a kind
+/// the caller accepts) before anything opens it, then resolved.
+fn resolve_device(vid: &str, path: &Path, accept: Accept) -> Result<PathBuf, VolumeError> {
+    blockdev::check_device(path, accept).map_err(dev_err(vid))?;
+    fs::canonicalize(path).map_err(io_err(vid, "resolving", path))
+}
+
 fn io_err(volume_id: &str, op: &str, path: &Path) -> impl FnOnce(std::io::Error) -> VolumeError {
     let (volume_id, op, path) = (
         volume_id.to_string(),
         op.to_string(),
-        path.display().to_string(),
+        blockdev::device::shown(path),
     );
     move |source| VolumeError::Io {
         volume_id,
@@ -351,11 +375,9 @@ impl<'k> Volumes<'k> {
                 formatted: false,
             });
         }
-        let device = fs::canonicalize(&req.device_path).map_err(io_err(
-            vid,
-            "resolving",
-            &req.device_path,
-        ))?;
+        // A dm-crypt mapping needs a block device: refused before the key
+        // is fetched or anything is opened.
+        let device = resolve_device(vid, &req.device_path, Accept::BlockOnly)?;
         let (key_id, key) = self.fetch_key(vid, key_id_text, &req.auth).await?;
         let passphrase = key.passphrase();
 
@@ -576,22 +598,25 @@ impl<'k> Volumes<'k> {
         data_offset: u64,
         sector_size: u32,
     ) -> Result<CryptTarget, VolumeError> {
-        use std::os::unix::fs::{FileTypeExt, MetadataExt};
-        let meta = fs::metadata(device).map_err(io_err(vid, "inspecting", device))?;
-        if !meta.file_type().is_block_device() {
-            return Err(VolumeError::Unsupported {
-                volume_id: vid.into(),
-                what: format!("{} is not a block device", device.display()),
-            });
-        }
-        let file = File::open(device).map_err(io_err(vid, "opening", device))?;
+        use std::os::unix::fs::MetadataExt;
+        let file = blockdev::open_device(
+            device,
+            false,
+            Accept::BlockOnly,
+            self.opts.device_open_timeout,
+        )
+        .map_err(dev_err(vid))?;
+        let meta = file.metadata().map_err(io_err(vid, "inspecting", device))?;
         let size = blockdev::size_of(&file).map_err(io_err(vid, "sizing", device))?;
         let sector = u64::from(sector_size);
         let data = size.saturating_sub(data_offset) / sector * sector;
         if data == 0 {
             return Err(VolumeError::Unsupported {
                 volume_id: vid.into(),
-                what: format!("{} has no room for data after its header", device.display()),
+                what: format!(
+                    "{} has no room for data after its header",
+                    blockdev::device::shown(device)
+                ),
             });
         }
         let rdev = meta.rdev();
@@ -719,14 +744,13 @@ impl Volumes<'_> {
             volume_id: vid.into(),
             source,
         };
-        let device_size = |p: &Path| -> Result<u64, VolumeError> {
-            let f = File::open(p).map_err(io_err(vid, "opening", p))?;
-            blockdev::size_of(&f).map_err(io_err(vid, "sizing", p))
-        };
         if provider == Provider::NoOp {
+            // Nothing of ours sits on the device: its size is the answer,
+            // read without opening the path.
             return Ok(Extended {
                 mapping: None,
-                new_size: device_size(&req.device_path)?,
+                new_size: blockdev::size_without_opening(&req.device_path, Accept::BlockOnly)
+                    .map_err(dev_err(vid))?,
             });
         }
         let key_id_text = req.spec.key_id().map_err(spec_err)?;
@@ -752,25 +776,27 @@ impl Volumes<'_> {
         }
         // The lower device: the record's symlink target, else the path.
         let lower = match record.as_ref().and_then(|r| r.original_target.clone()) {
-            Some(t) => t,
-            None => fs::canonicalize(&req.device_path).map_err(io_err(
-                vid,
-                "resolving",
-                &req.device_path,
-            ))?,
+            Some(t) => resolve_device(vid, &t, Accept::BlockOnly)?,
+            None => resolve_device(vid, &req.device_path, Accept::BlockOnly)?,
         };
         let (_, key) = self.fetch_key(vid, key_id_text, &req.auth).await?;
         let passphrase = key.passphrase();
         let (target, vk) = if provider == Provider::Plain {
             self.plain_target(vid, &lower, &req.spec, &name, &passphrase)?
         } else {
-            let dev_name = lower.display().to_string();
+            let dev_name = blockdev::device::shown(&lower);
             let luks_err = |source| VolumeError::Luks {
                 volume_id: vid.into(),
                 device: dev_name.clone(),
                 source,
             };
-            let file = blockdev::open(&lower, false).map_err(io_err(vid, "opening", &lower))?;
+            let file = blockdev::open_device(
+                &lower,
+                false,
+                Accept::BlockOnly,
+                self.opts.device_open_timeout,
+            )
+            .map_err(dev_err(vid))?;
             let disk = FileDisk::new(file, dev_name.clone());
             let header = Header::read(&disk).map_err(luks_err)?;
             let unlocked = header

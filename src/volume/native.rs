@@ -18,15 +18,16 @@
 //! again, and a secret with other flags is first defined anew under the
 //! same UUID with ours.
 
-use std::fs;
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::records::RunRecords;
-use super::{AttachRequest, EncryptionSpec, Provider, VolumeError, Volumes, io_err};
-use crate::blockdev;
+use super::{
+    AttachRequest, EncryptionSpec, Provider, VolumeError, Volumes, dev_err, io_err, resolve_device,
+};
+use crate::blockdev::{self, Accept};
 use crate::libvirt::{self, LibvirtError, SecretFlags, Secrets};
 use crate::luks::{FileDisk, Header, LuksVersion};
 use crate::secret::Passphrase;
@@ -205,11 +206,8 @@ impl Volumes<'_> {
         // Connect before anything is fetched or written: with libvirtd
         // down the attach fails with nothing changed.
         let secrets = Secrets::connect(&native.uri).map_err(lv_err(vid))?;
-        let device = fs::canonicalize(&req.device_path).map_err(io_err(
-            vid,
-            "resolving",
-            &req.device_path,
-        ))?;
+        // QEMU opens block devices and image files (NFS-backed volumes).
+        let device = resolve_device(vid, &req.device_path, Accept::BlockOrFile)?;
         let (key_id, key) = self.fetch_key(vid, key_id_text, &req.auth).await?;
         let (header, volume_key, formatted) = self
             .open_or_format(vid, &device, provider, &req.spec, &key_id, &key, &req.auth)
@@ -349,14 +347,28 @@ impl Volumes<'_> {
         let vid = req.volume_id.as_str();
         let provider = Self::checked_provider(vid, &req.spec)?;
         refuse_provider(vid, provider)?;
-        let _lock = self.lock(vid)?;
         let path = &req.device_path;
-        let file = blockdev::open(path, false).map_err(io_err(vid, "opening", path))?;
+        if provider == Provider::NoOp {
+            // Nothing of ours on the device: its size, without opening it.
+            let device_size =
+                blockdev::size_without_opening(path, Accept::BlockOrFile).map_err(dev_err(vid))?;
+            return Ok(NativeExtended {
+                device_size,
+                payload_offset: 0,
+                new_size: device_size,
+            });
+        }
+        let _lock = self.lock(vid)?;
+        let file = blockdev::open_device(
+            path,
+            false,
+            Accept::BlockOrFile,
+            self.opts.device_open_timeout,
+        )
+        .map_err(dev_err(vid))?;
         let device_size = blockdev::size_of(&file).map_err(io_err(vid, "sizing", path))?;
-        let payload_offset = if provider == Provider::NoOp {
-            0
-        } else {
-            let dev_name = path.display().to_string();
+        let payload_offset = {
+            let dev_name = blockdev::device::shown(path);
             let disk = FileDisk::new(file, dev_name.clone());
             Header::read(&disk)
                 .map_err(|source| VolumeError::Luks {

@@ -20,7 +20,7 @@ pub enum Provider {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SpecError {
     /// The provider is unknown.
-    #[error("unknown encryption provider '{0}'")]
+    #[error("unknown encryption provider '{}'", crate::text::escape_controls(.0))]
     UnknownProvider(String),
     /// A front-end volume without a key id.
     #[error("encryption metadata has no encryption_key_id")]
