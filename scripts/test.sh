@@ -7,12 +7,20 @@
 #            host kernel having no device-mapper, and drop-in both ways with
 #            os-brick's LUKS encryptors (PyPI) in that guest
 #   fuzz   - a short bounded cargo-fuzz run of every target
-# A tier that cannot run fails the suite; nothing is skipped silently.
+#   clean-root - a fresh minimal Debian 12 root (mmdebstrap) runs
+#            scripts/install-deps.sh and scripts/demo.sh as a new user
+#            would (tests/clean_root.sh): proves every install step
+# A tier that cannot run fails the suite, with or without CI=true;
+# nothing is skipped.
 # FUZZ_SECONDS (default 30) sets the fuzzing time per target.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/install-deps.sh
+
+# Tests that need a service or a device say so and fail instead of
+# skipping (see tests/common/harness.rs).
+export LUKS_AGENT_TESTS_STRICT=1
 
 # The key manager tests start a shared Keystone + Barbican here; make sure
 # it is fresh now and gone when the suite ends, however it ends.
@@ -36,7 +44,7 @@ vm/run.sh --timeout 300 -- /bin/sh tests/vm/daemon.sh
 vm/run.sh --timeout 600 -- /bin/sh tests/vm/osbrick_dropin.sh
 # SIGKILL at every state-changing call of an attach, concurrency, rollback
 # of a failed attach, dm-crypt options.
-for t in kill_format concurrency rollback crypt_options; do
+for t in format_guard kill_format concurrency rollback crypt_options; do
     vm/run.sh --timeout 900 --console "target/vm/console-$t.log" -- /bin/sh "tests/vm/$t.sh"
 done
 
@@ -45,5 +53,8 @@ tests/packaging/deb_install.sh
 
 echo "== fuzz (${FUZZ_SECONDS:-30} s per target)"
 scripts/fuzz.sh "${FUZZ_SECONDS:-30}"
+
+echo "== clean-root tier (fresh Debian 12 root: install-deps, then the demo)"
+tests/clean_root.sh
 
 echo "== all tiers passed"

@@ -137,7 +137,13 @@ fn write_at(path: &Path, offset: u64, data: &[u8]) {
 /// Probes a file or block device, opened read-only the way the agent
 /// opens devices.
 fn probe_path(path: &Path) -> Vec<Signature> {
-    let file = luks_agent::blockdev::open(path, false).expect("open device for probing");
+    let file = luks_agent::blockdev::open_device(
+        path,
+        false,
+        luks_agent::blockdev::Accept::BlockOrFile,
+        std::time::Duration::from_secs(10),
+    )
+    .expect("open device for probing");
     let disk = FileDisk::new(file, path.display().to_string());
     probe(&disk).unwrap_or_else(|e| panic!("probe {}: {e}", path.display()))
 }

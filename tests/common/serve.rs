@@ -158,6 +158,24 @@ impl Server {
         }
     }
 
+    /// Waits, without signalling, for the agent to exit; `None` when it
+    /// has not within `limit` (it is killed then).
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let mut child = self.child.take()?;
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                return Some(st);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// SIGTERM and the exit status; fails the test when the agent does not
     /// stop in time.
     pub fn stop(&mut self) -> ExitStatus {
