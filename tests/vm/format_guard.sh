@@ -42,8 +42,10 @@ code = json.loads(body).get("error", {}).get("code", "ok") if r.status != 200 el
 print(r.status, code, body)
 PY
 
-recorded() { # -> names of format records and intents under the state dir
-    ls "$W/state/formatting" "$W/state/format-intents" 2>/dev/null | grep -v ':$' | grep . || true
+recorded() { # -> this volume's format record and this key's intent, if any
+    for f in "$W/state/formatting/$VID" "$W/state/format-intents/$KEY"; do
+        [ ! -e "$f" ] || echo "$f"
+    done
 }
 
 N=0
@@ -94,7 +96,7 @@ for via in cli api; do
                 cli:4|api:"422 device_unusable") ;;
                 *) fail "$via/$first: first attach gave $RC: $OUT" ;;
             esac
-            [ -z "$(recorded)" ] || fail "$via/$first: the failed attempt left records: $(recorded)"
+            LEFT=$(recorded)
             loop_of 32M victim-$N
             VICTIM=$DEV
             if [ "$content" = ext4 ]; then
@@ -105,14 +107,15 @@ for via in cli api; do
             sync
             BEFORE=$(sha256sum "$VICTIM" | cut -d' ' -f1)
             attach "$via" "$VID" "$VICTIM"
+            AFTER=$(sha256sum "$VICTIM" | cut -d' ' -f1)
+            [ "$BEFORE" = "$AFTER" ] || fail "$via/$first/$content: THE DEVICE HOLDING DATA WAS WRITTEN ($RC: $OUT)"
+            [ -z "$LEFT" ] || fail "$via/$first: the failed attempt left records: $LEFT"
             case "$via:$RC" in
                 cli:5|api:"422 format_refused") ;;
                 *) fail "$via/$first/$content: attach on the victim gave $RC: $OUT" ;;
             esac
             if [ "$content" = ext4 ]; then WHAT=ext4; else WHAT="not all zero"; fi
             echo "$OUT" | grep -q "$WHAT" || fail "$via/$first/$content: refusal does not name $WHAT: $OUT"
-            AFTER=$(sha256sum "$VICTIM" | cut -d' ' -f1)
-            [ "$BEFORE" = "$AFTER" ] || fail "$via/$first/$content: THE DEVICE HOLDING DATA WAS WRITTEN"
             ! dmsetup info "crypt-$(basename "$VICTIM")" >/dev/null 2>&1 || fail "$via/$first/$content: mapped"
             # A blank device is then formatted at once: nothing of the
             # failed attempt holds it off.
@@ -125,6 +128,9 @@ for via in cli api; do
             $A detach --volume-id "$VID" --device "$DEV" --encryption "$ENC" >/dev/null 2>&1 \
                 || fail "$via/$first/$content: detach"
             losetup -d "$VICTIM" "$DEV"
+            # The guest's /tmp is memory: drop this round's images.
+            [ "$first" != small ] || losetup -d "$FIRST"
+            rm -f "$W/victim-$N.img" "$W/blank-$N.img" "$W/small-$N.img"
             pass "$via: first attach on $first failed, then $content on $VICTIM refused and unchanged; a blank device formats"
         done
     done
