@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Installs what the demo and the test suite need on Debian 12, idempotently:
 # the Debian packages listed below (each with the reason it is here), then
-# cargo-fuzz, a venv with Keystone and Barbican, a venv with os-brick and
-# the VM tier's kernel, QEMU and busybox (vm/install.sh). Safe to run again;
-# installs only what is missing.
+# cargo-fuzz, a venv with Keystone and Barbican, venvs with os-brick and
+# with nova, and the VM tier's kernel, QEMU and busybox (vm/install.sh).
+# Safe to run again; installs only what is missing.
 #
 # A package counts as present only when dpkg-query reports it installed:
 # files or commands that look like a package's are not asked about, since a
@@ -24,6 +24,7 @@ libclang-dev      bindgen loads libclang.so (libclang-cpp is not enough)
 libvirt-dev       the virt crate builds against libvirt; libvirt.so.0 at run time
 python3           test harness, benchmark, os-brick and the nova plug-in tests
 python3-venv      venvs for Keystone, Barbican, os-brick and nova
+python3-dev       headers to build libvirt-python in the nova venv
 ca-certificates   TLS to the package registries (pip, cargo)
 cryptsetup-bin    the reference LUKS implementation, oracle of the interop tests
 qemu-utils        qemu-img and qemu-io, QEMU's LUKS driver as a second oracle
@@ -94,8 +95,10 @@ fi
 python3 tests/harness/openstack.py install
 
 # os-brick (pinned), the system we replace, driven in the VM tier and the
-# benchmark; idempotent, no network when already installed.
-tests/harness/osbrick.sh install
+# benchmark; nova (pinned), whose libvirt driver drives the os-brick
+# plug-in in its tests. Idempotent, no network when already installed.
+tests/harness/pyvenv.sh osbrick install
+tests/harness/pyvenv.sh nova install
 
 # The guest kernel, QEMU and busybox for the VM tier (real dm-crypt).
 vm/install.sh

@@ -36,12 +36,18 @@ cargo clippy --all-targets --locked -- -D warnings
 echo "== unit and host tiers"
 cargo test --locked --all-targets
 
-echo "== vm tier (real dm-crypt in a guest)"
+echo "== os-brick plug-in with nova's and os-brick's own code (libvirt mode, real libvirtd)"
 cargo build --release --locked
+integrations/os_brick/tests/run.sh libvirt
+
+echo "== vm tier (real dm-crypt in a guest)"
 vm/run.sh --timeout 600 -- /bin/sh tests/vm/attach_detach.sh
 vm/run.sh --timeout 300 -- /bin/sh tests/vm/daemon.sh
 # Drop-in both ways with the real os-brick (PyPI, pinned; installed above).
 vm/run.sh --timeout 600 -- /bin/sh tests/vm/osbrick_dropin.sh
+# The os-brick plug-in in dm mode, driven by os-brick's and nova's code,
+# and drop-in both ways with os-brick's own encryptor.
+vm/run.sh --timeout 900 --console target/vm/console-plugin.log -- /bin/sh integrations/os_brick/tests/run.sh dm
 # SIGKILL at every state-changing call of an attach, concurrency, rollback
 # of a failed attach, dm-crypt options.
 for t in format_guard kill_format concurrency rollback crypt_options; do
