@@ -2,7 +2,8 @@
 # Builds the Debian package from this checkout with dpkg-deb:
 #   packaging/deb/build.sh [--no-build]   ->  target/debian/luks-agent_<version>_<arch>.deb
 # Installs the binary, systemd units, udev rules, example configuration,
-# man pages and shell completions generated from the command line itself.
+# man pages and shell completions generated from the command line itself,
+# and the os-brick plug-in (python3 module luks_agent_os_brick).
 # Shared library dependencies come from dpkg-shlibdeps.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -27,6 +28,13 @@ install -D -m 0644 udev/61-luks-agent.rules "$root/lib/udev/rules.d/61-luks-agen
 install -D -m 0600 packaging/agent.toml "$root/etc/luks-agent/agent.toml"
 install -D -m 0644 packaging/agent.toml "$root/usr/share/doc/luks-agent/examples/agent.toml"
 install -D -m 0644 README.md "$root/usr/share/doc/luks-agent/README.md"
+# The os-brick plug-in that nova-compute and cinder-volume import, and its
+# settings.
+for f in integrations/os_brick/luks_agent_os_brick/*.py; do
+    install -D -m 0644 "$f" "$root/usr/lib/python3/dist-packages/luks_agent_os_brick/$(basename "$f")"
+done
+install -D -m 0644 packaging/os-brick.conf "$root/etc/luks-agent/os-brick.conf"
+install -D -m 0644 integrations/os_brick/README.md "$root/usr/share/doc/luks-agent/os-brick-plugin.md"
 install -D -m 0644 packaging/deb/copyright "$root/usr/share/doc/luks-agent/copyright"
 printf 'luks-agent (%s) unstable; urgency=medium\n\n  * Package built from the source tree.\n\n -- luks-agent maintainers <luks-agent@localhost>  %s\n' \
     "$debversion" "$(date -R -d "@$(git log -1 --format=%ct 2>/dev/null || date +%s)")" |
@@ -49,7 +57,7 @@ installed_kib=$(du -sk --exclude=DEBIAN "$root" | cut -f1)
 sed -e "s/@VERSION@/$debversion/" -e "s/@ARCH@/$arch/" -e "s/@DEPENDS@/$depends/" \
     -e "s/@SIZE@/$installed_kib/" packaging/deb/control.in >"$root/DEBIAN/control"
 install -m 0755 packaging/deb/postinst packaging/deb/prerm packaging/deb/postrm "$root/DEBIAN/"
-echo /etc/luks-agent/agent.toml >"$root/DEBIAN/conffiles"
+printf '%s\n' /etc/luks-agent/agent.toml /etc/luks-agent/os-brick.conf >"$root/DEBIAN/conffiles"
 
 deb="$out/luks-agent_${debversion}_${arch}.deb"
 dpkg-deb --root-owner-group -Zxz --build "$root" "$deb" >/dev/null

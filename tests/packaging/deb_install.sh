@@ -27,7 +27,9 @@ for f in ./usr/bin/luks-agent ./lib/systemd/system/luks-agent.service \
     ./lib/systemd/system/luks-agent.socket ./lib/udev/rules.d/61-luks-agent.rules \
     ./etc/luks-agent/agent.toml ./usr/share/man/man1/luks-agent.1.gz \
     ./usr/share/man/man1/luks-agent-attach.1.gz \
-    ./usr/share/bash-completion/completions/luks-agent ./usr/share/doc/luks-agent/copyright; do
+    ./usr/share/bash-completion/completions/luks-agent ./usr/share/doc/luks-agent/copyright \
+    ./usr/lib/python3/dist-packages/luks_agent_os_brick/encryptors.py \
+    ./usr/lib/python3/dist-packages/luks_agent_os_brick/client.py ./etc/luks-agent/os-brick.conf; do
     grep -qx -- "$f" <<<"$contents" || fail "package lacks $f"
 done
 dpkg-deb --field "$deb" Depends | grep -q libc6 || fail "Depends lacks libc6: $(dpkg-deb --field "$deb" Depends)"
@@ -50,7 +52,10 @@ dpkg -i "$deb" >/dev/null || fail "dpkg -i failed"
 getent group luks-agent >/dev/null || fail "postinst did not create the luks-agent group"
 [ "$(stat -c %a /etc/luks-agent/agent.toml)" = 600 ] || fail "agent.toml is not 0600"
 zcat /usr/share/man/man1/luks-agent-attach.1.gz | grep -qF -- '\-\-volume\-id' || fail "man page lacks attach options"
-pass "dpkg -i installed luks-agent $version (group, 0600 config, man pages)"
+# The plug-in's client and settings import with Debian's python3 alone.
+/usr/bin/python3 -c 'import luks_agent_os_brick.client, luks_agent_os_brick.settings as s; assert s.load("/etc/luks-agent/os-brick.conf").mode == "dm"' \
+    || fail "the installed os-brick plug-in does not import with /usr/bin/python3"
+pass "dpkg -i installed luks-agent $version (group, 0600 config, man pages, os-brick plug-in)"
 
 if systemd-analyze verify --man=no /lib/systemd/system/luks-agent.service /lib/systemd/system/luks-agent.socket 2>&1 |
     grep -v -e 'Failed to connect' -e 'System has not been booted' | grep .; then
