@@ -36,6 +36,14 @@ import osbrick_driver  # noqa: E402
 TIME_BIN = '/usr/bin/time'
 CONC_RSS_LIMIT_KIB = 64 * 1024
 ATTACH_RATIO_TARGET = 50.0
+FIRST_USE_PLUGIN_TARGET = 25.0
+PLUGIN_CLASS = {'luks': 'luks_agent_os_brick.encryptors.LuksEncryptor',
+                'luks2': 'luks_agent_os_brick.encryptors.Luks2Encryptor'}
+
+
+class TokenContext:
+    """The part of nova's RequestContext the plug-in reads."""
+    auth_token = None
 
 
 def log(msg=''):
@@ -64,6 +72,11 @@ class Bench:
             f.write('state_dir = "%s/state"\n[key_manager.local]\ndir = "%s/keys"\n'
                     '[server]\nsocket = "%s"\n' % (self.work, self.work, self.sock))
         os.chmod(self.dconf, 0o600)
+        # The os-brick plug-in talks to that daemon, in dm mode.
+        self.plugin_conf = os.path.join(self.work, 'os-brick.conf')
+        with open(self.plugin_conf, 'w') as f:
+            f.write('[agent]\nsocket = %s\nmode = dm\ntimeout = 600\n' % self.sock)
+        os.environ['LUKS_AGENT_OS_BRICK_CONF'] = self.plugin_conf
         self.daemon = None
         self.hwm_total = 0  # the daemon's VmHWM over the run, across resets
         self.daemon_log = os.path.join(self.work, 'daemon.log')
@@ -362,6 +375,33 @@ class Bench:
         self.record(scen, provider, 'os-brick', secs, peak, rss)
         return True
 
+    def plugin(self, scen, provider, op, v):
+        """The operation through the os-brick plug-in, in this process, as
+        nova calls it: os-brick's loader with the plug-in's class path
+        (the encryptor is built anew for every call, as nova does), then
+        attach_volume/detach_volume, which ask the running daemon."""
+        from os_brick import encryptors
+        enc = dict(self.spec(provider, v), provider=PLUGIN_CLASS[provider])
+        ci = {'driver_volume_type': 'local', 'serial': v['vid'],
+              'data': {'device_path': v['link'], 'volume_id': v['vid']}}
+        t0 = time.perf_counter()
+        try:
+            e = encryptors.get_volume_encryptor(root_helper=self.brick.root_helper, connection_info=ci,
+                                                keymgr=self.keymgr, **enc)
+            if op == 'attach':
+                e.attach_volume(TokenContext(), **enc)
+            else:
+                e.detach_volume(**enc)
+        except Exception as x:  # the plug-in's error, whatever it is
+            self.fail('plugin %s %s %s' % (scen, provider, op), '%s: %s' % (type(x).__name__, x))
+            return False
+        secs = time.perf_counter() - t0
+        if (op == 'attach') != self.mapped(v):
+            self.fail('plugin %s %s %s' % (scen, provider, op), 'mapping state wrong')
+            return False
+        self.record(scen, provider, 'plugin', secs, None, False)
+        return True
+
     def record(self, scen, provider, tool, secs, peak, rss):
         k = (scen, provider, tool)
         if rss:
@@ -381,6 +421,11 @@ class Bench:
             if self.agent('first-use attach', provider, 'attach', v, '"formatted":true', rss):
                 self.agent('detach', provider, 'detach', v, rss=rss)
             ours.append(v)
+            if not rss:
+                v = self.volume()
+                if self.plugin('first-use attach', provider, 'attach', v):
+                    self.plugin('detach', provider, 'detach', v)
+                ours.append(v)
             v = self.volume()
             if self.osbrick('first-use attach', provider, 'attach', v, rss):
                 self.osbrick('detach', provider, 'detach', v, rss)
@@ -396,6 +441,8 @@ class Bench:
                 self.agent('detach, our header', provider, 'detach', v, rss=rss)
             if not rss and self.via_api('attach, our header', provider, 'attach', v, '"formatted":false'):
                 self.via_api('detach, our header', provider, 'detach', v)
+            if not rss and self.plugin('attach, our header', provider, 'attach', v):
+                self.plugin('detach, our header', provider, 'detach', v)
             if self.osbrick('attach, our header', provider, 'attach', v, rss):
                 self.osbrick('detach, our header', provider, 'detach', v, rss)
 
@@ -408,6 +455,8 @@ class Bench:
                 self.agent('detach, os-brick header', provider, 'detach', v, rss=rss)
             if not rss and self.via_api('attach, os-brick header', provider, 'attach', v, '"formatted":false'):
                 self.via_api('detach, os-brick header', provider, 'detach', v)
+            if not rss and self.plugin('attach, os-brick header', provider, 'attach', v):
+                self.plugin('detach, os-brick header', provider, 'detach', v)
         for v in ours + theirs:
             self.drop(v)
 
@@ -540,12 +589,12 @@ class Bench:
 
     def report(self, conc, conc_api, providers):
         rows = []
-        fmt = '%-24s %-5s %8s %8s %8s %8s %9s %8s %7s %8s %9s %9s'
+        fmt = '%-24s %-5s %8s %8s %8s %8s %8s %9s %8s %7s %8s %8s %9s %9s'
         log()
         log('SUMMARY (medians of %d runs; times in ms; peak RSS in KiB from one untimed run each;'
             ' os-brick RSS = its largest command)' % self.a.reps)
-        log(fmt % ('operation', 'LUKS', 'agent', 'agent-in', 'api', 'api-in', 'os-brick', 'speedup', 'spd-in',
-                   'spd-api', 'RSS agent', 'RSS brick'))
+        log(fmt % ('operation', 'LUKS', 'agent', 'agent-in', 'api', 'api-in', 'plugin', 'os-brick', 'speedup',
+                   'spd-in', 'spd-api', 'spd-plug', 'RSS agent', 'RSS brick'))
         ms = lambda x: '%.1f' % (x * 1000) if x else '-'  # noqa: E731
         for provider in providers:
             for scen in ('first-use attach', 'attach, our header', 'attach, os-brick header',
@@ -554,6 +603,8 @@ class Bench:
                 ai = self.med(scen, provider, 'agent-inner')
                 ap = self.med(scen, provider, 'api')
                 api_in = self.med(scen, provider, 'api-inner')
+                pl = self.med(scen, provider, 'plugin')
+                spp = (b / pl) if pl and b else None
                 ra, rb = self.rss.get((scen, provider, 'agent')), self.rss.get((scen, provider, 'os-brick'))
                 sp = (b / a) if a and b else None
                 spi = (b / ai) if ai and b else None
@@ -561,24 +612,46 @@ class Bench:
                 rows.append({'scenario': scen, 'provider': provider, 'agent_ms': a and a * 1000,
                              'agent_inner_ms': ai and ai * 1000, 'speedup_inner': spi,
                              'api_ms': ap and ap * 1000, 'api_inner_ms': api_in and api_in * 1000,
-                             'speedup_api': spa,
+                             'speedup_api': spa, 'plugin_ms': pl and pl * 1000, 'speedup_plugin': spp,
+                             'plugin_samples_ms': [round(x * 1000, 2) for x in self.samples.get((scen, provider, 'plugin'), [])],
                              'osbrick_ms': b and b * 1000, 'speedup': sp,
                              'agent_rss_kib': ra, 'osbrick_rss_kib': rb,
                              'agent_samples_ms': [round(x * 1000, 2) for x in self.samples.get((scen, provider, 'agent'), [])],
                              'api_samples_ms': [round(x * 1000, 2) for x in self.samples.get((scen, provider, 'api'), [])],
                              'osbrick_samples_ms': [round(x * 1000, 2) for x in self.samples.get((scen, provider, 'os-brick'), [])]})
-                log(fmt % (scen, provider, ms(a), ms(ai), ms(ap), ms(api_in), ms(b), '%.1fx' % sp if sp else '-',
-                           '%.1fx' % spi if spi else '-', '%.1fx' % spa if spa else '-', ra or '-', rb or '-'))
+                log(fmt % (scen, provider, ms(a), ms(ai), ms(ap), ms(api_in), ms(pl), ms(b),
+                           '%.1fx' % sp if sp else '-', '%.1fx' % spi if spi else '-',
+                           '%.1fx' % spa if spa else '-', '%.1fx' % spp if spp else '-', ra or '-', rb or '-'))
         log('agent = `luks-agent attach|detach` process, spawn to exit; agent-in = its own duration_ms'
             ' (no process start);')
         log('api = the same request to a running `luks-agent serve` over its Unix socket, connect to answer;'
             ' api-in = the daemon\'s duration_ms;')
         log('os-brick = attach_volume/detach_volume in a warm process (privsep daemon running);'
             ' speedup = os-brick / agent,')
-        log('spd-in = os-brick / agent-in, spd-api = os-brick / api; "detach" = the detach after the first-use attach')
+        log('plugin = the os-brick plug-in in this process as nova calls it (os-brick\'s loader, then'
+            ' attach_volume/detach_volume through the daemon);')
+        log('spd-in = os-brick / agent-in, spd-api = os-brick / api, spd-plug = os-brick / plugin;'
+            ' "detach" = the detach after the first-use attach')
         log()
         targets = []
         for provider in providers:
+            for scen, target in (('attach, our header', ATTACH_RATIO_TARGET),
+                                 ('first-use attach', FIRST_USE_PLUGIN_TARGET)):
+                theirs = self.med('attach, os-brick header' if scen == 'attach, our header' else scen,
+                                  provider, 'os-brick')
+                pl = self.med(scen, provider, 'plugin')
+                r = theirs / pl if pl and theirs else None
+                targets.append(('%s: %s through the os-brick plug-in, in-process as nova calls it (%.1f ms)'
+                                ' vs os-brick\'s own encryptor (%.1f ms): %.1fx faster, target >= %.0fx'
+                                % (provider, scen.replace(', our header', ' of an existing volume'),
+                                   (pl or 0) * 1000, (theirs or 0) * 1000, r or 0, target),
+                                bool(r and r >= target)))
+            pd = self.med('detach, our header', provider, 'plugin')
+            bd = self.med('detach, os-brick header', provider, 'os-brick')
+            targets.append(('%s: detach through the plug-in %.1f ms vs os-brick %.1f ms: time ratio %.3f,'
+                            ' target <= 1.0' % (provider, (pd or 0) * 1000, (bd or 0) * 1000,
+                                                (pd / bd) if pd and bd else 0),
+                            bool(pd and bd and pd <= bd)))
             b = self.med('attach, os-brick header', provider, 'os-brick')
             for tool, how in (('agent', 'CLI process'), ('api', 'daemon API')):
                 a = self.med('attach, our header', provider, tool)

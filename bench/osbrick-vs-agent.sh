@@ -1,7 +1,8 @@
 #!/bin/sh
 # luks-agent vs os-brick's LuksEncryptor/Luks2Encryptor, side by side in one
-# VM guest run (real dm-crypt); luks-agent both as the CLI and as a running
-# daemon (`luks-agent serve`) called over its socket. See bench/README.md
+# VM guest run (real dm-crypt); luks-agent as the CLI, as a running daemon
+# (`luks-agent serve`) called over its socket, and through the os-brick
+# plug-in called in-process as nova calls it. See bench/README.md
 # ("luks-agent vs os-brick").
 #
 #   bench/osbrick-vs-agent.sh [--reps N] [--smp N] [--mem MiB]
@@ -39,7 +40,7 @@ mkdir -p "$OUT"
 echo "host load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
 rc=0
 vm/run.sh --timeout 1800 --smp "$SMP" --mem "$MEM" --results "$OUT" -- \
-    /bin/sh -c "exec $VENV/bin/python bench/osbrick-vs-agent.py --reps $REPS --concurrency $CONC \
+    /bin/sh -c "PYTHONPATH=$PWD/integrations/os_brick exec $VENV/bin/python bench/osbrick-vs-agent.py --reps $REPS --concurrency $CONC \
         --size-mib $SIZE --providers $PROVIDERS --json-out \$VM_RESULTS/osbrick-vs-agent.json" || rc=$?
 echo "host load average after: $(cut -d' ' -f1-3 /proc/loadavg)"
 exit "$rc"
