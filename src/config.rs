@@ -145,12 +145,22 @@ pub struct KdfConfig {
     /// 1 GiB; headers may ask for up to 4 GiB).
     #[serde(default = "default_max_argon2_memory_kib")]
     pub max_argon2_memory_kib: u32,
+    /// Longest one KDF of a header (a keyslot's or its digest's) may be
+    /// estimated to run on this machine, in seconds: a header asking for
+    /// more (a hostile iteration count) is refused before its KDF runs.
+    #[serde(default = "default_max_unlock_seconds")]
+    pub max_unlock_seconds: u64,
+}
+
+fn default_max_unlock_seconds() -> u64 {
+    crate::luks::kdf::DEFAULT_MAX_TIME.as_secs()
 }
 
 impl Default for KdfConfig {
     fn default() -> Self {
         KdfConfig {
             max_argon2_memory_kib: default_max_argon2_memory_kib(),
+            max_unlock_seconds: default_max_unlock_seconds(),
         }
     }
 }

@@ -140,6 +140,9 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
     if let Some(socket) = cli.socket {
         cfg.server.socket = socket;
     }
+    luks_agent::luks::kdf::set_unlock_time_limit(std::time::Duration::from_secs(
+        cfg.kdf.max_unlock_seconds,
+    ));
     let format = cli.log_format.unwrap_or(cfg.server.log_format);
     let serving = matches!(command, Command::Serve(_));
     // The agent logs one line per operation; one-shot commands only warn.

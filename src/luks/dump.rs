@@ -41,6 +41,10 @@ pub fn to_json(h: &Header) -> Value {
         .keyslots()
         .iter()
         .map(|k| {
+            let bound = match h {
+                Header::Luks1(_) => true,
+                Header::Luks2(l2) => l2.is_bound(k.slot),
+            };
             json!({
                 "slot": k.slot,
                 "kdf": kdf_json(&k.kdf),
@@ -49,6 +53,7 @@ pub fn to_json(h: &Header) -> Value {
                 "area_offset": k.area_offset,
                 "area_length": k.area_length,
                 "priority": k.priority,
+                "bound": bound,
             })
         })
         .collect();
@@ -146,7 +151,11 @@ pub fn to_text(h: &Header, device: &str) -> String {
             }
             let _ = writeln!(s, "\nKeyslots:");
             for (id, k) in &l2.meta.keyslots {
-                let _ = writeln!(s, "  {id}: luks2");
+                if l2.is_bound(*id) {
+                    let _ = writeln!(s, "  {id}: luks2");
+                } else {
+                    let _ = writeln!(s, "  {id}: luks2 (unbound)");
+                }
                 let _ = writeln!(s, "\tKey:        {} bits", k.key_size * 8);
                 let prio = ["ignored", "normal", "high"][usize::from(k.priority.min(2))];
                 let _ = writeln!(s, "\tPriority:   {prio}");

@@ -63,6 +63,10 @@ pub struct KdfLimits {
     pub max_argon2_time: u32,
     /// Largest accepted Argon2 lane count.
     pub max_argon2_parallel: u32,
+    /// Longest a single KDF (a keyslot's or a digest's) may be estimated to
+    /// run on this machine before it is refused without running
+    /// ([`Kdf::check_time`]); `None`: no bound.
+    pub max_time: Option<Duration>,
 }
 
 impl Default for KdfLimits {
@@ -72,7 +76,105 @@ impl Default for KdfLimits {
             max_argon2_memory_kib: 4 * 1024 * 1024,
             max_argon2_time: u32::MAX,
             max_argon2_parallel: 16,
+            max_time: Some(unlock_time_limit()),
         }
+    }
+}
+
+/// The bound on one KDF's estimated run time when the configuration sets
+/// none: cryptsetup's defaults take 2 s on the machine that formatted, so
+/// a minute leaves room for a much slower machine.
+pub const DEFAULT_MAX_TIME: Duration = Duration::from_secs(60);
+
+static UNLOCK_TIME_LIMIT: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+
+/// Sets this process's bound on one KDF's estimated run time (`[kdf]
+/// max_unlock_seconds`); the first call wins. This layer only offers the
+/// hook: the configuration decides.
+pub fn set_unlock_time_limit(limit: Duration) {
+    let _ = UNLOCK_TIME_LIMIT.set(limit);
+}
+
+/// This process's bound on one KDF's estimated run time.
+pub fn unlock_time_limit() -> Duration {
+    UNLOCK_TIME_LIMIT.get().copied().unwrap_or(DEFAULT_MAX_TIME)
+}
+
+/// How fast this machine runs the KDFs, measured once per process and
+/// hash: seconds per PBKDF2 iteration (one output block), and seconds per
+/// KiB of one Argon2 pass over one lane.
+mod speed {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    use std::time::{Duration, Instant};
+
+    use super::super::hash::HashAlg;
+
+    /// Measurements last at least this long, so that timer resolution and
+    /// a stray context switch do not dominate.
+    const MIN_SAMPLE: Duration = Duration::from_millis(8);
+
+    pub fn pbkdf2_iteration_secs(hash: HashAlg) -> f64 {
+        static CACHE: OnceLock<Mutex<HashMap<&'static str, f64>>> = OnceLock::new();
+        let cache = CACHE.get_or_init(Default::default);
+        if let Some(v) = cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(hash.name())
+        {
+            return *v;
+        }
+        let out_len = hash.output_len();
+        let mut out = vec![0u8; out_len];
+        let mut iterations: u32 = 1024;
+        let per = loop {
+            let t = Instant::now();
+            hash.pbkdf2(
+                b"luks-agent calibration",
+                b"salt salt salt salt",
+                iterations,
+                &mut out,
+            );
+            let took = t.elapsed();
+            if took >= MIN_SAMPLE || iterations >= 1 << 24 {
+                break took.as_secs_f64() / f64::from(iterations);
+            }
+            iterations = iterations.saturating_mul(4);
+        };
+        cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(hash.name(), per);
+        per
+    }
+
+    pub fn argon2_kib_pass_secs() -> f64 {
+        static CACHE: OnceLock<f64> = OnceLock::new();
+        *CACHE.get_or_init(|| {
+            let mut memory_kib: u32 = 1024;
+            loop {
+                let Ok(params) = argon2::Params::new(memory_kib, 1, 1, Some(32)) else {
+                    return 1e-6;
+                };
+                let a = argon2::Argon2::new(
+                    argon2::Algorithm::Argon2id,
+                    argon2::Version::V0x13,
+                    params,
+                );
+                let mut out = [0u8; 32];
+                let t = Instant::now();
+                if a.hash_password_into(b"luks-agent calibration", b"salt salt salt salt", &mut out)
+                    .is_err()
+                {
+                    return 1e-6;
+                }
+                let took = t.elapsed();
+                if took >= MIN_SAMPLE || memory_kib >= 64 * 1024 {
+                    return took.as_secs_f64() / f64::from(memory_kib);
+                }
+                memory_kib *= 4;
+            }
+        })
     }
 }
 
@@ -83,6 +185,19 @@ pub enum KdfError {
     /// algorithm.
     #[error("KDF parameters refused: {0}")]
     Refused(String),
+    /// The KDF would run longer on this machine than the bound allows.
+    #[error(
+        "{} would take about {estimate_secs} s on this machine, more than the {limit_secs} s allowed ([kdf] max_unlock_seconds); refused without running",
+        .kdf.describe()
+    )]
+    TooSlow {
+        /// The parameters (boxed: errors stay small).
+        kdf: Box<Kdf>,
+        /// The estimated run time in seconds (rounded up).
+        estimate_secs: u32,
+        /// The bound in seconds.
+        limit_secs: u32,
+    },
     /// Argon2 would need more memory than the limit allows or the machine
     /// has available.
     #[error("argon2 needs {needed_kib} KiB of memory, more than the {limit_kib} KiB allowed")]
@@ -137,6 +252,74 @@ impl Kdf {
                     )));
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// The parameters as a header dump shows them.
+    pub fn describe(&self) -> String {
+        match *self {
+            Kdf::Pbkdf2 { hash, iterations } => {
+                format!("pbkdf2-{} with {iterations} iterations", hash.name())
+            }
+            Kdf::Argon2 {
+                variant,
+                time,
+                memory_kib,
+                parallel,
+            } => format!(
+                "{} with time {time}, memory {memory_kib} KiB, {parallel} lanes",
+                match variant {
+                    Argon2Variant::Argon2i => "argon2i",
+                    Argon2Variant::Argon2id => "argon2id",
+                }
+            ),
+        }
+    }
+
+    /// How long deriving `out_len` bytes takes on this machine, estimated
+    /// from its parameters and this machine's measured speed (PBKDF2 runs
+    /// its iterations once per output block of the hash; Argon2 fills its
+    /// memory `time` times, its lanes in parallel on up to as many CPUs).
+    pub fn estimated_time(&self, out_len: usize) -> Duration {
+        let secs = match *self {
+            Kdf::Pbkdf2 { hash, iterations } => {
+                let blocks = out_len.div_ceil(hash.output_len()).max(1) as f64;
+                blocks * f64::from(iterations) * speed::pbkdf2_iteration_secs(hash)
+            }
+            Kdf::Argon2 {
+                time,
+                memory_kib,
+                parallel,
+                ..
+            } => {
+                let cpus = std::thread::available_parallelism()
+                    .map(|n| n.get() as u32)
+                    .unwrap_or(1);
+                let ways = f64::from(parallel.clamp(1, cpus.max(1)));
+                f64::from(time) * f64::from(memory_kib) * speed::argon2_kib_pass_secs() / ways
+            }
+        };
+        Duration::try_from_secs_f64(secs).unwrap_or(Duration::MAX)
+    }
+
+    /// Refuses, without running it, a KDF whose estimated run time for
+    /// `out_len` bytes exceeds `limits.max_time`.
+    pub fn check_time(&self, out_len: usize, limits: &KdfLimits) -> Result<(), KdfError> {
+        let Some(max) = limits.max_time else {
+            return Ok(());
+        };
+        let estimate = self.estimated_time(out_len);
+        if estimate > max {
+            let secs = |d: Duration| {
+                u32::try_from(d.as_secs().saturating_add(u64::from(d.subsec_nanos() > 0)))
+                    .unwrap_or(u32::MAX)
+            };
+            return Err(KdfError::TooSlow {
+                kdf: Box::new(*self),
+                estimate_secs: secs(estimate),
+                limit_secs: u32::try_from(max.as_secs()).unwrap_or(u32::MAX),
+            });
         }
         Ok(())
     }

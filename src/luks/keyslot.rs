@@ -55,11 +55,13 @@ pub fn open_area(
 ) -> Result<VolumeKey, LuksError> {
     let device = disk.name();
     let what = || format!("keyslot {slot}");
-    kdf.check(limits).map_err(|source| LuksError::Kdf {
-        device: device.into(),
-        what: what(),
-        source,
-    })?;
+    kdf.check(limits)
+        .and_then(|()| kdf.check_time(area.cipher.key_bytes, limits))
+        .map_err(|source| LuksError::Kdf {
+            device: device.into(),
+            what: what(),
+            source,
+        })?;
     // AF material is at most 512 bytes x 4000 stripes (checked by the
     // header parsers), so this length always fits.
     let len = area.material_len() as usize;

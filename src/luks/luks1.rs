@@ -243,7 +243,7 @@ impl Luks1Header {
         b[..6].copy_from_slice(&MAGIC);
         b[6..8].copy_from_slice(&1u16.to_be_bytes());
         put_c_string(&mut b[8..40], self.cipher.cipher_name());
-        put_c_string(&mut b[40..72], self.cipher.mode_name());
+        put_c_string(&mut b[40..72], &self.cipher.mode_name());
         put_c_string(&mut b[72..104], self.hash.name());
         b[104..108].copy_from_slice(&self.payload_offset.to_be_bytes());
         b[108..112].copy_from_slice(&self.key_bytes.to_be_bytes());
@@ -314,21 +314,26 @@ impl Luks1Header {
     ) -> Result<(u32, VolumeKey), LuksError> {
         // The digest costs as much as a keyslot: a hostile header must not
         // get around the limits through it.
-        Kdf::Pbkdf2 {
+        let digest = Kdf::Pbkdf2 {
             hash: self.hash,
             iterations: self.mk_digest_iter,
-        }
-        .check(limits)
-        .map_err(|source| LuksError::Kdf {
-            device: disk.name().into(),
-            what: "volume key digest".into(),
-            source,
-        })?;
+        };
+        digest
+            .check(limits)
+            .and_then(|()| digest.check_time(DIGEST_LEN, limits))
+            .map_err(|source| LuksError::Kdf {
+                device: disk.name().into(),
+                what: "volume key digest".into(),
+                source,
+            })?;
+        // A keyslot whose KDF would take too long is skipped, not run: the
+        // others may still open; if none does, its refusal is the answer.
+        let mut refused = None;
         for i in 0..KEYSLOTS {
             if !self.keyslots[i].active || only_slot.is_some_and(|s| s as usize != i) {
                 continue;
             }
-            let key = keyslot::open_area(
+            let key = match keyslot::open_area(
                 disk,
                 i as u32,
                 &self.kdf(i),
@@ -336,14 +341,21 @@ impl Luks1Header {
                 &self.keyslots[i].salt,
                 &self.area(i),
                 passphrase,
-            )?;
+            ) {
+                Ok(k) => k,
+                Err(e @ LuksError::Kdf { .. }) => {
+                    refused.get_or_insert(e);
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             if self.key_matches(&key) {
                 return Ok((i as u32, key));
             }
         }
-        Err(LuksError::WrongPassphrase {
+        Err(refused.unwrap_or_else(|| LuksError::WrongPassphrase {
             device: disk.name().into(),
-        })
+        }))
     }
 
     /// Whether `key` is this volume's key.

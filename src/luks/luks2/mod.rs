@@ -283,14 +283,15 @@ impl Luks2Header {
             .unwrap_or(0)
     }
 
-    /// Volume key length (from the digest's first keyslot, else the
-    /// segment cipher).
+    /// Volume key length: that of the keyslots bound to the data
+    /// segment's digest (an unbound keyslot may hold a key of any size).
     pub fn key_bytes(&self) -> usize {
+        let bound = self.segment_digest().map(|(_, d)| d.keyslots.clone());
         self.meta
             .keyslots
-            .values()
-            .next()
-            .map(|k| k.key_size)
+            .iter()
+            .find(|(id, _)| bound.as_ref().is_some_and(|b| b.contains(id)))
+            .map(|(_, k)| k.key_size)
             .unwrap_or(0)
     }
 
@@ -328,33 +329,61 @@ impl Luks2Header {
         only_slot: Option<u32>,
         limits: &KdfLimits,
     ) -> Result<(u32, VolumeKey), LuksError> {
+        // Only a keyslot whose digest is bound to the data segment holds the
+        // volume key: an unbound keyslot (`cryptsetup luksAddKey --unbound`)
+        // opens with its passphrase and verifies against its own digest, but
+        // its key is not the segment's, and mapping the volume with it
+        // would show the guest noise.
+        let bound = self.segment_digest();
+        if let Some(s) = only_slot
+            && self.meta.keyslots.contains_key(&s)
+            && bound.is_none_or(|(_, d)| !d.keyslots.contains(&s))
+        {
+            return Err(LuksError::InvalidArgument {
+                device: disk.name().into(),
+                reason: format!(
+                    "keyslot {s} is unbound: its key is not the volume key of the data segment"
+                ),
+            });
+        }
+        let Some((digest_id, digest)) = bound else {
+            return Err(LuksError::InvalidHeader {
+                device: disk.name().into(),
+                version: 2,
+                reason: "no digest is bound to the data segment".into(),
+            });
+        };
         let mut order: Vec<(&u32, &Keyslot)> = self
             .meta
             .keyslots
             .iter()
+            .filter(|(id, _)| digest.keyslots.contains(id))
             .filter(|(id, k)| match only_slot {
                 Some(s) => **id == s,
                 None => k.priority > 0,
             })
             .collect();
         order.sort_by_key(|(id, k)| (std::cmp::Reverse(k.priority), **id));
-        // Digests cost as much as a keyslot: a hostile header must not get
-        // around the limits through them.
-        for (id, d) in &self.meta.digests {
-            Kdf::Pbkdf2 {
-                hash: d.hash,
-                iterations: d.iterations,
-            }
-            .check(limits)
+        // The digest costs as much as a keyslot: a hostile header must not
+        // get around the limits through it.
+        let kdf = Kdf::Pbkdf2 {
+            hash: digest.hash,
+            iterations: digest.iterations,
+        };
+        kdf.check(limits)
+            .and_then(|()| kdf.check_time(digest.digest.len(), limits))
             .map_err(|source| LuksError::Kdf {
                 device: disk.name().into(),
-                what: format!("digest {id}"),
+                what: format!("digest {digest_id}"),
                 source,
             })?;
-        }
         let size = disk
             .size()
             .map_err(|e| io_err(disk.name(), "reading the device size", e))?;
+        // A keyslot whose KDF is refused (too slow, too much memory) is
+        // skipped, not run: another may still open; if none does, the
+        // first refusal is the answer.
+        let mut refused = None;
         for (id, k) in order {
             let area = Self::area(k);
             if area.offset + area.material_len() > size {
@@ -365,14 +394,39 @@ impl Luks2Header {
                     size,
                 });
             }
-            let key = keyslot::open_area(disk, *id, &k.kdf, limits, &k.salt, &area, passphrase)?;
+            let key =
+                match keyslot::open_area(disk, *id, &k.kdf, limits, &k.salt, &area, passphrase) {
+                    Ok(key) => key,
+                    Err(e @ LuksError::Kdf { .. }) => {
+                        refused.get_or_insert(e);
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                };
             if self.key_matches_slot(*id, &key) {
                 return Ok((*id, key));
             }
         }
-        Err(LuksError::WrongPassphrase {
+        Err(refused.unwrap_or_else(|| LuksError::WrongPassphrase {
             device: disk.name().into(),
-        })
+        }))
+    }
+
+    /// The digest bound to the data segment (the first one), whose
+    /// keyslots hold its volume key.
+    pub fn segment_digest(&self) -> Option<(u32, &metadata::Digest)> {
+        let segment = *self.meta.segments.keys().next()?;
+        self.meta
+            .digests
+            .iter()
+            .find(|(_, d)| d.segments.contains(&segment))
+            .map(|(id, d)| (*id, d))
+    }
+
+    /// Whether keyslot `slot` is bound to the data segment's digest.
+    pub fn is_bound(&self, slot: u32) -> bool {
+        self.segment_digest()
+            .is_some_and(|(_, d)| d.keyslots.contains(&slot))
     }
 
     fn key_matches_slot(&self, slot: u32, key: &VolumeKey) -> bool {
