@@ -69,6 +69,18 @@ image "$img" 2
     --key-id 0f4e2c1a-fuzz-key-id --key-file "$key" "$img"
 save "$img" agent-luks2-argon2id-token
 
+# Other ciphers, IV generators and hashes than AES-XTS with SHA-256.
+image "$img" 3
+"$agent" luks format --type luks1 --cipher serpent-cbc-essiv:sha256 --key-size 256 \
+    --hash whirlpool --pbkdf pbkdf2 --pbkdf-force-iterations 1000 --key-file "$key" "$img"
+save "$img" agent-luks1-serpent-cbc-essiv-whirlpool
+
+image "$img" 2
+"$agent" luks format --type luks2 --cipher twofish-xts-benbi --key-size 256 \
+    --hash sha3-256 --pbkdf pbkdf2 --pbkdf-force-iterations 1000 \
+    --luks2-metadata-size 16384 --luks2-keyslots-size 262144 --key-file "$key" "$img"
+save "$img" agent-luks2-twofish-xts-benbi-sha3
+
 if command -v cryptsetup >/dev/null 2>&1; then
     cs=(cryptsetup --batch-mode --disable-locks)
     image "$img" 3
@@ -96,8 +108,8 @@ else
     echo "cryptsetup not found: only luks-agent seeds were written" >&2
 fi
 
-# unlock: flags byte only (image = flags % 3, bit 2 = repair checksums).
-for flags in 00 01 02 05 06; do
+# unlock: flags byte only (image = flags % 4, bit 2 = repair checksums).
+for flags in 00 01 02 03 06 07; do
     printf "\\x$flags" >"$unlock_out/image-$flags"
 done
 

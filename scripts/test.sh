@@ -50,7 +50,7 @@ vm/run.sh --timeout 600 -- /bin/sh tests/vm/osbrick_dropin.sh
 vm/run.sh --timeout 900 --console target/vm/console-plugin.log -- /bin/sh integrations/os_brick/tests/run.sh dm
 # SIGKILL at every state-changing call of an attach, concurrency, rollback
 # of a failed attach, dm-crypt options.
-for t in format_guard kill_format concurrency rollback crypt_options; do
+for t in format_guard cipher_interop kill_format concurrency rollback crypt_options; do
     vm/run.sh --timeout 900 --console "target/vm/console-$t.log" -- /bin/sh "tests/vm/$t.sh"
 done
 

@@ -1114,3 +1114,168 @@ fn kdf_digest_iterations_above_limit_refused() {
         }
     }
 }
+
+// ---------------------------------------------------------------------------
+// Unbound keyslots and bounded KDF work.
+
+/// The small LUKS2 image with a keyslot that opens with `second_passphrase`
+/// but is bound to no segment (as `cryptsetup luksAddKey --unbound` makes
+/// it): its own digest verifies its own, different key.
+fn luks2_with_unbound_slot() -> Vec<u8> {
+    let two = luks2_two_slots();
+    // Move slot 1 to a digest of its own, bound to no segment, and replace
+    // its key material with that of another volume key (formatting a
+    // second image with the same layout gives a real keyslot and digest).
+    let other = format_image(
+        LuksVersion::Luks2,
+        256,
+        2 * MIB + MIB,
+        Some(16 * KIB as u64),
+        Some(262_144),
+    );
+    let disk = MemDisk::new(DEV, other.bytes.clone());
+    let mut h = Header::read(&disk).expect("read other");
+    let u = h
+        .unlock(&disk, &passphrase(), None, &KdfLimits::default())
+        .expect("unlock other");
+    h.add_keyslot(
+        &disk,
+        &u.volume_key,
+        &second_passphrase(),
+        Some(1),
+        &fast_kdf(),
+        &KdfLimits::default(),
+    )
+    .expect("add to other");
+    let other = disk.contents();
+    let other_doc = json_doc(&other, 0);
+    let mut out = two.bytes.clone();
+    // Slot 1's area, from the other volume.
+    let area = other_doc["keyslots"]["1"]["area"].clone();
+    let off: usize = area["offset"].as_str().unwrap().parse().unwrap();
+    let len: usize = area["size"].as_str().unwrap().parse().unwrap();
+    out[off..off + len].copy_from_slice(&other[off..off + len]);
+    edit_json(&out, |doc| {
+        doc["keyslots"]["1"] = other_doc["keyslots"]["1"].clone();
+        let mut unbound = other_doc["digests"]["0"].clone();
+        unbound["keyslots"] = json!(["1"]);
+        unbound["segments"] = json!([]);
+        doc["digests"]["0"]["keyslots"] = json!(["0"]);
+        doc["digests"]["1"] = unbound;
+    })
+}
+
+#[test]
+fn an_unbound_keyslot_never_yields_the_volume_key() {
+    let img = luks2_with_unbound_slot();
+    let disk = MemDisk::new(DEV, img.clone());
+    let h = Header::read(&disk).expect("the header with an unbound keyslot reads");
+    // Its passphrase opens nothing: the slot is not tried.
+    let e = h
+        .unlock(&disk, &second_passphrase(), None, &tight_limits())
+        .expect_err("an unbound keyslot opened the volume");
+    assert!(matches!(e, LuksError::WrongPassphrase { .. }), "{e:?}");
+    // Asked for by number, it is refused as unbound.
+    let e = h
+        .unlock(&disk, &second_passphrase(), Some(1), &tight_limits())
+        .expect_err("an unbound keyslot opened by number");
+    assert!(e.to_string().contains("unbound"), "{e}");
+    // The bound keyslot still opens, to the segment's key.
+    assert_opens(&img, &luks2().key, "bound keyslot beside an unbound one");
+    // The dump says which is which.
+    let text = luks::dump::to_text(&h, DEV);
+    assert!(text.contains("1: luks2 (unbound)"), "{text}");
+    assert!(text.contains("0: luks2\n"), "{text}");
+    assert_eq!(h.key_bytes(), 32);
+}
+
+/// LUKS1 with keyslot 0's iteration count set to `iterations` (field at
+/// 208 + 4, big-endian), or the digest's (at 164) when `digest`.
+fn luks1_with_iterations(iterations: u32, digest: bool) -> Vec<u8> {
+    let mut b = luks1().bytes.clone();
+    let at = if digest { 164 } else { 212 };
+    b[at..at + 4].copy_from_slice(&iterations.to_be_bytes());
+    b
+}
+
+#[test]
+fn hostile_kdf_costs_are_refused_before_running_naming_device_slot_and_parameters() {
+    let limits = KdfLimits::default();
+    assert!(limits.max_time.is_some(), "no time bound by default");
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "LUKS1 keyslot 0 with 0xffffffff iterations",
+            luks1_with_iterations(u32::MAX, false),
+            "keyslot 0",
+        ),
+        (
+            "LUKS1 digest with 0xffffffff iterations",
+            luks1_with_iterations(u32::MAX, true),
+            "digest",
+        ),
+        (
+            "LUKS2 keyslot 0 with 0xffffffff pbkdf2 iterations",
+            edit_json(&luks2().bytes, |doc| {
+                doc["keyslots"]["0"]["kdf"]["iterations"] = json!(u32::MAX);
+            }),
+            "keyslot 0",
+        ),
+        (
+            "LUKS2 digest with 0xffffffff iterations",
+            edit_json(&luks2().bytes, |doc| {
+                doc["digests"]["0"]["iterations"] = json!(u32::MAX);
+            }),
+            "digest 0",
+        ),
+        (
+            "LUKS2 keyslot 0 with argon2id time 0xffffffff",
+            edit_json(&luks2().bytes, |doc| {
+                doc["keyslots"]["0"]["kdf"] = json!({"type": "argon2id", "time": u32::MAX,
+                    "memory": 1024, "cpus": 1, "salt": doc["keyslots"]["0"]["kdf"]["salt"].clone()});
+            }),
+            "keyslot 0",
+        ),
+    ];
+    for (what, bytes, names) in cases {
+        let started = Instant::now();
+        let disk = MemDisk::new(DEV, bytes);
+        let e = Header::read(&disk)
+            .and_then(|h| h.unlock(&disk, &passphrase(), None, &limits).map(|_| ()))
+            .expect_err(what);
+        let took = started.elapsed();
+        let text = e.to_string() + ": " + &luks_agent::daemon::errors::chain(&e);
+        assert!(
+            matches!(
+                e,
+                LuksError::Kdf {
+                    source: luks_agent::luks::kdf::KdfError::TooSlow { .. },
+                    ..
+                }
+            ),
+            "{what}: {e:?}"
+        );
+        for needle in [DEV, names, "refused without running", "4294967295"] {
+            assert!(text.contains(needle), "{what}: {needle:?} not in {text}");
+        }
+        // Hours of work before; the refusal itself costs only the one-time
+        // speed measurement. Bounded generously (this is not a speed test).
+        assert!(took < Duration::from_secs(20), "{what}: took {took:?}");
+        eprintln!("{what}: refused in {took:?}");
+    }
+}
+
+#[test]
+fn a_hostile_keyslot_does_not_stop_another_from_opening() {
+    // Slot 0 hostile, slot 1 fine: the second passphrase still opens.
+    let mut img = luks2_two_slots().bytes.clone();
+    img = edit_json(&img, |doc| {
+        doc["keyslots"]["0"]["kdf"]["iterations"] = json!(u32::MAX);
+    });
+    let disk = MemDisk::new(DEV, img);
+    let h = Header::read(&disk).expect("read");
+    let u = h
+        .unlock(&disk, &second_passphrase(), None, &KdfLimits::default())
+        .expect("slot 1 opens beside a hostile slot 0");
+    assert_eq!(u.keyslot, 1);
+    assert_eq!(u.volume_key.expose(), luks2().key.as_slice());
+}

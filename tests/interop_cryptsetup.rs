@@ -1092,3 +1092,71 @@ fn cs_format_luks1_then_our_change_key() {
 fn cs_format_luks2_then_our_change_key() {
     our_change_key("luks2");
 }
+
+/// A keyslot `cryptsetup luksAddKey --unbound` made opens with its
+/// passphrase but holds a key that is not the segment's: luks-agent never
+/// uses it (test-passphrase fails, the volume key dump refuses it), shows
+/// it as unbound, and still opens with the bound keyslot. cryptsetup
+/// agrees that the unbound passphrase does not activate the volume.
+#[test]
+fn cs_unbound_keyslot_is_never_the_volume_key() {
+    let f = cs_format_we_unlock("luks2", &with_fast(FAST_PBKDF2, &[]), 512);
+    let k2 = f.fx.key("k2", K2);
+    let r = cryptsetup(&cat(
+        &[
+            "luksAddKey",
+            "--batch-mode",
+            "--unbound",
+            "--key-size",
+            "256",
+            "--key-file",
+            s(&f.k1),
+            s(&f.dev),
+            s(&k2),
+        ],
+        FAST_PBKDF2,
+    ));
+    r.expect_ok("cryptsetup luksAddKey --unbound");
+    // cryptsetup's own view: the unbound passphrase does not open the
+    // segment.
+    let cs = cs_test_passphrase(&f.dev, &k2);
+    assert!(
+        !cs.success(),
+        "cryptsetup accepted the unbound keyslot's passphrase for the segment: {}",
+        cs.stderr
+    );
+    agent_expect_passphrase(&f.dev, &k2, false, "unbound keyslot");
+    agent_expect_passphrase(&f.dev, &f.k1, true, "bound keyslot beside an unbound one");
+    let dump = agent(&[
+        "luks",
+        "dump",
+        "--dump-volume-key",
+        "--key-file",
+        s(&k2),
+        s(&f.dev),
+    ]);
+    assert_ne!(
+        dump.code,
+        Some(0),
+        "the unbound keyslot's key was dumped as the volume key: {}",
+        dump.stdout
+    );
+    let text = agent(&["luks", "dump", s(&f.dev)]);
+    text.expect_ok("luks dump");
+    assert!(
+        text.stdout.contains("1: luks2 (unbound)"),
+        "{}",
+        text.stdout
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&agent(&["luks", "dump", "--json", s(&f.dev)]).stdout).unwrap();
+    let bound: Vec<_> = json["keyslots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| (k["slot"].as_u64().unwrap(), k["bound"].as_bool().unwrap()))
+        .collect();
+    assert_eq!(bound, vec![(0, true), (1, false)]);
+    assert_eq!(json["key_size_bits"], 512);
+    assert_same_volume_key(&f.dev, &[&f.k1], 512);
+}

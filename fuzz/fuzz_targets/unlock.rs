@@ -1,11 +1,11 @@
 //! Unlocking a damaged header must never panic, never accept a wrong
 //! passphrase, and never return anything but the real volume key.
 //!
-//! Reference images (LUKS1, LUKS2 with a pbkdf2 keyslot, LUKS2 with an
-//! Argon2id keyslot; passphrase `fuzz-passphrase`) are formatted once per
-//! process. The input is:
+//! Reference images (LUKS1, LUKS1 serpent-cbc-essiv with whirlpool, LUKS2
+//! with a pbkdf2 keyslot, LUKS2 with an Argon2id keyslot; passphrase
+//! `fuzz-passphrase`) are formatted once per process. The input is:
 //!
-//! - byte 0, flags: `flags % 3` picks the image; bit 2 set recomputes the
+//! - byte 0, flags: `flags % 4` picks the image; bit 2 set recomputes the
 //!   LUKS2 header checksums after mutating (otherwise most LUKS2 mutations
 //!   stop at the checksum); `flags >> 4` picks the keyslot argument
 //!   (0 or above 9: any slot, 1..=9: slot 0..=8);

@@ -239,8 +239,19 @@ pub fn reference_images() -> &'static [RefImage] {
     static IMAGES: OnceLock<Vec<RefImage>> = OnceLock::new();
     IMAGES.get_or_init(|| {
         let luks1 = FormatOptions::new(LuksVersion::Luks1, 256, pbkdf2_1000()).expect("luks1");
+        // Another cipher, IV generator and hash, so the unlock target also
+        // runs the keyslot code of ciphers other than AES-XTS.
+        let mut serpent = luks1.clone();
+        serpent.cipher = luks_agent::luks::CipherSpec::parse("serpent-cbc-essiv:sha256", 32)
+            .expect("serpent-cbc-essiv:sha256");
+        serpent.hash = luks_agent::luks::HashAlg::Whirlpool;
+        serpent.kdf = KdfPolicy::Fixed(Kdf::Pbkdf2 {
+            hash: luks_agent::luks::HashAlg::Whirlpool,
+            iterations: 1000,
+        });
         vec![
             format_image("luks1-pbkdf2", 3 * 1024 * 1024, &luks1),
+            format_image("luks1-serpent-whirlpool", 3 * 1024 * 1024, &serpent),
             format_image("luks2-pbkdf2", 2 * 1024 * 1024, &small_luks2(pbkdf2_1000())),
             format_image(
                 "luks2-argon2id",
