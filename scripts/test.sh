@@ -16,6 +16,23 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# Each tier's wall time, printed when the suite ends (passed or not).
+tiers=()
+tier_name=
+tier_start=$SECONDS
+tier() { # NAME: ends the running tier and starts NAME
+    [ -z "$tier_name" ] || tiers+=("$(printf '%5d s  %s' $((SECONDS - tier_start)) "$tier_name")")
+    tier_name=$1
+    tier_start=$SECONDS
+    echo "== $1"
+}
+report() {
+    tier ""
+    echo "== time per tier (total $SECONDS s)"
+    printf '%s\n' "${tiers[@]}"
+}
+
+tier "install-deps"
 scripts/install-deps.sh
 
 # Tests that need a service or a device say so and fail instead of
@@ -27,20 +44,20 @@ export LUKS_AGENT_TESTS_STRICT=1
 cloud=target/test-cloud
 stop_cloud() { python3 tests/harness/openstack.py stop --state "$cloud" >/dev/null 2>&1 || true; }
 stop_cloud
-trap stop_cloud EXIT
+trap 'stop_cloud; report' EXIT
 
-echo "== lint"
+tier "lint"
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
 
-echo "== unit and host tiers"
+tier "unit and host tiers"
 cargo test --locked --all-targets
 
-echo "== os-brick plug-in with nova's and os-brick's own code (libvirt mode, real libvirtd)"
+tier "os-brick plug-in with nova's and os-brick's own code (libvirt mode, real libvirtd)"
 cargo build --release --locked
 integrations/os_brick/tests/run.sh libvirt
 
-echo "== vm tier (real dm-crypt in a guest)"
+tier "vm tier (real dm-crypt in a guest)"
 vm/run.sh --timeout 600 -- /bin/sh tests/vm/attach_detach.sh
 vm/run.sh --timeout 300 -- /bin/sh tests/vm/daemon.sh
 # Drop-in both ways with the real os-brick (PyPI, pinned; installed above).
@@ -54,13 +71,13 @@ for t in format_guard cipher_interop kill_format concurrency rollback crypt_opti
     vm/run.sh --timeout 900 --console "target/vm/console-$t.log" -- /bin/sh "tests/vm/$t.sh"
 done
 
-echo "== package tier (.deb built, installed, started from its units)"
+tier "package tier (.deb built, installed, started from its units)"
 tests/packaging/deb_install.sh
 
-echo "== fuzz (${FUZZ_SECONDS:-30} s per target)"
+tier "fuzz (${FUZZ_SECONDS:-30} s per target)"
 scripts/fuzz.sh "${FUZZ_SECONDS:-30}"
 
-echo "== clean-root tier (fresh Debian 12 root: install-deps, then the demo)"
+tier "clean-root tier (fresh Debian 12 root: install-deps, then the demo)"
 tests/clean_root.sh
 
 echo "== all tiers passed"

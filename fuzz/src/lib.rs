@@ -42,6 +42,8 @@ pub const LIMITS: KdfLimits = KdfLimits {
     max_argon2_memory_kib: 64,
     max_argon2_time: 4,
     max_argon2_parallel: 1,
+    // The run-time estimate is checked too, so it is fuzzed with the rest.
+    max_time: Some(std::time::Duration::from_secs(1)),
 };
 
 /// A read-only device of `size` bytes that holds `head` at offset 0,
