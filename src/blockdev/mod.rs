@@ -6,6 +6,7 @@ use std::io::{self, Seek, SeekFrom};
 use std::os::unix::fs::FileTypeExt;
 
 pub mod device;
+pub mod disk;
 pub mod loopdev;
 pub mod probe;
 

@@ -28,7 +28,7 @@
 use std::fmt;
 use std::io;
 
-use crate::luks::Disk;
+use super::disk::Disk;
 
 /// What kind of signature was found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -617,7 +617,7 @@ const BCACHEFS_MAGIC: &[u8] = b"\xc6\x85\x73\xf6\x66\xce\x90\xa9\xd9\x6a\x60\xcf
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::luks::MemDisk;
+    use crate::blockdev::disk::MemDisk;
     use std::cell::Cell;
 
     /// A device of `size` zero bytes with `patches` written into it.

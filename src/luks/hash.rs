@@ -247,22 +247,26 @@ mod tests {
             h.digest_into(&[b"abc"], &mut out);
             hex::encode(out)
         };
-        assert_eq!(
-            abc(HashAlg::Ripemd160),
-            "8eb208f7e05d987a9b044a8e98c6b087f15a0bfc"
-        );
-        assert_eq!(
-            abc(HashAlg::Sha3_256),
-            "3a985da74fe225b2045c172d6bd390bd855f086e3e9d525b46bfe24511431532"
-        );
-        assert_eq!(
-            abc(HashAlg::Blake2s256),
-            "508c5e8c327c14e2e1a72ba34eeb452f37458b209ed63a294d999b4c86675982"
-        );
-        assert_eq!(
-            abc(HashAlg::Sm3),
-            "66c7f0f462eeedd9d1f2d46bdc10e4e24167c4875cf2f7a2297da02b8f4ba8e0"
-        );
+        for (h, want) in [
+            (
+                HashAlg::Ripemd160,
+                "8eb208f7e05d987a9b044a8e98c6b087f15a0bfc",
+            ),
+            (
+                HashAlg::Sha3_256,
+                "3a985da74fe225b2045c172d6bd390bd855f086e3e9d525b46bfe24511431532",
+            ),
+            (
+                HashAlg::Blake2s256,
+                "508c5e8c327c14e2e1a72ba34eeb452f37458b209ed63a294d999b4c86675982",
+            ),
+            (
+                HashAlg::Sm3,
+                "66c7f0f462eeedd9d1f2d46bdc10e4e24167c4875cf2f7a2297da02b8f4ba8e0",
+            ),
+        ] {
+            assert_eq!(abc(h), want, "{}", h.name());
+        }
     }
 
     #[test]

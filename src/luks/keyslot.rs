@@ -42,6 +42,68 @@ pub fn af_sectors(key_len: usize, stripes: usize) -> u64 {
     ((key_len as u64) * (stripes as u64)).div_ceil(SECTOR as u64)
 }
 
+/// Refuses a digest whose PBKDF2 (as costly as a keyslot's KDF: a hostile
+/// header must not get around the limits through it) is outside the
+/// limits or would run too long, before any KDF runs.
+pub fn check_digest(
+    disk: &dyn Disk,
+    what: &str,
+    kdf: &Kdf,
+    len: usize,
+    limits: &KdfLimits,
+) -> Result<(), LuksError> {
+    kdf.check(limits)
+        .and_then(|()| kdf.check_time(len, limits))
+        .map_err(|source| LuksError::Kdf {
+            device: disk.name().into(),
+            what: what.into(),
+            source,
+        })
+}
+
+/// One keyslot to try: its number, KDF, salt and area.
+pub struct Candidate<'a> {
+    /// Keyslot number.
+    pub slot: u32,
+    /// Its KDF.
+    pub kdf: Kdf,
+    /// Its KDF salt.
+    pub salt: &'a [u8],
+    /// Its area.
+    pub area: AreaSpec,
+}
+
+/// Tries `candidates` in order and returns the first key `verifies`
+/// accepts. A keyslot whose KDF is refused (too slow, too much memory) is
+/// skipped, not run: another may still open; if none does, the first
+/// refusal is the answer, else a wrong passphrase.
+pub fn first_opening<'a>(
+    disk: &dyn Disk,
+    candidates: impl IntoIterator<Item = Result<Candidate<'a>, LuksError>>,
+    limits: &KdfLimits,
+    passphrase: &[u8],
+    verifies: impl Fn(u32, &VolumeKey) -> bool,
+) -> Result<(u32, VolumeKey), LuksError> {
+    let mut refused = None;
+    for c in candidates {
+        let c = c?;
+        let key = match open_area(disk, c.slot, &c.kdf, limits, c.salt, &c.area, passphrase) {
+            Ok(k) => k,
+            Err(e @ LuksError::Kdf { .. }) => {
+                refused.get_or_insert(e);
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        if verifies(c.slot, &key) {
+            return Ok((c.slot, key));
+        }
+    }
+    Err(refused.unwrap_or_else(|| LuksError::WrongPassphrase {
+        device: disk.name().into(),
+    }))
+}
+
 /// Derives the area key from the passphrase and decrypts the area into a
 /// candidate volume key. The caller checks it against the digest.
 pub fn open_area(

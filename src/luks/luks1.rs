@@ -312,50 +312,24 @@ impl Luks1Header {
         only_slot: Option<u32>,
         limits: &KdfLimits,
     ) -> Result<(u32, VolumeKey), LuksError> {
-        // The digest costs as much as a keyslot: a hostile header must not
-        // get around the limits through it.
         let digest = Kdf::Pbkdf2 {
             hash: self.hash,
             iterations: self.mk_digest_iter,
         };
-        digest
-            .check(limits)
-            .and_then(|()| digest.check_time(DIGEST_LEN, limits))
-            .map_err(|source| LuksError::Kdf {
-                device: disk.name().into(),
-                what: "volume key digest".into(),
-                source,
-            })?;
-        // A keyslot whose KDF would take too long is skipped, not run: the
-        // others may still open; if none does, its refusal is the answer.
-        let mut refused = None;
-        for i in 0..KEYSLOTS {
-            if !self.keyslots[i].active || only_slot.is_some_and(|s| s as usize != i) {
-                continue;
-            }
-            let key = match keyslot::open_area(
-                disk,
-                i as u32,
-                &self.kdf(i),
-                limits,
-                &self.keyslots[i].salt,
-                &self.area(i),
-                passphrase,
-            ) {
-                Ok(k) => k,
-                Err(e @ LuksError::Kdf { .. }) => {
-                    refused.get_or_insert(e);
-                    continue;
-                }
-                Err(e) => return Err(e),
-            };
-            if self.key_matches(&key) {
-                return Ok((i as u32, key));
-            }
-        }
-        Err(refused.unwrap_or_else(|| LuksError::WrongPassphrase {
-            device: disk.name().into(),
-        }))
+        keyslot::check_digest(disk, "volume key digest", &digest, DIGEST_LEN, limits)?;
+        let candidates = (0..KEYSLOTS)
+            .filter(|&i| self.keyslots[i].active && only_slot.is_none_or(|s| s as usize == i))
+            .map(|i| {
+                Ok(keyslot::Candidate {
+                    slot: i as u32,
+                    kdf: self.kdf(i),
+                    salt: &self.keyslots[i].salt,
+                    area: self.area(i),
+                })
+            });
+        keyslot::first_opening(disk, candidates, limits, passphrase, |_, key| {
+            self.key_matches(key)
+        })
     }
 
     /// Whether `key` is this volume's key.

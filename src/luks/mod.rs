@@ -5,7 +5,6 @@
 pub mod af;
 mod argon2_memory;
 pub mod cipher;
-pub mod disk;
 pub mod dump;
 pub mod error;
 pub mod hash;
@@ -19,8 +18,10 @@ use std::time::Duration;
 
 use uuid::Uuid;
 
+/// Positioned I/O on a device or image (it lives with the other device
+/// code in `blockdev`, which the engine builds on).
+pub use crate::blockdev::disk::{self, Disk, FileDisk, MemDisk};
 pub use cipher::CipherSpec;
-pub use disk::{Disk, FileDisk, MemDisk};
 pub use error::LuksError;
 pub use hash::HashAlg;
 pub use kdf::{Argon2Variant, Kdf, KdfLimits};

@@ -364,27 +364,21 @@ impl Luks2Header {
             })
             .collect();
         order.sort_by_key(|(id, k)| (std::cmp::Reverse(k.priority), **id));
-        // The digest costs as much as a keyslot: a hostile header must not
-        // get around the limits through it.
         let kdf = Kdf::Pbkdf2 {
             hash: digest.hash,
             iterations: digest.iterations,
         };
-        kdf.check(limits)
-            .and_then(|()| kdf.check_time(digest.digest.len(), limits))
-            .map_err(|source| LuksError::Kdf {
-                device: disk.name().into(),
-                what: format!("digest {digest_id}"),
-                source,
-            })?;
+        keyslot::check_digest(
+            disk,
+            &format!("digest {digest_id}"),
+            &kdf,
+            digest.digest.len(),
+            limits,
+        )?;
         let size = disk
             .size()
             .map_err(|e| io_err(disk.name(), "reading the device size", e))?;
-        // A keyslot whose KDF is refused (too slow, too much memory) is
-        // skipped, not run: another may still open; if none does, the
-        // first refusal is the answer.
-        let mut refused = None;
-        for (id, k) in order {
+        let candidates = order.into_iter().map(|(id, k)| {
             let area = Self::area(k);
             if area.offset + area.material_len() > size {
                 return Err(LuksError::TooSmall {
@@ -394,22 +388,16 @@ impl Luks2Header {
                     size,
                 });
             }
-            let key =
-                match keyslot::open_area(disk, *id, &k.kdf, limits, &k.salt, &area, passphrase) {
-                    Ok(key) => key,
-                    Err(e @ LuksError::Kdf { .. }) => {
-                        refused.get_or_insert(e);
-                        continue;
-                    }
-                    Err(e) => return Err(e),
-                };
-            if self.key_matches_slot(*id, &key) {
-                return Ok((*id, key));
-            }
-        }
-        Err(refused.unwrap_or_else(|| LuksError::WrongPassphrase {
-            device: disk.name().into(),
-        }))
+            Ok(keyslot::Candidate {
+                slot: *id,
+                kdf: k.kdf,
+                salt: &k.salt,
+                area,
+            })
+        });
+        keyslot::first_opening(disk, candidates, limits, passphrase, |slot, key| {
+            self.key_matches_slot(slot, key)
+        })
     }
 
     /// The digest bound to the data segment (the first one), whose

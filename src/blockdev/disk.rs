@@ -65,7 +65,7 @@ impl Disk for FileDisk {
         &self.name
     }
     fn size(&self) -> io::Result<u64> {
-        crate::blockdev::size_of(&self.file)
+        super::size_of(&self.file)
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.file.read_exact_at(buf, offset)
@@ -77,7 +77,7 @@ impl Disk for FileDisk {
         self.file.sync_data()
     }
     fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
-        if crate::blockdev::try_zero_range(&self.file, offset, len)? {
+        if super::try_zero_range(&self.file, offset, len)? {
             return Ok(());
         }
         write_zeros(self, offset, len)
