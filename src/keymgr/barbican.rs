@@ -14,8 +14,8 @@ use super::http::{self, Budget, HttpConfig};
 use super::keystone::Keystone;
 use super::marker::LocalMarkers;
 use super::{
-    BoxFuture, FormatIntent, InvalidMaterial, Key, KeyError, KeyId, KeyManager, RequestAuth,
-    SecretKind, SecretString,
+    BoxFuture, FormatIntent, FormatState, FormatStateOp, InvalidMaterial, Key, KeyError, KeyId,
+    KeyManager, RequestAuth, SecretKind, SecretString,
 };
 use crate::secret::{SecretBytes, SecretCollector};
 
@@ -395,26 +395,50 @@ impl Barbican {
         Ok(key)
     }
 
+    /// `METHOD /v1/secrets/<uuid>/metadata[/<key>]` with `body`, within
+    /// `budget` (the caller's, when one operation makes several calls).
+    async fn metadata_call(
+        &self,
+        id: &KeyId,
+        auth: &RequestAuth,
+        (method, key, body): (reqwest::Method, Option<&str>, Option<&Value>),
+        budget: Option<&Budget>,
+    ) -> Result<(Answer, String), KeyError> {
+        let own;
+        let budget = match budget {
+            Some(b) => b,
+            None => {
+                own = Budget::start(&self.http);
+                &own
+            }
+        };
+        let uuid = id.uuid()?.hyphenated().to_string();
+        let path = match key {
+            Some(k) => format!("/v1/secrets/{uuid}/metadata/{k}"),
+            None => format!("/v1/secrets/{uuid}/metadata"),
+        };
+        self.call(
+            auth,
+            id.as_str(),
+            ApiRequest {
+                method,
+                path: &path,
+                accept: "application/json",
+                body,
+            },
+            budget,
+        )
+        .await
+    }
+
     /// The secret's user metadata, `None` when policy refuses it.
     async fn metadata_get(
         &self,
         id: &KeyId,
         auth: &RequestAuth,
     ) -> Result<Option<Value>, KeyError> {
-        let budget = &Budget::start(&self.http);
-        let uuid = id.uuid()?.hyphenated().to_string();
         let (a, base) = self
-            .call(
-                auth,
-                id.as_str(),
-                ApiRequest {
-                    method: reqwest::Method::GET,
-                    path: &format!("/v1/secrets/{uuid}/metadata"),
-                    accept: "application/json",
-                    body: None,
-                },
-                budget,
-            )
+            .metadata_call(id, auth, (reqwest::Method::GET, None, None), None)
             .await?;
         match a.status {
             200 => {
@@ -501,19 +525,12 @@ impl Barbican {
         if stored.as_ref() != Some(intent) {
             return Ok(());
         }
-        let budget = &Budget::start(&self.http);
-        let uuid = id.uuid()?.hyphenated().to_string();
         let (a, base) = self
-            .call(
+            .metadata_call(
+                id,
                 auth,
-                id.as_str(),
-                ApiRequest {
-                    method: reqwest::Method::DELETE,
-                    path: &format!("/v1/secrets/{uuid}/metadata/{INTENT_KEY}"),
-                    accept: "application/json",
-                    body: None,
-                },
-                budget,
+                (reqwest::Method::DELETE, Some(INTENT_KEY), None),
+                None,
             )
             .await?;
         match a.status {
@@ -551,34 +568,25 @@ impl Barbican {
             return Ok(());
         }
         let budget = &Budget::start(&self.http);
-        let uuid = id.uuid()?.hyphenated().to_string();
         let body = &serde_json::json!({"key": key, "value": value});
-        let send = |method, path: String| async move {
-            self.call(
+        let (mut a, base) = self
+            .metadata_call(
+                id,
                 auth,
-                id.as_str(),
-                ApiRequest {
-                    method,
-                    path: &path,
-                    accept: "application/json",
-                    body: Some(body),
-                },
-                budget,
+                (reqwest::Method::POST, None, Some(body)),
+                Some(budget),
             )
-            .await
-        };
-        let (mut a, base) = send(
-            reqwest::Method::POST,
-            format!("/v1/secrets/{uuid}/metadata"),
-        )
-        .await?;
+            .await?;
         if a.status == 409 && replace {
-            a = send(
-                reqwest::Method::PUT,
-                format!("/v1/secrets/{uuid}/metadata/{key}"),
-            )
-            .await?
-            .0;
+            a = self
+                .metadata_call(
+                    id,
+                    auth,
+                    (reqwest::Method::PUT, Some(key), Some(body)),
+                    Some(budget),
+                )
+                .await?
+                .0;
         }
         match a.status {
             200 | 201 => Ok(()),
@@ -644,6 +652,32 @@ async fn read_capped(
 }
 
 impl KeyManager for Barbican {
+    fn format_state<'a>(
+        &'a self,
+        id: &'a KeyId,
+        auth: &'a RequestAuth,
+        op: FormatStateOp<'a>,
+    ) -> BoxFuture<'a, Result<FormatState, KeyError>> {
+        Box::pin(async move {
+            Ok(match op {
+                FormatStateOp::IsMarked => FormatState::Marked(self.marker_get(id, auth).await?),
+                FormatStateOp::Mark => {
+                    self.marker_set(id, auth).await?;
+                    FormatState::Done
+                }
+                FormatStateOp::SetIntent(intent) => {
+                    self.intent_set(id, auth, intent).await?;
+                    FormatState::Done
+                }
+                FormatStateOp::WithdrawIntent(intent) => {
+                    self.intent_withdraw(id, auth, intent).await?;
+                    FormatState::Done
+                }
+                FormatStateOp::Intent => FormatState::Intent(self.intent_get(id, auth).await?),
+            })
+        })
+    }
+
     fn describe(&self) -> String {
         format!("barbican {}", self.endpoint_label())
     }
@@ -654,47 +688,5 @@ impl KeyManager for Barbican {
         auth: &'a RequestAuth,
     ) -> BoxFuture<'a, Result<Key, KeyError>> {
         Box::pin(self.fetch_key(id, auth))
-    }
-
-    fn is_marked_formatted<'a>(
-        &'a self,
-        id: &'a KeyId,
-        auth: &'a RequestAuth,
-    ) -> BoxFuture<'a, Result<bool, KeyError>> {
-        Box::pin(self.marker_get(id, auth))
-    }
-
-    fn mark_formatted<'a>(
-        &'a self,
-        id: &'a KeyId,
-        auth: &'a RequestAuth,
-    ) -> BoxFuture<'a, Result<(), KeyError>> {
-        Box::pin(self.marker_set(id, auth))
-    }
-
-    fn mark_formatting<'a>(
-        &'a self,
-        id: &'a KeyId,
-        auth: &'a RequestAuth,
-        intent: &'a FormatIntent,
-    ) -> BoxFuture<'a, Result<(), KeyError>> {
-        Box::pin(self.intent_set(id, auth, intent))
-    }
-
-    fn withdraw_formatting<'a>(
-        &'a self,
-        id: &'a KeyId,
-        auth: &'a RequestAuth,
-        intent: &'a FormatIntent,
-    ) -> BoxFuture<'a, Result<(), KeyError>> {
-        Box::pin(self.intent_withdraw(id, auth, intent))
-    }
-
-    fn formatting_intent<'a>(
-        &'a self,
-        id: &'a KeyId,
-        auth: &'a RequestAuth,
-    ) -> BoxFuture<'a, Result<Option<FormatIntent>, KeyError>> {
-        Box::pin(self.intent_get(id, auth))
     }
 }

@@ -2,7 +2,10 @@
 //! `fixed_key`. As castellan's migration wrapper does, that id is resolved
 //! here before any other key manager is asked.
 
-use super::{BoxFuture, FormatIntent, Key, KeyError, KeyId, KeyManager, RequestAuth, SecretKind};
+use super::{
+    BoxFuture, FormatState, FormatStateOp, Key, KeyError, KeyId, KeyManager, RequestAuth,
+    SecretKind,
+};
 use crate::secret::SecretBytes;
 
 /// The id ConfKeyManager gives its one key.
@@ -36,6 +39,28 @@ impl WithFixedKey {
 }
 
 impl KeyManager for WithFixedKey {
+    /// Every legacy volume shares the fixed key id, so a per-key marker or
+    /// intent would speak for all of them at once: none is kept (never
+    /// marked, no intent); the device checks alone guard those volumes,
+    /// and they never get the cross-host redo of an interrupted format.
+    fn format_state<'a>(
+        &'a self,
+        id: &'a KeyId,
+        auth: &'a RequestAuth,
+        op: FormatStateOp<'a>,
+    ) -> BoxFuture<'a, Result<FormatState, KeyError>> {
+        if !Self::is_fixed(id) {
+            return self.inner.format_state(id, auth, op);
+        }
+        Box::pin(async move {
+            Ok(match op {
+                FormatStateOp::IsMarked => FormatState::Marked(false),
+                FormatStateOp::Intent => FormatState::Intent(None),
+                _ => FormatState::Done,
+            })
+        })
+    }
+
     fn describe(&self) -> String {
         format!("fixed key + {}", self.inner.describe())
     }
@@ -52,68 +77,5 @@ impl KeyManager for WithFixedKey {
             });
         }
         self.inner.fetch(id, auth)
-    }
-
-    /// Every legacy volume shares the fixed key id, so a per-key marker
-    /// cannot say anything about one volume: never marked; the blank-device
-    /// checks alone guard those volumes.
-    fn is_marked_formatted<'a>(
-        &'a self,
-        id: &'a KeyId,
-        auth: &'a RequestAuth,
-    ) -> BoxFuture<'a, Result<bool, KeyError>> {
-        if Self::is_fixed(id) {
-            return Box::pin(async { Ok(false) });
-        }
-        self.inner.is_marked_formatted(id, auth)
-    }
-
-    fn mark_formatted<'a>(
-        &'a self,
-        id: &'a KeyId,
-        auth: &'a RequestAuth,
-    ) -> BoxFuture<'a, Result<(), KeyError>> {
-        if Self::is_fixed(id) {
-            return Box::pin(async { Ok(()) });
-        }
-        self.inner.mark_formatted(id, auth)
-    }
-
-    /// Like the marker, an intent on the shared fixed key id would speak
-    /// for every legacy volume at once: none is kept, so those volumes
-    /// never get the cross-host redo of an interrupted format.
-    fn mark_formatting<'a>(
-        &'a self,
-        id: &'a KeyId,
-        auth: &'a RequestAuth,
-        intent: &'a FormatIntent,
-    ) -> BoxFuture<'a, Result<(), KeyError>> {
-        if Self::is_fixed(id) {
-            return Box::pin(async { Ok(()) });
-        }
-        self.inner.mark_formatting(id, auth, intent)
-    }
-
-    fn withdraw_formatting<'a>(
-        &'a self,
-        id: &'a KeyId,
-        auth: &'a RequestAuth,
-        intent: &'a FormatIntent,
-    ) -> BoxFuture<'a, Result<(), KeyError>> {
-        if Self::is_fixed(id) {
-            return Box::pin(async { Ok(()) });
-        }
-        self.inner.withdraw_formatting(id, auth, intent)
-    }
-
-    fn formatting_intent<'a>(
-        &'a self,
-        id: &'a KeyId,
-        auth: &'a RequestAuth,
-    ) -> BoxFuture<'a, Result<Option<FormatIntent>, KeyError>> {
-        if Self::is_fixed(id) {
-            return Box::pin(async { Ok(None) });
-        }
-        self.inner.formatting_intent(id, auth)
     }
 }

@@ -8,7 +8,10 @@ use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use super::marker::LocalMarkers;
-use super::{BoxFuture, FormatIntent, Key, KeyError, KeyId, KeyManager, RequestAuth, SecretKind};
+use super::{
+    BoxFuture, FormatState, FormatStateOp, Key, KeyError, KeyId, KeyManager, RequestAuth,
+    SecretKind,
+};
 use crate::secret::SecretBytes;
 
 /// Default directory of the store.
@@ -117,32 +120,44 @@ impl LocalKeyStore {
     /// Deletes a key: overwritten with zeros, flushed, then unlinked.
     pub fn delete(&self, id: &KeyId) -> Result<(), KeyError> {
         let path = self.path_of(id)?;
-        let f = OpenOptions::new()
-            .write(true)
+        let f = Self::open_key_file(&path, true).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => KeyError::NotFound {
+                key_id: id.to_string(),
+                endpoint: self.describe(),
+                status: 0,
+            },
+            _ => Self::local_err(id.as_str(), "opening key file", &path, e),
+        })?;
+        let len = Self::regular_file(id, &path, &f)?.len() as usize;
+        std::os::unix::fs::FileExt::write_all_at(&f, &vec![0u8; len], 0)
+            .and_then(|_| f.sync_all())
+            .and_then(|_| fs::remove_file(&path))
+            .map_err(|e| Self::local_err(id.as_str(), "deleting key file", &path, e))
+    }
+
+    /// Opens a key file: never through a symlink out of the store, never
+    /// blocking on a FIFO planted in it.
+    fn open_key_file(path: &Path, write: bool) -> std::io::Result<fs::File> {
+        OpenOptions::new()
+            .read(!write)
+            .write(write)
             .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
-            .open(&path)
-            .map_err(|e| match e.kind() {
-                std::io::ErrorKind::NotFound => KeyError::NotFound {
-                    key_id: id.to_string(),
-                    endpoint: self.describe(),
-                    status: 0,
-                },
-                _ => Self::local_err(id.as_str(), "opening key file", &path, e),
-            })?;
+            .open(path)
+    }
+
+    /// The metadata of an opened key file, refused unless it is a regular
+    /// file.
+    fn regular_file(id: &KeyId, path: &Path, f: &fs::File) -> Result<fs::Metadata, KeyError> {
         let meta = f
             .metadata()
-            .map_err(|e| Self::local_err(id.as_str(), "opening key file", &path, e))?;
+            .map_err(|e| Self::local_err(id.as_str(), "reading key file", path, e))?;
         if !meta.file_type().is_file() {
             return Err(KeyError::Config(format!(
                 "key file {} is not a regular file",
                 path.display()
             )));
         }
-        let len = meta.len() as usize;
-        std::os::unix::fs::FileExt::write_all_at(&f, &vec![0u8; len], 0)
-            .and_then(|_| f.sync_all())
-            .and_then(|_| fs::remove_file(&path))
-            .map_err(|e| Self::local_err(id.as_str(), "deleting key file", &path, e))
+        Ok(meta)
     }
 
     /// Refuses a key directory that others can read or enter.
@@ -163,11 +178,7 @@ impl LocalKeyStore {
         let path = self.path_of(id)?;
         // Never follow a symlink out of the store, and never block on a
         // FIFO planted in it: only a regular file is read.
-        let f = match OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
-            .open(&path)
-        {
+        let f = match Self::open_key_file(&path, false) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Err(KeyError::NotFound {
@@ -178,15 +189,7 @@ impl LocalKeyStore {
             }
             Err(e) => return Err(Self::local_err(id.as_str(), "opening key file", &path, e)),
         };
-        let meta = f
-            .metadata()
-            .map_err(|e| Self::local_err(id.as_str(), "reading key file", &path, e))?;
-        if !meta.file_type().is_file() {
-            return Err(KeyError::Config(format!(
-                "key file {} is not a regular file",
-                path.display()
-            )));
-        }
+        let meta = Self::regular_file(id, &path, &f)?;
         if meta.mode() & 0o077 != 0 {
             return Err(KeyError::Config(format!(
                 "key file {} is accessible to group or others (mode {:o}); it must be 0600",
@@ -206,6 +209,15 @@ impl LocalKeyStore {
 }
 
 impl KeyManager for LocalKeyStore {
+    fn format_state<'a>(
+        &'a self,
+        id: &'a KeyId,
+        _auth: &'a RequestAuth,
+        op: FormatStateOp<'a>,
+    ) -> BoxFuture<'a, Result<FormatState, KeyError>> {
+        Box::pin(async move { self.markers.apply(id, op) })
+    }
+
     fn describe(&self) -> String {
         format!("local key store {}", self.dir.display())
     }
@@ -216,47 +228,5 @@ impl KeyManager for LocalKeyStore {
         _auth: &'a RequestAuth,
     ) -> BoxFuture<'a, Result<Key, KeyError>> {
         Box::pin(async move { self.read(id) })
-    }
-
-    fn is_marked_formatted<'a>(
-        &'a self,
-        id: &'a KeyId,
-        _auth: &'a RequestAuth,
-    ) -> BoxFuture<'a, Result<bool, KeyError>> {
-        Box::pin(async move { self.markers.is_marked(id) })
-    }
-
-    fn mark_formatted<'a>(
-        &'a self,
-        id: &'a KeyId,
-        _auth: &'a RequestAuth,
-    ) -> BoxFuture<'a, Result<(), KeyError>> {
-        Box::pin(async move { self.markers.mark(id) })
-    }
-
-    fn mark_formatting<'a>(
-        &'a self,
-        id: &'a KeyId,
-        _auth: &'a RequestAuth,
-        intent: &'a FormatIntent,
-    ) -> BoxFuture<'a, Result<(), KeyError>> {
-        Box::pin(async move { self.markers.set_intent(id, intent) })
-    }
-
-    fn withdraw_formatting<'a>(
-        &'a self,
-        id: &'a KeyId,
-        _auth: &'a RequestAuth,
-        intent: &'a FormatIntent,
-    ) -> BoxFuture<'a, Result<(), KeyError>> {
-        Box::pin(async move { self.markers.withdraw_intent(id, intent) })
-    }
-
-    fn formatting_intent<'a>(
-        &'a self,
-        id: &'a KeyId,
-        _auth: &'a RequestAuth,
-    ) -> BoxFuture<'a, Result<Option<FormatIntent>, KeyError>> {
-        Box::pin(async move { self.markers.intent(id) })
     }
 }

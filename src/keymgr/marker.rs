@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-use super::{FormatIntent, KeyError, KeyId};
+use super::{FormatIntent, FormatState, FormatStateOp, KeyError, KeyId};
 use crate::state_file::{self, Durability};
 
 /// Markers as files under `<state_dir>/formatted/`, intents as one-line
@@ -109,6 +109,26 @@ impl LocalMarkers {
 }
 
 impl LocalMarkers {
+    /// Does what [`super::KeyManager::format_state`] asks, locally.
+    pub fn apply(&self, id: &KeyId, op: FormatStateOp<'_>) -> Result<FormatState, KeyError> {
+        Ok(match op {
+            FormatStateOp::IsMarked => FormatState::Marked(self.is_marked(id)?),
+            FormatStateOp::Mark => {
+                self.mark(id)?;
+                FormatState::Done
+            }
+            FormatStateOp::SetIntent(intent) => {
+                self.set_intent(id, intent)?;
+                FormatState::Done
+            }
+            FormatStateOp::WithdrawIntent(intent) => {
+                self.withdraw_intent(id, intent)?;
+                FormatState::Done
+            }
+            FormatStateOp::Intent => FormatState::Intent(self.intent(id)?),
+        })
+    }
+
     /// Removes the recorded intent when it is `intent` (durably).
     pub fn withdraw_intent(&self, id: &KeyId, intent: &FormatIntent) -> Result<(), KeyError> {
         if self.intent(id)?.as_ref() != Some(intent) {

@@ -324,6 +324,40 @@ fn clean_host(host: &str) -> String {
     }
 }
 
+/// What [`KeyManager::format_state`] is asked to do.
+#[derive(Clone, Copy, Debug)]
+pub enum FormatStateOp<'a> {
+    /// Is the volume recorded as formatted?
+    IsMarked,
+    /// Record it as formatted.
+    Mark,
+    /// Record the intent of a format about to start.
+    SetIntent(&'a FormatIntent),
+    /// Remove the intent if it is this one.
+    WithdrawIntent(&'a FormatIntent),
+    /// What intent is recorded?
+    Intent,
+}
+
+/// What [`KeyManager::format_state`] answers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FormatState {
+    /// The change was recorded.
+    Done,
+    /// Whether the volume is recorded as formatted.
+    Marked(bool),
+    /// The recorded intent, if any.
+    Intent(Option<FormatIntent>),
+}
+
+/// The part of a [`FormatState`] answer one of the named forms returns.
+fn answer<'a, T: 'a>(
+    state: BoxFuture<'a, Result<FormatState, KeyError>>,
+    pick: impl FnOnce(FormatState) -> T + Send + 'a,
+) -> BoxFuture<'a, Result<T, KeyError>> {
+    Box::pin(async move { state.await.map(pick) })
+}
+
 /// A source of volume keys.
 pub trait KeyManager: Send + Sync {
     /// A short description for logs and errors (backend and endpoint).
@@ -336,19 +370,36 @@ pub trait KeyManager: Send + Sync {
         auth: &'a RequestAuth,
     ) -> BoxFuture<'a, Result<Key, KeyError>>;
 
+    /// Reads or changes what the key manager records about the format of
+    /// the volume using this key (the "formatted" marker and the format
+    /// intent). The one method each key manager implements; the methods
+    /// below are its named forms.
+    fn format_state<'a>(
+        &'a self,
+        id: &'a KeyId,
+        auth: &'a RequestAuth,
+        op: FormatStateOp<'a>,
+    ) -> BoxFuture<'a, Result<FormatState, KeyError>>;
+
     /// Whether a volume using this key was formatted before.
     fn is_marked_formatted<'a>(
         &'a self,
         id: &'a KeyId,
         auth: &'a RequestAuth,
-    ) -> BoxFuture<'a, Result<bool, KeyError>>;
+    ) -> BoxFuture<'a, Result<bool, KeyError>> {
+        answer(self.format_state(id, auth, FormatStateOp::IsMarked), |s| {
+            s == FormatState::Marked(true)
+        })
+    }
 
     /// Records that a volume using this key has been formatted.
     fn mark_formatted<'a>(
         &'a self,
         id: &'a KeyId,
         auth: &'a RequestAuth,
-    ) -> BoxFuture<'a, Result<(), KeyError>>;
+    ) -> BoxFuture<'a, Result<(), KeyError>> {
+        answer(self.format_state(id, auth, FormatStateOp::Mark), drop)
+    }
 
     /// Durably records that a first-use format of the volume using this
     /// key is about to start, replacing any earlier intent. Called before
@@ -358,7 +409,12 @@ pub trait KeyManager: Send + Sync {
         id: &'a KeyId,
         auth: &'a RequestAuth,
         intent: &'a FormatIntent,
-    ) -> BoxFuture<'a, Result<(), KeyError>>;
+    ) -> BoxFuture<'a, Result<(), KeyError>> {
+        answer(
+            self.format_state(id, auth, FormatStateOp::SetIntent(intent)),
+            drop,
+        )
+    }
 
     /// Removes the recorded format intent when it is `intent`: a format
     /// that failed before its first write takes back what it recorded, so
@@ -369,7 +425,12 @@ pub trait KeyManager: Send + Sync {
         id: &'a KeyId,
         auth: &'a RequestAuth,
         intent: &'a FormatIntent,
-    ) -> BoxFuture<'a, Result<(), KeyError>>;
+    ) -> BoxFuture<'a, Result<(), KeyError>> {
+        answer(
+            self.format_state(id, auth, FormatStateOp::WithdrawIntent(intent)),
+            drop,
+        )
+    }
 
     /// The last recorded format intent for this key, if any. A stored value
     /// that does not parse is logged and reported as no intent.
@@ -377,7 +438,15 @@ pub trait KeyManager: Send + Sync {
         &'a self,
         id: &'a KeyId,
         auth: &'a RequestAuth,
-    ) -> BoxFuture<'a, Result<Option<FormatIntent>, KeyError>>;
+    ) -> BoxFuture<'a, Result<Option<FormatIntent>, KeyError>> {
+        answer(
+            self.format_state(id, auth, FormatStateOp::Intent),
+            |s| match s {
+                FormatState::Intent(i) => i,
+                _ => None,
+            },
+        )
+    }
 }
 
 #[cfg(test)]
