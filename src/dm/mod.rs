@@ -121,6 +121,36 @@ impl MappingInfo {
     }
 }
 
+/// What the volume layer does with device-mapper: the seam under the
+/// orchestration. [`DeviceMapper`] is the kernel; tests put a recording
+/// fake behind it to check settling, undo and rollback without a kernel.
+pub trait Mapper {
+    /// The mapping named `name`, if there is one.
+    fn info(&self, name: &str) -> Result<Option<MappingInfo>, DmError>;
+    /// Creates a crypt mapping (see [`DeviceMapper::create_crypt`]).
+    fn create_crypt(
+        &self,
+        name: &str,
+        uuid: &str,
+        target: &CryptTarget,
+        key: &VolumeKey,
+        read_only: bool,
+    ) -> Result<MappingInfo, DmError>;
+    /// Replaces a live mapping's table (see [`DeviceMapper::reload_crypt`]).
+    fn reload_crypt(
+        &self,
+        name: &str,
+        target: &CryptTarget,
+        key: &VolumeKey,
+    ) -> Result<(), DmError>;
+    /// Makes the mapping's /dev/mapper node when it is missing or stale.
+    fn ensure_node(&self, info: &MappingInfo) -> Result<(), DmError>;
+    /// Resumes a suspended mapping.
+    fn resume(&self, name: &str) -> Result<Option<MappingInfo>, DmError>;
+    /// Removes a mapping, retrying while busy; `false`: nothing to remove.
+    fn remove(&self, name: &str, attempts: u32, first_backoff: Duration) -> Result<bool, DmError>;
+}
+
 /// An open device-mapper control device.
 pub struct DeviceMapper {
     dm: DM,
@@ -147,23 +177,6 @@ impl DeviceMapper {
             op,
             name,
             source: Box::new(source),
-        }
-    }
-
-    /// Information about `name`, or `None` when no such mapping exists.
-    pub fn info(&self, name: &str) -> Result<Option<MappingInfo>, DmError> {
-        let id = DevId::Name(name_of(name)?);
-        match self.dm.device_info(&id) {
-            Ok(info) => Ok(Some(MappingInfo {
-                name: name.to_string(),
-                uuid: info.uuid().map(|u| u.to_string()).unwrap_or_default(),
-                device: format!("{}:{}", info.device().major, info.device().minor),
-                open_count: info.open_count(),
-                live_table: info.flags().contains(DmFlags::DM_ACTIVE_PRESENT),
-                suspended: info.flags().contains(DmFlags::DM_SUSPEND),
-            })),
-            Err(e) if is_enxio(&e) => Ok(None),
-            Err(e) => Err(Self::op("info", name)(e)),
         }
     }
 
@@ -196,45 +209,6 @@ impl DeviceMapper {
             .into_iter()
             .map(|(start, len, ty, params)| format!("{start} {len} {ty} {params}"))
             .collect())
-    }
-
-    /// Creates mapping `name` with `uuid` over `target`, the key going
-    /// through the keyring; creates the /dev/mapper node when udev does not.
-    /// On failure everything created is removed again.
-    pub fn create_crypt(
-        &self,
-        name: &str,
-        uuid: &str,
-        target: &CryptTarget,
-        key: &VolumeKey,
-        read_only: bool,
-    ) -> Result<MappingInfo, DmError> {
-        let dm_name = name_of(name)?;
-        let dm_uuid = DmUuid::new(uuid).map_err(|_| DmError::InvalidId {
-            what: "uuid",
-            value: uuid.into(),
-        })?;
-        let mut flags = DmFlags::empty();
-        if read_only {
-            flags |= DmFlags::DM_READONLY;
-        }
-        self.dm
-            .device_create(
-                dm_name,
-                Some(dm_uuid),
-                DmOptions::default().set_flags(flags),
-            )
-            .map_err(Self::op("create", name))?;
-        match self.load_and_resume(name, target, key, flags) {
-            Ok(info) => Ok(info),
-            Err(cause) => match self.remove_once(name) {
-                Ok(()) => Err(cause),
-                Err(rollback) => Err(DmError::RollbackFailed {
-                    cause: Box::new(cause),
-                    rollback: Box::new(rollback),
-                }),
-            },
-        }
     }
 
     fn load_and_resume(
@@ -276,8 +250,74 @@ impl DeviceMapper {
         Ok(info)
     }
 
+    fn remove_once(&self, name: &str) -> Result<(), DmError> {
+        let id = DevId::Name(name_of(name)?);
+        self.dm
+            .device_remove(&id, DmOptions::default())
+            .map_err(Self::op("remove", name))?;
+        remove_node(name)
+    }
+}
+
+impl Mapper for DeviceMapper {
+    /// Information about `name`, or `None` when no such mapping exists.
+    fn info(&self, name: &str) -> Result<Option<MappingInfo>, DmError> {
+        let id = DevId::Name(name_of(name)?);
+        match self.dm.device_info(&id) {
+            Ok(info) => Ok(Some(MappingInfo {
+                name: name.to_string(),
+                uuid: info.uuid().map(|u| u.to_string()).unwrap_or_default(),
+                device: format!("{}:{}", info.device().major, info.device().minor),
+                open_count: info.open_count(),
+                live_table: info.flags().contains(DmFlags::DM_ACTIVE_PRESENT),
+                suspended: info.flags().contains(DmFlags::DM_SUSPEND),
+            })),
+            Err(e) if is_enxio(&e) => Ok(None),
+            Err(e) => Err(Self::op("info", name)(e)),
+        }
+    }
+
+    /// Creates mapping `name` with `uuid` over `target`, the key going
+    /// through the keyring; creates the /dev/mapper node when udev does not.
+    /// On failure everything created is removed again.
+    fn create_crypt(
+        &self,
+        name: &str,
+        uuid: &str,
+        target: &CryptTarget,
+        key: &VolumeKey,
+        read_only: bool,
+    ) -> Result<MappingInfo, DmError> {
+        let dm_name = name_of(name)?;
+        let dm_uuid = DmUuid::new(uuid).map_err(|_| DmError::InvalidId {
+            what: "uuid",
+            value: uuid.into(),
+        })?;
+        let mut flags = DmFlags::empty();
+        if read_only {
+            flags |= DmFlags::DM_READONLY;
+        }
+        self.dm
+            .device_create(
+                dm_name,
+                Some(dm_uuid),
+                DmOptions::default().set_flags(flags),
+            )
+            .map_err(Self::op("create", name))?;
+        match self.load_and_resume(name, target, key, flags) {
+            Ok(info) => Ok(info),
+            Err(cause) => match self.remove_once(name) {
+                Ok(()) => Err(cause),
+                Err(rollback) => Err(DmError::RollbackFailed {
+                    cause: Box::new(cause),
+                    rollback: Box::new(rollback),
+                }),
+            },
+        }
+    }
+
     /// Replaces the table of a live mapping (extend): load, suspend, resume.
-    pub fn reload_crypt(
+    fn reload_crypt(
         &self,
         name: &str,
         target: &CryptTarget,
@@ -311,13 +351,13 @@ impl DeviceMapper {
 
     /// Makes sure `/dev/mapper/<name>` is the node of `info`'s device (an
     /// attach killed between the resume and the mknod leaves none).
-    pub fn ensure_node(&self, info: &MappingInfo) -> Result<(), DmError> {
+    fn ensure_node(&self, info: &MappingInfo) -> Result<(), DmError> {
         ensure_node(info)
     }
 
     /// Resumes a suspended mapping (one whose reload was interrupted after
     /// the suspend) and makes sure its node exists.
-    pub fn resume(&self, name: &str) -> Result<Option<MappingInfo>, DmError> {
+    fn resume(&self, name: &str) -> Result<Option<MappingInfo>, DmError> {
         let id = DevId::Name(name_of(name)?);
         self.dm
             .device_suspend(&id, DmOptions::default())
@@ -329,22 +369,9 @@ impl DeviceMapper {
         Ok(info)
     }
 
-    fn remove_once(&self, name: &str) -> Result<(), DmError> {
-        let id = DevId::Name(name_of(name)?);
-        self.dm
-            .device_remove(&id, DmOptions::default())
-            .map_err(Self::op("remove", name))?;
-        remove_node(name)
-    }
-
     /// Removes `name`, retrying a busy mapping `attempts` times with a
     /// doubling backoff. Returns `false` when there was nothing to remove.
-    pub fn remove(
-        &self,
-        name: &str,
-        attempts: u32,
-        first_backoff: Duration,
-    ) -> Result<bool, DmError> {
+    fn remove(&self, name: &str, attempts: u32, first_backoff: Duration) -> Result<bool, DmError> {
         let mut wait = first_backoff;
         for attempt in 1..=attempts.max(1) {
             match self.info(name)? {

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::guard::{self, Decision, Inspection, IntentSeen};
-use super::{EncryptionSpec, Provider, VolumeError, Volumes, dev_err, io_err, key_err};
+use super::{EncryptionSpec, FileOp, Provider, VolumeError, Volumes, io_err, key_err};
 use crate::blockdev::{self, Accept};
 use crate::keymgr::{FormatIntent, KeyId, RequestAuth};
 use crate::luks::{
@@ -70,13 +70,7 @@ impl Volumes<'_> {
         };
         // Libvirt mode takes image files (NFS-backed volumes); dm mode has
         // refused anything but a block device before the key was fetched.
-        let file = blockdev::open_device(
-            device,
-            true,
-            Accept::BlockOrFile,
-            self.opts.device_open_timeout,
-        )
-        .map_err(dev_err(vid))?;
+        let file = self.open_device(vid, device, true, Accept::BlockOrFile)?;
         let disk = FileDisk::new(file, dev_name.clone());
         let job = FirstUse {
             vid,
@@ -117,7 +111,7 @@ impl Volumes<'_> {
             Ok(o) => o,
             Err(e) => return Err(not_opened.unwrap_or(e)),
         };
-        let probing = |e| io_err(vid, "probing", device)(e);
+        let probing = |e| io_err(vid, FileOp::Probing, device)(e);
         let seen = Inspection::of(&disk).map_err(probing)?;
         let intent = self.intent_seen(&job).await?;
         let record = self.records.read(vid);
@@ -218,7 +212,7 @@ impl Volumes<'_> {
         }
         self.records
             .clear(vid)
-            .map_err(io_err(vid, "clearing format record for", Path::new(vid)))
+            .map_err(io_err(vid, FileOp::ClearingFormatRecord, Path::new(vid)))
     }
 
     /// The options a first-use format of this volume uses (its LUKS UUID
@@ -316,7 +310,7 @@ impl Volumes<'_> {
         let recorded_before = self.records.read(vid);
         self.records
             .record(vid, &dev, &intent.luks_uuid)
-            .map_err(io_err(vid, "recording format of", Path::new(&dev)))?;
+            .map_err(io_err(vid, FileOp::RecordingFormat, Path::new(&dev)))?;
         if let Err(e) = self.keys.mark_formatting(key_id, auth, &intent).await {
             let cause = key_err(vid)(e);
             return Err(
@@ -358,7 +352,7 @@ impl Volumes<'_> {
         } else {
             self.records.clear(vid).map_err(io_err(
                 vid,
-                "removing format record of",
+                FileOp::RemovingFormatRecord,
                 Path::new(vid),
             ))
         };

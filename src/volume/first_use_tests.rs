@@ -415,86 +415,10 @@ fn format_options_predict_the_data_offset() {
     }
 }
 
-/// A key manager that records the intent and then fails, as Barbican does
-/// when it accepts the local copy and then refuses or loses the request.
-struct IntentWriteFails<'a>(&'a LocalKeyStore);
-
-impl KeyManager for IntentWriteFails<'_> {
-    fn describe(&self) -> String {
-        "intent write fails".into()
-    }
-    fn fetch<'a>(
-        &'a self,
-        id: &'a KeyId,
-        auth: &'a RequestAuth,
-    ) -> crate::keymgr::BoxFuture<'a, Result<Key, crate::keymgr::KeyError>> {
-        self.0.fetch(id, auth)
-    }
-    fn is_marked_formatted<'a>(
-        &'a self,
-        id: &'a KeyId,
-        auth: &'a RequestAuth,
-    ) -> crate::keymgr::BoxFuture<'a, Result<bool, crate::keymgr::KeyError>> {
-        self.0.is_marked_formatted(id, auth)
-    }
-    fn mark_formatted<'a>(
-        &'a self,
-        id: &'a KeyId,
-        auth: &'a RequestAuth,
-    ) -> crate::keymgr::BoxFuture<'a, Result<(), crate::keymgr::KeyError>> {
-        self.0.mark_formatted(id, auth)
-    }
-    fn mark_formatting<'a>(
-        &'a self,
-        id: &'a KeyId,
-        auth: &'a RequestAuth,
-        intent: &'a FormatIntent,
-    ) -> crate::keymgr::BoxFuture<'a, Result<(), crate::keymgr::KeyError>> {
-        Box::pin(async move {
-            self.0.mark_formatting(id, auth, intent).await?;
-            Err(crate::keymgr::KeyError::Unavailable {
-                key_id: id.to_string(),
-                endpoint: "test".into(),
-                attempts: 1,
-                last: "connection reset".into(),
-            })
-        })
-    }
-    fn withdraw_formatting<'a>(
-        &'a self,
-        id: &'a KeyId,
-        auth: &'a RequestAuth,
-        intent: &'a FormatIntent,
-    ) -> crate::keymgr::BoxFuture<'a, Result<(), crate::keymgr::KeyError>> {
-        self.0.withdraw_formatting(id, auth, intent)
-    }
-    fn formatting_intent<'a>(
-        &'a self,
-        id: &'a KeyId,
-        auth: &'a RequestAuth,
-    ) -> crate::keymgr::BoxFuture<'a, Result<Option<FormatIntent>, crate::keymgr::KeyError>> {
-        self.0.formatting_intent(id, auth)
-    }
-}
-
 /// An ext4 superblock magic and file data past the header area.
 fn put_ext4(fx: &Fx) {
     fx.write(0x438, &[0x53, 0xef]);
     fx.write(20 * MIB, b"the customer's data");
-}
-
-fn options_of(fx: &Fx, name: &str) -> VolumeOptions {
-    let state = fx.dir.path().join(name);
-    VolumeOptions {
-        state_dir: state.join("state"),
-        run_dir: state.join("run"),
-        max_argon2_memory_kib: 64 * 1024,
-        detach_attempts: 1,
-        detach_backoff: Duration::from_millis(1),
-        crypt: CryptOptions::default(),
-        format_intent_min_age: Duration::from_secs(600),
-        device_open_timeout: Duration::from_secs(10),
-    }
 }
 
 #[test]
@@ -581,17 +505,22 @@ fn a_stale_record_and_intent_never_skip_the_device_checks() {
 
 #[test]
 fn a_failed_intent_write_takes_back_the_record_and_the_intent() {
+    // The key manager cannot store the intent: a file stands where its
+    // directory goes.
     let fx = setup();
-    let failing = IntentWriteFails(&fx.keys);
-    let a = Volumes::new(&failing, options_of(&fx, "a"));
+    let intents = fx.dir.path().join("km-state/format-intents");
+    fs::create_dir_all(intents.parent().unwrap()).unwrap();
+    fs::write(&intents, b"in the way").unwrap();
+    let a = fx.host("a");
     let before = fx.digest();
     let e = fx.attach(&a).unwrap_err();
     assert!(matches!(e, VolumeError::Key { .. }), "{e}");
     assert_eq!(fx.digest(), before, "the device changed");
     assert!(!a_record(&fx, "a").exists(), "the record was left");
+    // With the key manager back, the same host formats at once.
+    fs::remove_file(&intents).unwrap();
     assert!(fx.stored_intent().is_none(), "the intent was left");
-    // With the key manager back, the same host and any other format at once.
-    let (_, formatted) = fx.attach(&fx.host("b")).unwrap();
+    let (_, formatted) = fx.attach(&a).unwrap();
     assert!(formatted);
 }
 

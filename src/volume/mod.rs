@@ -5,6 +5,7 @@
 
 mod first_use;
 pub mod guard;
+pub mod id;
 pub mod naming;
 pub mod native;
 mod records;
@@ -18,11 +19,12 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::blockdev::{self, Accept};
-use crate::dm::{CryptOptions, CryptTarget, DeviceMapper, DmError, MappingInfo};
+use crate::dm::{CryptOptions, CryptTarget, DeviceMapper, DmError, Mapper, MappingInfo};
 use crate::keymgr::{KeyError, KeyManager, RequestAuth};
 use crate::luks::{self, CipherSpec, FileDisk, Header, KdfLimits, LuksError, LuksVersion};
 use crate::secret::VolumeKey;
 use guard::FormatRecords;
+pub use id::VolumeId;
 pub use records::{AttachedVolume, attached_volumes, volume_of_mapping};
 use records::{RunRecords, VolumeRecord};
 pub use spec::{EncryptionSpec, Provider, SpecError};
@@ -48,8 +50,9 @@ pub enum VolumeError {
         #[source]
         source: KeyError,
     },
-    /// The LUKS header could not be read, unlocked or written.
-    #[error("volume {volume_id} on {device}")]
+    /// The LUKS header could not be read, unlocked or written (the source
+    /// names the device).
+    #[error("volume {volume_id}")]
     Luks {
         /// Volume.
         volume_id: String,
@@ -96,7 +99,7 @@ pub enum VolumeError {
         /// Volume.
         volume_id: String,
         /// What we did.
-        op: String,
+        op: FileOp,
         /// The file.
         path: String,
         /// The OS error.
@@ -126,6 +129,14 @@ pub enum VolumeError {
         #[source]
         source: Box<crate::libvirt::LibvirtError>,
     },
+    /// The volume is not attached (extend needs its mapping).
+    #[error("volume {volume_id}: not attached (no mapping {mapping})")]
+    NotAttached {
+        /// Volume.
+        volume_id: String,
+        /// The mapping that is missing.
+        mapping: String,
+    },
     /// This operation is not supported for this volume.
     #[error("volume {volume_id}: {what}")]
     Unsupported {
@@ -134,6 +145,60 @@ pub enum VolumeError {
         /// What.
         what: String,
     },
+}
+
+/// A file operation of the volume layer, as an error names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FileOp {
+    /// Making a state or run directory.
+    CreatingDir,
+    /// Opening a volume's lock file.
+    OpeningLock,
+    /// Taking a volume's lock.
+    Locking,
+    /// Resolving the device path.
+    Resolving,
+    /// Reading the device for signatures.
+    Probing,
+    /// Writing the local record of a format.
+    RecordingFormat,
+    /// Dropping the local record of a finished format.
+    ClearingFormatRecord,
+    /// Taking back the local record of a failed format.
+    RemovingFormatRecord,
+    /// Pointing the device path at the mapping.
+    Repointing,
+    /// Pointing the device path back.
+    Restoring,
+    /// Reading a device's metadata.
+    Inspecting,
+    /// Reading a device's size.
+    Sizing,
+    /// Writing a record.
+    Writing,
+    /// Removing a record.
+    Removing,
+}
+
+impl std::fmt::Display for FileOp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            FileOp::CreatingDir => "creating",
+            FileOp::OpeningLock => "opening lock",
+            FileOp::Locking => "locking",
+            FileOp::Resolving => "resolving",
+            FileOp::Probing => "probing",
+            FileOp::RecordingFormat => "recording format of",
+            FileOp::ClearingFormatRecord => "clearing format record for",
+            FileOp::RemovingFormatRecord => "removing format record of",
+            FileOp::Repointing => "repointing",
+            FileOp::Restoring => "restoring",
+            FileOp::Inspecting => "inspecting",
+            FileOp::Sizing => "sizing",
+            FileOp::Writing => "writing",
+            FileOp::Removing => "removing",
+        })
+    }
 }
 
 /// What an idempotent operation did.
@@ -218,11 +283,40 @@ pub struct VolumeOptions {
     pub device_open_timeout: Duration,
 }
 
+/// An operation on an encrypted volume under way (see `Volumes::begin`):
+/// the volume's lock is held while it lives.
+struct Begun<'s> {
+    provider: Provider,
+    /// The key id (empty for operations that need no key).
+    key_id: &'s str,
+    _lock: File,
+}
+
 /// Attach/detach orchestration.
 pub struct Volumes<'k> {
     keys: &'k dyn KeyManager,
     opts: VolumeOptions,
     records: FormatRecords,
+    /// The device-mapper to use; `None`: the kernel's, opened per
+    /// operation.
+    mapper: Option<&'k dyn Mapper>,
+}
+
+/// The device-mapper an operation uses: the kernel's, opened for it, or
+/// the one the orchestration was given.
+enum MapperRef<'k> {
+    Kernel(DeviceMapper),
+    Given(&'k dyn Mapper),
+}
+
+impl<'k> std::ops::Deref for MapperRef<'k> {
+    type Target = dyn Mapper + 'k;
+    fn deref(&self) -> &Self::Target {
+        match self {
+            MapperRef::Kernel(dm) => dm,
+            MapperRef::Given(m) => *m,
+        }
+    }
 }
 
 fn key_err(volume_id: &str) -> impl FnOnce(crate::keymgr::KeyError) -> VolumeError {
@@ -239,15 +333,20 @@ fn dev_err(volume_id: &str) -> impl FnOnce(blockdev::DeviceError) -> VolumeError
 /// the caller accepts) before anything opens it, then resolved.
 fn resolve_device(vid: &str, path: &Path, accept: Accept) -> Result<PathBuf, VolumeError> {
     blockdev::check_device(path, accept).map_err(dev_err(vid))?;
-    fs::canonicalize(path).map_err(io_err(vid, "resolving", path))
+    fs::canonicalize(path).map_err(|source| {
+        if source.kind() == std::io::ErrorKind::NotFound {
+            // Gone between the check and here.
+            dev_err(vid)(blockdev::DeviceError::NotFound {
+                path: blockdev::device::shown(path),
+            })
+        } else {
+            io_err(vid, FileOp::Resolving, path)(source)
+        }
+    })
 }
 
-fn io_err(volume_id: &str, op: &str, path: &Path) -> impl FnOnce(std::io::Error) -> VolumeError {
-    let (volume_id, op, path) = (
-        volume_id.to_string(),
-        op.to_string(),
-        blockdev::device::shown(path),
-    );
+fn io_err(volume_id: &str, op: FileOp, path: &Path) -> impl FnOnce(std::io::Error) -> VolumeError {
+    let (volume_id, path) = (volume_id.to_string(), blockdev::device::shown(path));
     move |source| VolumeError::Io {
         volume_id,
         op,
@@ -264,13 +363,46 @@ impl<'k> Volumes<'k> {
             keys,
             opts,
             records,
+            mapper: None,
+        }
+    }
+
+    /// The same orchestration over `mapper` instead of the kernel's
+    /// device-mapper (tests of settling, undo and rollback).
+    pub fn with_mapper(mut self, mapper: &'k dyn Mapper) -> Self {
+        self.mapper = Some(mapper);
+        self
+    }
+
+    /// Opens a caller's device (see [`blockdev::open_device`]) within the
+    /// configured time, errors naming the volume.
+    fn open_device(
+        &self,
+        vid: &str,
+        path: &Path,
+        writable: bool,
+        accept: Accept,
+    ) -> Result<File, VolumeError> {
+        blockdev::open_device(path, writable, accept, self.opts.device_open_timeout)
+            .map_err(dev_err(vid))
+    }
+
+    /// The device-mapper for one operation, or an error naming the volume.
+    fn mapper(&self, volume_id: &str) -> Result<MapperRef<'k>, VolumeError> {
+        match self.mapper {
+            Some(m) => Ok(MapperRef::Given(m)),
+            None => open_dm(volume_id).map(MapperRef::Kernel),
         }
     }
 
     /// Serialises all operations on one volume, across processes.
     fn lock(&self, volume_id: &str) -> Result<File, VolumeError> {
         let dir = self.opts.run_dir.join("locks");
-        crate::state_file::private_dir(&dir).map_err(io_err(volume_id, "creating", &dir))?;
+        crate::state_file::private_dir(&dir).map_err(io_err(
+            volume_id,
+            FileOp::CreatingDir,
+            &dir,
+        ))?;
         let path = dir.join(format!("{volume_id}.lock"));
         let f = OpenOptions::new()
             .write(true)
@@ -278,8 +410,9 @@ impl<'k> Volumes<'k> {
             .truncate(false)
             .mode(0o600)
             .open(&path)
-            .map_err(io_err(volume_id, "opening lock", &path))?;
-        f.lock().map_err(io_err(volume_id, "locking", &path))?;
+            .map_err(io_err(volume_id, FileOp::OpeningLock, &path))?;
+        f.lock()
+            .map_err(io_err(volume_id, FileOp::Locking, &path))?;
         Ok(f)
     }
 
@@ -305,43 +438,61 @@ impl<'k> Volumes<'k> {
         })
     }
 
-    fn validate_id(volume_id: &str) -> Result<(), VolumeError> {
-        let ok = !volume_id.is_empty()
-            && volume_id.len() <= 128
-            && volume_id
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
-            && !volume_id.starts_with('.');
-        if ok {
-            Ok(())
-        } else {
-            Err(VolumeError::Unsupported {
-                volume_id: volume_id.escape_debug().to_string(),
-                what: "volume ids are 1-128 characters of letters, digits, '-', '_' and '.'".into(),
-            })
+    /// The opening step every operation shares: the volume id and the
+    /// provider checked (and `check`ed, for modes that take only some
+    /// providers); `None` for a volume without front-end encryption (the
+    /// caller answers its own no-op); else the key id read from the spec
+    /// when `needs_key`, and the volume's lock taken.
+    fn begin<'s>(
+        &self,
+        volume_id: &str,
+        spec: &'s EncryptionSpec,
+        needs_key: bool,
+        check: impl FnOnce(&str, Provider) -> Result<(), VolumeError>,
+    ) -> Result<Option<Begun<'s>>, VolumeError> {
+        let provider = Self::checked_provider(volume_id, spec)?;
+        check(volume_id, provider)?;
+        if provider == Provider::NoOp {
+            return Ok(None);
         }
+        let key_id = if needs_key {
+            Some(spec.key_id().map_err(|source| VolumeError::Spec {
+                volume_id: volume_id.into(),
+                source,
+            })?)
+        } else {
+            None
+        };
+        Ok(Some(Begun {
+            provider,
+            key_id: key_id.unwrap_or_default(),
+            _lock: self.lock(volume_id)?,
+        }))
+    }
+
+    fn validate_id(volume_id: &str) -> Result<(), VolumeError> {
+        VolumeId::parse(volume_id)
+            .map(drop)
+            .map_err(|_| VolumeError::Unsupported {
+                volume_id: volume_id.escape_debug().to_string(),
+                what: id::RULE.into(),
+            })
     }
 
     /// Attaches a volume: after this, the returned path reads and writes
     /// plaintext. Idempotent; a failure leaves nothing behind.
     pub async fn attach(&self, req: &AttachRequest) -> Result<Attached, VolumeError> {
         let vid = req.volume_id.as_str();
-        let provider = Self::checked_provider(vid, &req.spec)?;
-        let spec_err = |source| VolumeError::Spec {
-            volume_id: vid.into(),
-            source,
-        };
-        if provider == Provider::NoOp {
+        let Some(begun) = self.begin(vid, &req.spec, true, |_, _| Ok(()))? else {
             return Ok(Attached {
                 path: req.device_path.clone(),
                 mapping: None,
                 action: Action::NoOp,
                 formatted: false,
             });
-        }
-        let key_id_text = req.spec.key_id().map_err(spec_err)?;
-        let _lock = self.lock(vid)?;
-        let dm = open_dm(vid)?;
+        };
+        let (provider, key_id_text) = (begun.provider, begun.key_id);
+        let dm = self.mapper(vid)?;
         let dm_err = |mapping: &str| {
             let (v, m) = (vid.to_string(), mapping.to_string());
             move |source| VolumeError::Dm {
@@ -354,7 +505,7 @@ impl<'k> Volumes<'k> {
             matches!(dm.info(n), Ok(Some(_)))
         });
         let existing = match dm.info(&name).map_err(dm_err(&name))? {
-            Some(m) => self.settle_existing(vid, &dm, m)?,
+            Some(m) => self.settle_existing(vid, &*dm, m)?,
             None => None,
         };
         // An attach record whose mapping is gone: a detach killed after it
@@ -364,7 +515,7 @@ impl<'k> Volumes<'k> {
         if let Some(r) = self.read_record(vid)
             && dm.info(&r.mapping).map_err(dm_err(&r.mapping))?.is_none()
         {
-            self.undo_map(vid, &dm, &r.mapping)?;
+            self.undo_map(vid, &*dm, &r.mapping)?;
         }
         if let Some(existing) = existing {
             self.point_symlink(vid, &req.device_path, &existing)?;
@@ -385,7 +536,7 @@ impl<'k> Volumes<'k> {
             // cryptsetup create: no header; key derived from the passphrase.
             let (target, key) = self.plain_target(vid, &device, &req.spec, &name, &passphrase)?;
             let uuid = naming::dm_uuid("PLAIN", None, &name);
-            return self.map(vid, &dm, &req.device_path, &name, &uuid, &target, key);
+            return self.map(vid, &*dm, &req.device_path, &name, &uuid, &target, key);
         }
         let (header, volume_key, formatted) = self
             .open_or_format(vid, &device, provider, &req.spec, &key_id, &key, &req.auth)
@@ -399,7 +550,7 @@ impl<'k> Volumes<'k> {
         let uuid = naming::dm_uuid(kind, Some(header.uuid()), &name);
         let mut attached = self.map(
             vid,
-            &dm,
+            &*dm,
             &req.device_path,
             &name,
             &uuid,
@@ -420,7 +571,7 @@ impl<'k> Volumes<'k> {
     fn settle_existing(
         &self,
         vid: &str,
-        dm: &DeviceMapper,
+        dm: &dyn Mapper,
         m: MappingInfo,
     ) -> Result<Option<MappingInfo>, VolumeError> {
         let dm_err = |source| VolumeError::Dm {
@@ -471,7 +622,7 @@ impl<'k> Volumes<'k> {
     fn map(
         &self,
         vid: &str,
-        dm: &DeviceMapper,
+        dm: &dyn Mapper,
         device_path: &Path,
         name: &str,
         uuid: &str,
@@ -511,7 +662,7 @@ impl<'k> Volumes<'k> {
     /// that was killed. The keyring entry needs no undo: it lives only
     /// while the table loads. Every step is tried; the first failure is
     /// returned.
-    fn undo_map(&self, vid: &str, dm: &DeviceMapper, name: &str) -> Result<(), VolumeError> {
+    fn undo_map(&self, vid: &str, dm: &dyn Mapper, name: &str) -> Result<(), VolumeError> {
         let mut first = dm
             .remove(name, 3, Duration::from_millis(50))
             .map(|_| ())
@@ -526,7 +677,7 @@ impl<'k> Volumes<'k> {
                 && fs::read_link(&r.device_path).ok().as_deref() == Some(mapped.as_path())
                 && let Err(e) = replace_symlink(&r.device_path, orig)
             {
-                first = first.and(Err(io_err(vid, "restoring", &r.device_path)(e)));
+                first = first.and(Err(io_err(vid, FileOp::Restoring, &r.device_path)(e)));
             }
             if let Err(e) = self.records().remove(vid) {
                 first = first.and(Err(e));
@@ -599,15 +750,11 @@ impl<'k> Volumes<'k> {
         sector_size: u32,
     ) -> Result<CryptTarget, VolumeError> {
         use std::os::unix::fs::MetadataExt;
-        let file = blockdev::open_device(
-            device,
-            false,
-            Accept::BlockOnly,
-            self.opts.device_open_timeout,
-        )
-        .map_err(dev_err(vid))?;
-        let meta = file.metadata().map_err(io_err(vid, "inspecting", device))?;
-        let size = blockdev::size_of(&file).map_err(io_err(vid, "sizing", device))?;
+        let file = self.open_device(vid, device, false, Accept::BlockOnly)?;
+        let meta = file
+            .metadata()
+            .map_err(io_err(vid, FileOp::Inspecting, device))?;
+        let size = blockdev::size_of(&file).map_err(io_err(vid, FileOp::Sizing, device))?;
         let sector = u64::from(sector_size);
         let data = size.saturating_sub(data_offset) / sector * sector;
         if data == 0 {
@@ -677,7 +824,11 @@ impl<'k> Volumes<'k> {
         if !link || current.as_deref() == Some(mapping_path.as_path()) {
             return Ok(());
         }
-        replace_symlink(device_path, &mapping_path).map_err(io_err(vid, "repointing", device_path))
+        replace_symlink(device_path, &mapping_path).map_err(io_err(
+            vid,
+            FileOp::Repointing,
+            device_path,
+        ))
     }
 
     /// Detaches a volume: removes the mapping (retrying while it is busy)
@@ -689,15 +840,13 @@ impl<'k> Volumes<'k> {
         spec: &EncryptionSpec,
         multipath_id: Option<&str>,
     ) -> Result<Detached, VolumeError> {
-        let provider = Self::checked_provider(volume_id, spec)?;
-        if provider == Provider::NoOp {
+        let Some(_begun) = self.begin(volume_id, spec, false, |_, _| Ok(()))? else {
             return Ok(Detached {
                 mapping: None,
                 action: Action::NoOp,
             });
-        }
-        let _lock = self.lock(volume_id)?;
-        let dm = open_dm(volume_id)?;
+        };
+        let dm = self.mapper(volume_id)?;
         let record = self.read_record(volume_id);
         let name = match &record {
             Some(r) => r.mapping.clone(),
@@ -716,7 +865,7 @@ impl<'k> Volumes<'k> {
             if let Some(orig) = &r.original_target {
                 replace_symlink(&r.device_path, orig).map_err(io_err(
                     volume_id,
-                    "restoring",
+                    FileOp::Restoring,
                     &r.device_path,
                 ))?;
             }
@@ -739,12 +888,7 @@ impl Volumes<'_> {
     /// reloaded (suspend, resume) at the new length.
     pub async fn extend(&self, req: &AttachRequest) -> Result<Extended, VolumeError> {
         let vid = req.volume_id.as_str();
-        let provider = Self::checked_provider(vid, &req.spec)?;
-        let spec_err = |source| VolumeError::Spec {
-            volume_id: vid.into(),
-            source,
-        };
-        if provider == Provider::NoOp {
+        let Some(begun) = self.begin(vid, &req.spec, true, |_, _| Ok(()))? else {
             // Nothing of ours sits on the device: its size is the answer,
             // read without opening the path.
             return Ok(Extended {
@@ -752,10 +896,9 @@ impl Volumes<'_> {
                 new_size: blockdev::size_without_opening(&req.device_path, Accept::BlockOnly)
                     .map_err(dev_err(vid))?,
             });
-        }
-        let key_id_text = req.spec.key_id().map_err(spec_err)?;
-        let _lock = self.lock(vid)?;
-        let dm = open_dm(vid)?;
+        };
+        let (provider, key_id_text) = (begun.provider, begun.key_id);
+        let dm = self.mapper(vid)?;
         let record = self.read_record(vid);
         let name = match &record {
             Some(r) => r.mapping.clone(),
@@ -769,9 +912,9 @@ impl Volumes<'_> {
             source,
         };
         if dm.info(&name).map_err(dm_err)?.is_none() {
-            return Err(VolumeError::Unsupported {
+            return Err(VolumeError::NotAttached {
                 volume_id: vid.into(),
-                what: format!("not attached (no mapping {name})"),
+                mapping: name.clone(),
             });
         }
         // The lower device: the record's symlink target, else the path.
@@ -790,13 +933,7 @@ impl Volumes<'_> {
                 device: dev_name.clone(),
                 source,
             };
-            let file = blockdev::open_device(
-                &lower,
-                false,
-                Accept::BlockOnly,
-                self.opts.device_open_timeout,
-            )
-            .map_err(dev_err(vid))?;
+            let file = self.open_device(vid, &lower, false, Accept::BlockOnly)?;
             let disk = FileDisk::new(file, dev_name.clone());
             let header = Header::read(&disk).map_err(luks_err)?;
             let unlocked = header
@@ -822,11 +959,6 @@ fn open_dm(volume_id: &str) -> Result<DeviceMapper, VolumeError> {
     })
 }
 
-/// Whether `volume_id` is one the agent accepts (what attach checks first).
-pub fn valid_volume_id(volume_id: &str) -> bool {
-    Volumes::validate_id(volume_id).is_ok()
-}
-
 /// Atomically makes `link` a symlink to `target` (create beside, rename).
 fn replace_symlink(link: &Path, target: &Path) -> std::io::Result<()> {
     let tmp = link.with_file_name(format!(".{}.luks-agent-tmp", naming::basename(link)));
@@ -834,3 +966,7 @@ fn replace_symlink(link: &Path, target: &Path) -> std::io::Result<()> {
     std::os::unix::fs::symlink(target, &tmp)?;
     fs::rename(&tmp, link)
 }
+
+#[cfg(test)]
+#[path = "mapping_tests.rs"]
+mod mapping_tests;

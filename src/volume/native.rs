@@ -25,7 +25,8 @@ use sha2::{Digest, Sha256};
 
 use super::records::RunRecords;
 use super::{
-    AttachRequest, EncryptionSpec, Provider, VolumeError, Volumes, dev_err, io_err, resolve_device,
+    AttachRequest, EncryptionSpec, FileOp, Provider, VolumeError, Volumes, dev_err, io_err,
+    resolve_device,
 };
 use crate::blockdev::{self, Accept};
 use crate::libvirt::{self, LibvirtError, SecretFlags, Secrets};
@@ -185,13 +186,7 @@ impl Volumes<'_> {
         native: &NativeOptions,
     ) -> Result<NativeAttached, VolumeError> {
         let vid = req.volume_id.as_str();
-        let provider = Self::checked_provider(vid, &req.spec)?;
-        let spec_err = |source| VolumeError::Spec {
-            volume_id: vid.into(),
-            source,
-        };
-        refuse_provider(vid, provider)?;
-        if provider == Provider::NoOp {
+        let Some(begun) = self.begin(vid, &req.spec, true, refuse_provider)? else {
             return Ok(NativeAttached {
                 path: req.device_path.clone(),
                 secret_uuid: None,
@@ -200,9 +195,8 @@ impl Volumes<'_> {
                 flags: None,
                 formatted: false,
             });
-        }
-        let key_id_text = req.spec.key_id().map_err(spec_err)?;
-        let _lock = self.lock(vid)?;
+        };
+        let (provider, key_id_text) = (begun.provider, begun.key_id);
         // Connect before anything is fetched or written: with libvirtd
         // down the attach fails with nothing changed.
         let secrets = Secrets::connect(&native.uri).map_err(lv_err(vid))?;
@@ -304,14 +298,12 @@ impl Volumes<'_> {
         native: &NativeOptions,
         keep: bool,
     ) -> Result<NativeDetached, VolumeError> {
-        let provider = Self::checked_provider(volume_id, spec)?;
-        if provider == Provider::NoOp {
+        let Some(_begun) = self.begin(volume_id, spec, false, |_, _| Ok(()))? else {
             return Ok(NativeDetached {
                 secret_uuid: None,
                 secret: SecretAction::NoOp,
             });
-        }
-        let _lock = self.lock(volume_id)?;
+        };
         let secrets = Secrets::connect(&native.uri).map_err(lv_err(volume_id))?;
         let Some(found) = secrets.find(volume_id).map_err(lv_err(volume_id))? else {
             self.secret_records().remove(volume_id)?;
@@ -345,10 +337,8 @@ impl Volumes<'_> {
     /// header only; no key is needed and nothing is written.
     pub fn extend_native(&self, req: &AttachRequest) -> Result<NativeExtended, VolumeError> {
         let vid = req.volume_id.as_str();
-        let provider = Self::checked_provider(vid, &req.spec)?;
-        refuse_provider(vid, provider)?;
         let path = &req.device_path;
-        if provider == Provider::NoOp {
+        let Some(_begun) = self.begin(vid, &req.spec, false, refuse_provider)? else {
             // Nothing of ours on the device: its size, without opening it.
             let device_size =
                 blockdev::size_without_opening(path, Accept::BlockOrFile).map_err(dev_err(vid))?;
@@ -357,16 +347,9 @@ impl Volumes<'_> {
                 payload_offset: 0,
                 new_size: device_size,
             });
-        }
-        let _lock = self.lock(vid)?;
-        let file = blockdev::open_device(
-            path,
-            false,
-            Accept::BlockOrFile,
-            self.opts.device_open_timeout,
-        )
-        .map_err(dev_err(vid))?;
-        let device_size = blockdev::size_of(&file).map_err(io_err(vid, "sizing", path))?;
+        };
+        let file = self.open_device(vid, path, false, Accept::BlockOrFile)?;
+        let device_size = blockdev::size_of(&file).map_err(io_err(vid, FileOp::Sizing, path))?;
         let payload_offset = {
             let dev_name = blockdev::device::shown(path);
             let disk = FileDisk::new(file, dev_name.clone());

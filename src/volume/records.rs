@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use super::{VolumeError, io_err};
+use super::{FileOp, VolumeError, io_err};
 use crate::state_file::{self, Durability};
 
 /// One kind of record.
@@ -45,8 +45,11 @@ impl RunRecords {
     pub(crate) fn write<T: Serialize>(&self, volume_id: &str, rec: &T) -> Result<(), VolumeError> {
         let path = self.path(volume_id);
         let text = serde_json::to_string(rec).unwrap_or_default();
-        state_file::replace(&path, text.as_bytes(), Durability::ProcessCrash)
-            .map_err(io_err(volume_id, "writing", &path))
+        state_file::replace(&path, text.as_bytes(), Durability::ProcessCrash).map_err(io_err(
+            volume_id,
+            FileOp::Writing,
+            &path,
+        ))
     }
 
     /// Removes the volume's record; an absent one is fine.
@@ -54,7 +57,7 @@ impl RunRecords {
         let path = self.path(volume_id);
         match fs::remove_file(&path) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                Err(io_err(volume_id, "removing", &path)(e))
+                Err(io_err(volume_id, FileOp::Removing, &path)(e))
             }
             _ => Ok(()),
         }
