@@ -10,6 +10,7 @@ pub mod keymgr;
 pub mod libvirt;
 pub mod luks;
 pub mod secret;
+pub mod service;
 pub mod state_file;
 pub mod text;
 pub mod volume;

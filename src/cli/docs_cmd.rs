@@ -1,6 +1,6 @@
-//! Documentation generated from the command-line definition itself, so the
-//! man pages and shell completions that packages install can never drift
-//! from what `--help` says.
+//! Documentation generated from the definitions themselves, so the man
+//! pages and shell completions that packages install can never drift from
+//! what `--help` says, nor the README's table of API codes from the codes.
 
 use std::path::PathBuf;
 
@@ -24,6 +24,9 @@ pub enum GenerateCommand {
         #[arg(value_name = "SHELL")]
         shell: Shell,
     },
+    /// Print the API's error codes (code, HTTP status, exit code, meaning)
+    /// as the README's Markdown table.
+    ApiCodes,
 }
 
 /// Runs a `generate` command.
@@ -36,6 +39,9 @@ pub fn run(cmd: GenerateCommand) -> anyhow::Result<u8> {
         }
         GenerateCommand::Completions { shell } => {
             clap_complete::generate(shell, &mut command, "luks-agent", &mut std::io::stdout());
+        }
+        GenerateCommand::ApiCodes => {
+            print!("{}", luks_agent::service::codes::ApiCode::markdown_table());
         }
     }
     Ok(EXIT_OK)

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use clap::{Args, Subcommand};
 
 use luks_agent::config::Config;
-use luks_agent::keymgr::{KeyError, KeyId, RequestAuth, SecretKind, SecretString};
+use luks_agent::keymgr::{KeyId, RequestAuth, SecretKind, SecretString};
 
 use super::{EXIT_OK, UsageError};
 
@@ -151,16 +151,4 @@ fn fetch(a: FetchArgs, config: &Config) -> anyhow::Result<u8> {
         out.write_all(b"\n")?;
     }
     Ok(EXIT_OK)
-}
-
-/// Exit code for key manager errors.
-pub fn exit_code(e: &KeyError) -> u8 {
-    match e {
-        KeyError::InvalidKeyId { .. } | KeyError::Config(_) => super::EXIT_USAGE,
-        KeyError::NotFound { .. } => super::EXIT_KEY_NOT_FOUND,
-        KeyError::Forbidden { .. } | KeyError::Unauthenticated { .. } => super::EXIT_KEY_ACCESS,
-        KeyError::Unavailable { .. } | KeyError::TimedOut { .. } => super::EXIT_KEY_UNAVAILABLE,
-        KeyError::Protocol { .. } | KeyError::InvalidKeyMaterial { .. } => super::EXIT_KEY_INVALID,
-        KeyError::Local { .. } => super::EXIT_DEVICE,
-    }
 }

@@ -9,43 +9,16 @@ mod volume_cmd;
 
 use clap::{Parser, Subcommand};
 
+use luks_agent::blockdev::DeviceError;
 use luks_agent::config;
-use luks_agent::daemon::client::{ClientError, RemoteError};
-use luks_agent::daemon::errors::ApiError;
 use luks_agent::keymgr::KeyError;
 use luks_agent::libvirt::LibvirtError;
 use luks_agent::luks::LuksError;
-use luks_agent::luks::kdf::KdfError;
+use luks_agent::service::client::{ClientError, RemoteError};
+use luks_agent::service::codes::{ApiCode, EXIT_DEVICE};
 use luks_agent::volume::VolumeError;
 
-/// Success.
-pub const EXIT_OK: u8 = 0;
-/// Usage error or invalid argument.
-pub const EXIT_USAGE: u8 = 1;
-/// No keyslot matches the passphrase.
-pub const EXIT_WRONG_PASSPHRASE: u8 = 2;
-/// Out of memory.
-pub const EXIT_NO_MEMORY: u8 = 3;
-/// Device unusable: not LUKS, damaged or invalid header, I/O error,
-/// unsupported feature, too small.
-pub const EXIT_DEVICE: u8 = 4;
-/// Refused: would destroy a header or data, last keyslot, no free keyslot.
-pub const EXIT_REFUSED: u8 = 5;
-/// The key manager has no such key.
-pub const EXIT_KEY_NOT_FOUND: u8 = 6;
-/// The key manager refused the credentials or access to the key.
-pub const EXIT_KEY_ACCESS: u8 = 7;
-/// The key manager is unavailable or timed out (after retries).
-pub const EXIT_KEY_UNAVAILABLE: u8 = 8;
-/// The key manager answered nonsense or the key cannot be a volume key.
-pub const EXIT_KEY_INVALID: u8 = 9;
-/// The agent refused the caller, is stopping, or could not be talked to.
-pub const EXIT_AGENT: u8 = 10;
-/// libvirtd cannot be reached (libvirt mode).
-pub const EXIT_LIBVIRT_UNAVAILABLE: u8 = 11;
-/// libvirt refused or failed an operation on a secret (libvirt mode).
-pub const EXIT_LIBVIRT: u8 = 12;
-
+pub use luks_agent::service::codes::{EXIT_AGENT, EXIT_OK, EXIT_USAGE};
 const EXIT_CODES_HELP: &str = "\
 Exit codes:
   0  success
@@ -146,7 +119,7 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
     let format = cli.log_format.unwrap_or(cfg.server.log_format);
     let serving = matches!(command, Command::Serve(_));
     // The agent logs one line per operation; one-shot commands only warn.
-    luks_agent::daemon::logging::init(format, if serving { "info" } else { "warn" }, serving);
+    luks_agent::service::logging::init(format, if serving { "info" } else { "warn" }, serving);
     match command {
         Command::Luks(cmd) => luks_cmd::run(cmd, &cfg),
         Command::Keys(cmd) => keys_cmd::run(cmd, &cfg),
@@ -167,7 +140,9 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
 #[error("{0}")]
 pub struct UsageError(pub String);
 
-/// The documented exit code for an error chain.
+/// The documented exit code for an error chain: usage errors, then the
+/// API code of the typed error (the same table the agent answers with, so
+/// a command exits the same way whether it acted itself or the agent did).
 pub fn exit_code(err: &anyhow::Error) -> u8 {
     if err.downcast_ref::<UsageError>().is_some()
         || err.downcast_ref::<config::ConfigError>().is_some()
@@ -177,101 +152,239 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
     {
         return EXIT_USAGE;
     }
-    if let Some(e) = err.downcast_ref::<KeyError>() {
-        return keys_cmd::exit_code(e);
-    }
-    if let Some(e) = err.downcast_ref::<LibvirtError>() {
-        return libvirt_exit_code(e);
-    }
-    // Volume errors go through the agent's error codes, so that a command
-    // exits the same way whether it acted itself or the agent did.
-    if let Some(e) = err.downcast_ref::<VolumeError>() {
-        return exit_code_of_api(ApiError::volume_code(e));
-    }
     if let Some(e) = err.downcast_ref::<RemoteError>() {
-        return exit_code_of_api(&e.code);
+        // A code this build does not know: the agent is newer; still an
+        // error the agent reported.
+        return ApiCode::from_name(&e.code).map_or(EXIT_AGENT, ApiCode::exit_code);
     }
     if err.downcast_ref::<ClientError>().is_some() {
         return EXIT_AGENT;
     }
-    match err.downcast_ref::<LuksError>() {
-        Some(LuksError::WrongPassphrase { .. }) => EXIT_WRONG_PASSPHRASE,
-        Some(LuksError::Refused { .. }) => EXIT_REFUSED,
-        Some(LuksError::InvalidArgument { .. }) => EXIT_USAGE,
-        Some(LuksError::Kdf {
-            source: KdfError::Memory { .. },
-            ..
-        }) => EXIT_NO_MEMORY,
-        Some(_) => EXIT_DEVICE,
-        None => EXIT_DEVICE,
-    }
+    api_code(err).map_or(EXIT_DEVICE, ApiCode::exit_code)
 }
 
-fn libvirt_exit_code(e: &LibvirtError) -> u8 {
-    match e {
-        LibvirtError::Unavailable { .. } => EXIT_LIBVIRT_UNAVAILABLE,
-        LibvirtError::Secret { .. } => EXIT_LIBVIRT,
+/// The API code of a typed error of the lower layers, if it is one.
+fn api_code(err: &anyhow::Error) -> Option<ApiCode> {
+    if let Some(e) = err.downcast_ref::<VolumeError>() {
+        return Some(ApiCode::of_volume(e));
     }
-}
-
-/// The exit code of an error code the agent answers with.
-pub fn exit_code_of_api(code: &str) -> u8 {
-    match code {
-        "malformed_json" | "unknown_field" | "invalid_request" | "invalid_volume_id"
-        | "payload_too_large" | "invalid_spec" | "invalid_key_id" | "unsupported"
-        | "not_attached" | "key_manager_config" => EXIT_USAGE,
-        "wrong_key" => EXIT_WRONG_PASSPHRASE,
-        "out_of_memory" => EXIT_NO_MEMORY,
-        "format_refused" | "refused" => EXIT_REFUSED,
-        "key_not_found" => EXIT_KEY_NOT_FOUND,
-        "key_access_denied" => EXIT_KEY_ACCESS,
-        "key_manager_unavailable" | "key_manager_timeout" => EXIT_KEY_UNAVAILABLE,
-        "key_manager_error" | "invalid_key_material" => EXIT_KEY_INVALID,
-        "libvirt_unavailable" => EXIT_LIBVIRT_UNAVAILABLE,
-        "libvirt_error" => EXIT_LIBVIRT,
-        "forbidden" | "shutting_down" | "request_timeout" | "method_not_allowed" | "not_found" => {
-            EXIT_AGENT
-        }
-        _ => EXIT_DEVICE,
+    if let Some(e) = err.downcast_ref::<KeyError>() {
+        return Some(ApiCode::of_key(e));
     }
+    if let Some(e) = err.downcast_ref::<LibvirtError>() {
+        return Some(ApiCode::of_libvirt(e));
+    }
+    if let Some(e) = err.downcast_ref::<DeviceError>() {
+        return Some(ApiCode::of_device(e));
+    }
+    err.downcast_ref::<LuksError>().map(ApiCode::of_luks)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use luks_agent::dm::DmError;
 
-    #[test]
-    fn every_api_code_has_a_documented_exit_code() {
-        for (code, _) in luks_agent::daemon::errors::CODES {
-            let exit = exit_code_of_api(code);
-            assert!((1..=EXIT_LIBVIRT).contains(&exit), "{code}");
-        }
-        assert_eq!(
-            exit_code_of_api("key_manager_timeout"),
-            EXIT_KEY_UNAVAILABLE
-        );
-        assert_eq!(exit_code_of_api("format_refused"), EXIT_REFUSED);
-        assert_eq!(exit_code_of_api("wrong_key"), EXIT_WRONG_PASSPHRASE);
-        assert_eq!(exit_code_of_api("forbidden"), EXIT_AGENT);
+    /// A local error for every code the volume layer and its key manager,
+    /// engine and device checks can produce.
+    fn local_errors() -> Vec<anyhow::Error> {
+        let vid = || "v".to_string();
+        let key = |source| VolumeError::Key {
+            volume_id: vid(),
+            source,
+        };
+        let luks = |source| VolumeError::Luks {
+            volume_id: vid(),
+            device: "/d".into(),
+            source,
+        };
+        let dev = |source| VolumeError::Device {
+            volume_id: vid(),
+            source,
+        };
+        let io = std::io::Error::other;
+        vec![
+            anyhow::Error::new(VolumeError::Spec {
+                volume_id: vid(),
+                source: luks_agent::volume::SpecError::MissingKeyId,
+            }),
+            anyhow::Error::new(key(KeyError::InvalidKeyId { key_id: "k".into() })),
+            anyhow::Error::new(key(KeyError::NotFound {
+                key_id: "k".into(),
+                endpoint: "e".into(),
+                status: 404,
+            })),
+            anyhow::Error::new(key(KeyError::Forbidden {
+                key_id: "k".into(),
+                endpoint: "e".into(),
+                status: 403,
+            })),
+            anyhow::Error::new(key(KeyError::Unavailable {
+                key_id: "k".into(),
+                endpoint: "e".into(),
+                attempts: 1,
+                last: "x".into(),
+            })),
+            anyhow::Error::new(key(KeyError::TimedOut {
+                key_id: "k".into(),
+                endpoint: "e".into(),
+                after: std::time::Duration::from_secs(1),
+            })),
+            anyhow::Error::new(key(KeyError::Protocol {
+                key_id: "k".into(),
+                endpoint: "e".into(),
+                status: 200,
+                reason: "r".into(),
+            })),
+            anyhow::Error::new(key(KeyError::Config("c".into()))),
+            anyhow::Error::new(key(KeyError::Local {
+                key_id: "k".into(),
+                op: "o".into(),
+                path: "p".into(),
+                source: io("x"),
+            })),
+            anyhow::Error::new(luks(LuksError::WrongPassphrase {
+                device: "/d".into(),
+            })),
+            anyhow::Error::new(luks(LuksError::NotLuks {
+                device: "/d".into(),
+            })),
+            anyhow::Error::new(luks(LuksError::Refused {
+                device: "/d".into(),
+                reason: "r".into(),
+            })),
+            anyhow::Error::new(luks(LuksError::Io {
+                device: "/d".into(),
+                op: "o".into(),
+                source: io("x"),
+            })),
+            anyhow::Error::new(luks(LuksError::Kdf {
+                device: "/d".into(),
+                what: "w".into(),
+                source: luks_agent::luks::kdf::KdfError::Memory {
+                    needed_kib: 1,
+                    limit_kib: 0,
+                },
+            })),
+            anyhow::Error::new(VolumeError::FormatRefused {
+                volume_id: vid(),
+                device: "/d".into(),
+                reason: "r".into(),
+            }),
+            anyhow::Error::new(VolumeError::Dm {
+                volume_id: vid(),
+                mapping: "m".into(),
+                source: DmError::Busy {
+                    name: "m".into(),
+                    attempts: 1,
+                },
+            }),
+            anyhow::Error::new(VolumeError::Dm {
+                volume_id: vid(),
+                mapping: "m".into(),
+                source: DmError::InvalidId {
+                    what: "name",
+                    value: "v".into(),
+                },
+            }),
+            anyhow::Error::new(dev(DeviceError::NotFound { path: "/d".into() })),
+            anyhow::Error::new(dev(DeviceError::NotADevice {
+                path: "/d".into(),
+                what: "a FIFO",
+                files_allowed: false,
+            })),
+            anyhow::Error::new(dev(DeviceError::TimedOut {
+                path: "/d".into(),
+                after: std::time::Duration::from_secs(1),
+            })),
+            anyhow::Error::new(VolumeError::Io {
+                volume_id: vid(),
+                op: luks_agent::volume::FileOp::Locking,
+                path: "p".into(),
+                source: io("x"),
+            }),
+            anyhow::Error::new(VolumeError::NotAttached {
+                volume_id: vid(),
+                mapping: "m".into(),
+            }),
+            anyhow::Error::new(VolumeError::Unsupported {
+                volume_id: vid(),
+                what: "w".into(),
+            }),
+            anyhow::Error::new(VolumeError::Libvirt {
+                volume_id: vid(),
+                // Whatever libvirt says about a URI nobody serves, or that
+                // libvirt.so is missing: unavailable either way.
+                source: Box::new(
+                    luks_agent::libvirt::Secrets::connect("luks-agent-test:///nowhere")
+                        .err()
+                        .expect("connected to a URI nobody serves"),
+                ),
+            }),
+        ]
     }
 
     #[test]
-    fn local_and_remote_volume_errors_exit_alike() {
-        let e = VolumeError::Key {
-            volume_id: "v".into(),
-            source: KeyError::NotFound {
-                key_id: "k".into(),
-                endpoint: "local".into(),
-                status: 0,
-            },
-        };
-        let code = ApiError::volume_code(&e);
-        let local = exit_code(&anyhow::Error::new(e));
-        let remote = exit_code(&anyhow::Error::new(RemoteError {
-            status: 422,
-            code: code.into(),
+    fn every_code_exits_alike_locally_and_through_the_agent() {
+        let mut covered = std::collections::HashSet::new();
+        for e in local_errors() {
+            let code = api_code(&e).unwrap_or_else(|| panic!("no code for {e:#}"));
+            let local = exit_code(&e);
+            let remote = exit_code(&anyhow::Error::new(RemoteError {
+                status: code.status(),
+                code: code.name().into(),
+                message: String::new(),
+            }));
+            assert_eq!(
+                local,
+                remote,
+                "{}: local {local}, through the agent {remote}",
+                code.name()
+            );
+            assert_eq!(local, code.exit_code(), "{}", code.name());
+            covered.insert(code);
+        }
+        // Every code reaches the same exit code through the agent as the
+        // table says; the codes only the server answers with are named.
+        let server_only = [
+            ApiCode::MalformedJson,
+            ApiCode::UnknownField,
+            ApiCode::InvalidRequest,
+            ApiCode::InvalidVolumeId,
+            ApiCode::Forbidden,
+            ApiCode::NotFound,
+            ApiCode::VolumeNotFound,
+            ApiCode::MethodNotAllowed,
+            ApiCode::RequestTimeout,
+            ApiCode::PayloadTooLarge,
+            ApiCode::Internal,
+            ApiCode::RollbackFailed,
+            ApiCode::InvalidKeyMaterial,
+            ApiCode::InvalidSpec,
+            ApiCode::DeviceUnusable,
+            ApiCode::LibvirtError,
+            ApiCode::TooManyConnections,
+            ApiCode::ShuttingDown,
+        ];
+        for c in ApiCode::ALL {
+            let remote = exit_code(&anyhow::Error::new(RemoteError {
+                status: c.status(),
+                code: c.name().into(),
+                message: String::new(),
+            }));
+            assert_eq!(remote, c.exit_code(), "{}", c.name());
+            assert!(
+                covered.contains(c) || server_only.contains(c),
+                "{}: no local error produces it and it is not listed as the server's own",
+                c.name()
+            );
+        }
+        // A code from a newer agent is still the agent's error.
+        let newer = exit_code(&anyhow::Error::new(RemoteError {
+            status: 500,
+            code: "from_the_future".into(),
             message: String::new(),
         }));
-        assert_eq!((local, remote), (EXIT_KEY_NOT_FOUND, EXIT_KEY_NOT_FOUND));
+        assert_eq!(newer, EXIT_AGENT);
     }
 }

@@ -6,20 +6,20 @@
 //! either way.
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use clap::Args;
 
 use luks_agent::config::Config;
-use luks_agent::daemon::api::{
+use luks_agent::keymgr::{RequestAuth, SecretString};
+use luks_agent::service::api::{
     self, AttachResponse, DetachResponse, ExtendResponse, Mode, VolumeBody, VolumesResponse,
 };
-use luks_agent::daemon::client::{self, ClientError, RemoteError};
-use luks_agent::daemon::ops::{self, Op};
-use luks_agent::daemon::{native_options, volume_options};
-use luks_agent::dm::DeviceMapper;
-use luks_agent::keymgr::{RequestAuth, SecretString};
-use luks_agent::volume::{AttachRequest, EncryptionSpec, Volumes};
+use luks_agent::service::client::{self, ClientError, RemoteError};
+use luks_agent::service::codes::ApiCode;
+use luks_agent::service::ops::{self, Op};
+use luks_agent::service::{native_options, volume_options};
+use luks_agent::volume::{EncryptionSpec, Volumes};
 
 use super::{EXIT_OK, UsageError};
 
@@ -115,16 +115,6 @@ fn auth_of(a: &VolumeArgs) -> anyhow::Result<RequestAuth> {
     })
 }
 
-fn request_of(a: &VolumeArgs) -> anyhow::Result<AttachRequest> {
-    Ok(AttachRequest {
-        volume_id: a.volume_id.clone(),
-        device_path: a.device.clone(),
-        spec: spec_of(a)?,
-        multipath_id: a.multipath_id.clone(),
-        auth: auth_of(a)?,
-    })
-}
-
 /// The request body for the agent; the same checks of the arguments as a
 /// direct run, so usage errors read the same.
 fn body_of(a: &VolumeArgs) -> anyhow::Result<VolumeBody> {
@@ -139,6 +129,7 @@ fn body_of(a: &VolumeArgs) -> anyhow::Result<VolumeBody> {
         } => Some(api::Auth {
             token: api::Secret(token),
             service_token: service_token.map(api::Secret),
+            unknown: Default::default(),
         }),
     };
     Ok(VolumeBody {
@@ -148,6 +139,7 @@ fn body_of(a: &VolumeArgs) -> anyhow::Result<VolumeBody> {
         auth,
         mode: a.mode,
         keep_secret: a.keep_secret,
+        unknown: Default::default(),
     })
 }
 
@@ -179,7 +171,7 @@ fn run_op(a: &VolumeArgs, config: &Config, op: Op) -> anyhow::Result<serde_json:
     {
         return Ok(out);
     }
-    if !a.local && luks_agent::daemon::agent_process_alive(&config.run_dir) {
+    if !a.local && luks_agent::daemon::agent_process_alive(&config.server.socket) {
         // The socket is gone but an agent process lives on (stopping, or
         // stuck in the kernel): it may hold this volume's lock and be
         // halfway through an operation on it. Acting here would queue
@@ -188,51 +180,26 @@ fn run_op(a: &VolumeArgs, config: &Config, op: Op) -> anyhow::Result<serde_json:
             status: 503,
             code: "shutting_down".into(),
             message: format!(
-                "no agent answers on {}, but an agent process using {} is still running (stopping): retry when it has exited, or pass --local to act directly",
-                config.server.socket.display(),
-                config.run_dir.display()
+                "no agent answers on {0}, but the agent process serving {0} is still running (stopping): retry when it has exited, or pass --local to act directly",
+                config.server.socket.display()
             ),
         }
         .into());
     }
-    let req = request_of(a)?;
+    let req = ops::request_of(&a.volume_id, &body).map_err(UsageError)?;
     let keys = config.key_manager()?;
     let volumes = Volumes::new(keys.as_ref(), volume_options(config));
     let native = native_options(config);
-    let started = Instant::now();
-    let r = rt.block_on(ops::perform(
+    let out = rt.block_on(ops::perform(
         &volumes,
         &native,
         op,
         a.mode,
         a.keep_secret,
         &req,
-    ));
-    let ms = started.elapsed().as_secs_f64() * 1000.0;
-    let (op_name, mode) = (op.name(), a.mode.name());
-    let device = a.device.to_string_lossy();
-    match &r {
-        Ok(out) => tracing::info!(
-            op = op_name,
-            mode,
-            volume_id = a.volume_id,
-            device = %device,
-            outcome = "ok",
-            action = out.action,
-            duration_ms = ms,
-            "volume operation"
-        ),
-        Err(e) => tracing::info!(
-            op = op_name,
-            mode,
-            volume_id = a.volume_id,
-            device = %device,
-            error = %e,
-            duration_ms = ms,
-            "volume operation"
-        ),
-    }
-    Ok(r?.body)
+        None,
+    ))?;
+    Ok(out.body)
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -378,43 +345,31 @@ pub fn udev_id(a: UdevIdArgs, config: &Config) -> anyhow::Result<u8> {
 }
 
 pub fn status(a: StatusArgs, config: &Config) -> anyhow::Result<u8> {
-    let maps: Vec<api::Mapping> = match (!a.local)
-        .then(|| {
-            ask_agent::<VolumesResponse>(
-                &runtime()?,
-                config,
-                hyper::Method::GET,
-                "/v1/volumes",
-                None,
-            )
-        })
-        .transpose()?
-        .flatten()
-    {
-        Some(VolumesResponse {
+    // The agent's listing, or the same listing built here.
+    let remote = if a.local {
+        None
+    } else {
+        ask_agent::<VolumesResponse>(&runtime()?, config, hyper::Method::GET, "/v1/volumes", None)?
+    };
+    let listing = match remote {
+        Some(l) => l,
+        None => luks_agent::service::status::volumes_now(&config.run_dir, None),
+    };
+    let maps = match listing {
+        VolumesResponse {
             mappings: Some(m), ..
-        }) => m,
-        Some(VolumesResponse {
+        } => m,
+        VolumesResponse {
             device_mapper_error,
             ..
-        }) => {
+        } => {
             return Err(RemoteError {
-                status: 500,
-                code: "device_mapper_error".into(),
+                status: ApiCode::DeviceMapperError.status(),
+                code: ApiCode::DeviceMapperError.name().into(),
                 message: device_mapper_error.unwrap_or_default(),
             }
             .into());
         }
-        None => DeviceMapper::open()?
-            .list("CRYPT-")?
-            .into_iter()
-            .map(|m| api::Mapping {
-                name: m.name,
-                uuid: m.uuid,
-                device: m.device,
-                open_count: m.open_count,
-            })
-            .collect(),
     };
     if a.json {
         let v: Vec<_> = maps.iter().map(|m| serde_json::json!({"name": m.name, "uuid": m.uuid, "device": m.device, "open_count": m.open_count})).collect();

@@ -42,19 +42,35 @@ impl Drop for InFlight<'_> {
     }
 }
 
-/// The route label of a request path.
+/// The routes of the API, as patterns (`{id}` stands for one path
+/// segment): the router is built from this list and metrics label
+/// requests with it, so the two cannot disagree.
+pub const ROUTES: &[&str] = &[
+    "/healthz",
+    "/metrics",
+    "/v1/volumes",
+    "/v1/volumes/{id}",
+    "/v1/volumes/{id}/attach",
+    "/v1/volumes/{id}/detach",
+    "/v1/volumes/{id}/extend",
+];
+
+/// The route label of a request path: the pattern of [`ROUTES`] it
+/// matches, `other` for anything else.
 pub fn route_label(path: &str) -> &'static str {
     let parts: Vec<&str> = path.trim_end_matches('/').split('/').collect();
-    match parts.as_slice() {
-        ["", "healthz"] => "/healthz",
-        ["", "metrics"] => "/metrics",
-        ["", "v1", "volumes"] => "/v1/volumes",
-        ["", "v1", "volumes", _] => "/v1/volumes/{id}",
-        ["", "v1", "volumes", _, "attach"] => "/v1/volumes/{id}/attach",
-        ["", "v1", "volumes", _, "detach"] => "/v1/volumes/{id}/detach",
-        ["", "v1", "volumes", _, "extend"] => "/v1/volumes/{id}/extend",
-        _ => "other",
-    }
+    ROUTES
+        .iter()
+        .find(|pattern| {
+            let want: Vec<&str> = pattern.split('/').collect();
+            want.len() == parts.len()
+                && want
+                    .iter()
+                    .zip(&parts)
+                    .all(|(w, p)| w == p || (w.starts_with('{') && !p.is_empty()))
+        })
+        .copied()
+        .unwrap_or("other")
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -21,17 +21,17 @@ use tokio::net::UnixListener;
 use tower::ServiceExt;
 
 use crate::config::{Config, ServerConfig};
-use crate::dm::DeviceMapper;
 use crate::keymgr::KeyManager;
 use crate::luks::kdf;
+use crate::service::api::{self, VolumeBody};
+use crate::service::errors::{ApiCode, ApiError, ErrorCode, chain};
+use crate::service::ops::{self, Op};
+use crate::service::{self};
 use crate::volume::native::NativeOptions;
 use crate::volume::{self, VolumeOptions, Volumes};
 
-use super::api::{self, Mode, VolumeBody};
 use super::auth::{Peer, Policy};
-use super::errors::{ApiError, ErrorCode, chain};
-use super::metrics::{Metrics, route_label};
-use super::ops::{self, Op};
+use super::metrics::{Metrics, ROUTES, route_label};
 use super::shutdown::Shutdown;
 
 /// Why the server could not start.
@@ -134,15 +134,12 @@ fn group_id(name: &str) -> Result<u32, ServeError> {
     if let Ok(gid) = name.parse::<u32>() {
         return Ok(gid);
     }
-    let text = std::fs::read_to_string("/etc/group").unwrap_or_default();
-    text.lines()
-        .filter_map(|l| {
-            let mut f = l.split(':');
-            Some((f.next()?, f.nth(1)?))
-        })
-        .find(|(n, _)| *n == name)
-        .and_then(|(_, g)| g.parse().ok())
-        .ok_or_else(|| ServeError::NoSuchGroup(name.to_string()))
+    // Through the C library (NSS): groups may come from LDAP or sssd, not
+    // only /etc/group.
+    match nix::unistd::Group::from_name(name) {
+        Ok(Some(g)) => Ok(g.gid.as_raw()),
+        _ => Err(ServeError::NoSuchGroup(name.to_string())),
+    }
 }
 
 /// Binds the configured socket: refuses when another agent answers on it,
@@ -193,9 +190,9 @@ pub fn serve(config: &Config) -> Result<(), ServeError> {
         Some(l) => (l, None),
         None => (bind(&cfg)?, Some(cfg.socket.clone())),
     };
-    super::hold_agent_lock(&config.run_dir).map_err(|source| ServeError::Socket {
-        op: "locking the run directory",
-        path: config.run_dir.display().to_string(),
+    super::hold_agent_lock(&cfg.socket).map_err(|source| ServeError::Socket {
+        op: "taking the agent lock beside",
+        path: cfg.socket.display().to_string(),
         source,
     })?;
     std_listener
@@ -218,8 +215,8 @@ pub fn serve(config: &Config) -> Result<(), ServeError> {
                 .collect::<Result<Vec<_>, _>>()?,
         ),
         keys,
-        opts: super::volume_options(config),
-        native: super::native_options(config),
+        opts: service::volume_options(config),
+        native: service::native_options(config),
         locks: VolumeLocks::default(),
         metrics: Metrics::default(),
         shutdown: Shutdown::new(),
@@ -353,7 +350,7 @@ async fn refuse_connection(mut stream: tokio::net::UnixStream, limit: usize) {
     }
     let body = serde_json::to_string(&api::ErrorBody {
         error: api::ErrorDetail {
-            code: "too_many_connections".into(),
+            code: ApiCode::TooManyConnections.name().into(),
             message: format!("the agent serves at most {limit} connections at once; retry shortly"),
             volume_id: None,
         },
@@ -398,7 +395,7 @@ async fn handle(
             "caller not allowed"
         );
         ApiError::new(
-            "forbidden",
+            ApiCode::Forbidden,
             format!(
                 "uid {} gid {} may not call this agent (see [server] allowed_uids, allowed_gids and allowed_groups)",
                 peer.uid, peer.gid
@@ -409,25 +406,34 @@ async fn handle(
     let outcome = resp
         .extensions()
         .get::<ErrorCode>()
-        .map(|c| c.0)
+        .map(|c| c.0.name())
         .unwrap_or("ok");
     shared.metrics.finish(route, outcome, started.elapsed());
     Ok(resp)
 }
 
+/// The handler of each route of [`ROUTES`].
+fn handler(route: &str) -> axum::routing::MethodRouter<AppState> {
+    match route {
+        "/healthz" => get(healthz),
+        "/metrics" => get(metrics),
+        "/v1/volumes" => get(list_volumes),
+        "/v1/volumes/{id}" => get(show_volume),
+        "/v1/volumes/{id}/attach" => post(attach),
+        "/v1/volumes/{id}/detach" => post(detach),
+        "/v1/volumes/{id}/extend" => post(extend),
+        other => unreachable!("route {other} in ROUTES has no handler"),
+    }
+}
+
 fn router(shared: AppState) -> Router {
-    Router::new()
-        .route("/healthz", get(healthz))
-        .route("/metrics", get(metrics))
-        .route("/v1/volumes", get(list_volumes))
-        .route("/v1/volumes/{id}", get(show_volume))
-        .route("/v1/volumes/{id}/attach", post(attach))
-        .route("/v1/volumes/{id}/detach", post(detach))
-        .route("/v1/volumes/{id}/extend", post(extend))
+    ROUTES
+        .iter()
+        .fold(Router::new(), |r, route| r.route(route, handler(route)))
         .fallback(|req: Request<Body>| async move { ApiError::not_found(req.uri().path()) })
         .method_not_allowed_fallback(|method: Method| async move {
             ApiError::new(
-                "method_not_allowed",
+                ApiCode::MethodNotAllowed,
                 format!("method {method} is not allowed on this route"),
             )
         })
@@ -466,82 +472,18 @@ async fn metrics(State(st): State<AppState>) -> Response<Body> {
         .into_response()
 }
 
-fn mapping_json(m: &crate::dm::MappingInfo) -> api::Mapping {
-    api::Mapping {
-        name: m.name.clone(),
-        uuid: m.uuid.clone(),
-        device: m.device.clone(),
-        open_count: m.open_count,
-    }
-}
-
-/// Attach records, kernel mappings and libvirt-mode secret records (on a
-/// blocking thread: ioctls).
-fn volumes_now(run_dir: &Path, only: Option<&str>) -> api::VolumesResponse {
-    let records: Vec<_> = volume::attached_volumes(run_dir)
-        .into_iter()
-        .filter(|v| only.is_none_or(|id| v.volume_id == id))
-        .collect();
-    let (mappings, dm_error) = match DeviceMapper::open().and_then(|dm| dm.list("CRYPT-")) {
-        Ok(m) => (Some(m), None),
-        Err(e) => (None, Some(chain(&e))),
-    };
-    let volumes = records
-        .into_iter()
-        .map(|r| api::VolumeStatus {
-            kernel: mappings
-                .as_ref()
-                .and_then(|ms| ms.iter().find(|m| m.name == r.mapping))
-                .map(mapping_json),
-            volume_id: r.volume_id,
-            mode: Mode::Dm,
-            mapping: Some(r.mapping),
-            device_path: Some(r.device_path),
-            original_target: r.original_target,
-            secret_uuid: None,
-        })
-        .chain(
-            volume::native::native_volumes(run_dir)
-                .into_iter()
-                .filter(|v| only.is_none_or(|id| v.volume_id == id))
-                .map(|v| api::VolumeStatus {
-                    volume_id: v.volume_id,
-                    mode: Mode::Libvirt,
-                    mapping: None,
-                    device_path: None,
-                    original_target: None,
-                    kernel: None,
-                    secret_uuid: Some(v.secret_uuid),
-                }),
-        )
-        .collect();
-    api::VolumesResponse {
-        volumes,
-        mappings: mappings.map(|ms| ms.iter().map(mapping_json).collect()),
-        device_mapper_error: dm_error,
-    }
-}
-
 async fn list_volumes(State(st): State<AppState>) -> Response<Body> {
     let run_dir = st.opts.run_dir.clone();
-    match tokio::task::spawn_blocking(move || volumes_now(&run_dir, None)).await {
+    match tokio::task::spawn_blocking(move || service::status::volumes_now(&run_dir, None)).await {
         Ok(v) => json(StatusCode::OK, &v),
-        Err(e) => ApiError::new("internal", e.to_string()).into_response(),
+        Err(e) => ApiError::new(ApiCode::Internal, e.to_string()).into_response(),
     }
 }
 
 fn check_id(id: &str) -> Result<(), ApiError> {
-    if volume::valid_volume_id(id) {
-        Ok(())
-    } else {
-        Err(ApiError::new(
-            "invalid_volume_id",
-            format!(
-                "'{}': volume ids are 1-128 characters of letters, digits, '-', '_' and '.'",
-                id.escape_debug()
-            ),
-        ))
-    }
+    volume::VolumeId::parse(id)
+        .map(drop)
+        .map_err(|e| ApiError::new(ApiCode::InvalidVolumeId, e.to_string()))
 }
 
 /// The volume id of the route, or the JSON error for one that does not
@@ -553,7 +495,7 @@ fn id_of(id: Result<UrlPath<String>, PathRejection>) -> Result<String, ApiError>
             Ok(id)
         }
         Err(e) => Err(ApiError::new(
-            "invalid_volume_id",
+            ApiCode::InvalidVolumeId,
             format!(
                 "the volume id in the path does not decode: {}",
                 e.body_text().escape_debug()
@@ -572,17 +514,19 @@ async fn show_volume(
     };
     let run_dir = st.opts.run_dir.clone();
     let want = id.clone();
-    match tokio::task::spawn_blocking(move || volumes_now(&run_dir, Some(&want))).await {
+    match tokio::task::spawn_blocking(move || service::status::volumes_now(&run_dir, Some(&want)))
+        .await
+    {
         Ok(mut v) => match v.volumes.pop() {
             Some(one) => json(StatusCode::OK, &one),
             None => ApiError::new(
-                "volume_not_found",
+                ApiCode::VolumeNotFound,
                 format!("volume {id} is not attached on this host"),
             )
             .for_volume(&id)
             .into_response(),
         },
-        Err(e) => ApiError::new("internal", e.to_string()).into_response(),
+        Err(e) => ApiError::new(ApiCode::Internal, e.to_string()).into_response(),
     }
 }
 
@@ -591,7 +535,7 @@ async fn read_body(st: &Shared, req: Request<Body>) -> Result<VolumeBody, ApiErr
     let limit = st.cfg.max_body_bytes;
     let too_large = || {
         ApiError::new(
-            "payload_too_large",
+            ApiCode::PayloadTooLarge,
             format!("request bodies are limited to {limit} bytes"),
         )
     };
@@ -609,7 +553,7 @@ async fn read_body(st: &Shared, req: Request<Body>) -> Result<VolumeBody, ApiErr
     {
         Err(_) => {
             return Err(ApiError::new(
-                "request_timeout",
+                ApiCode::RequestTimeout,
                 format!(
                     "the request body did not arrive within {} ms",
                     st.cfg.body_timeout_ms
@@ -625,21 +569,31 @@ async fn read_body(st: &Shared, req: Request<Body>) -> Result<VolumeBody, ApiErr
                 cur = c.source();
             }
             return Err(ApiError::new(
-                "invalid_request",
+                ApiCode::InvalidRequest,
                 format!("reading the request body: {}", chain(&e)),
             ));
         }
         Ok(Ok(b)) => b,
     };
-    serde_json::from_slice::<VolumeBody>(&bytes).map_err(|e| {
+    let body = serde_json::from_slice::<VolumeBody>(&bytes).map_err(|e| {
         use serde_json::error::Category;
         let code = match e.classify() {
-            Category::Syntax | Category::Eof | Category::Io => "malformed_json",
-            Category::Data if e.to_string().starts_with("unknown field") => "unknown_field",
-            Category::Data => "invalid_request",
+            Category::Syntax | Category::Eof | Category::Io => ApiCode::MalformedJson,
+            Category::Data => ApiCode::InvalidRequest,
         };
         ApiError::new(code, format!("request body: {e}"))
-    })
+    })?;
+    if let Some((field, expected)) = body.unknown_field() {
+        return Err(ApiError::new(
+            ApiCode::UnknownField,
+            format!(
+                "request body: unknown field `{}`, expected one of {}",
+                field.escape_debug(),
+                expected.join(", ")
+            ),
+        ));
+    }
+    Ok(body)
 }
 
 type IdParam = Result<UrlPath<String>, PathRejection>;
@@ -682,14 +636,14 @@ async fn operate_inner(
 ) -> Result<Response<Body>, ApiError> {
     let peer = req.extensions().get::<Peer>().cloned();
     let body = read_body(&st, req).await?;
-    if body.keep_secret && !(op == Op::Detach && body.mode == Mode::Libvirt) {
+    if body.keep_secret && !(op == Op::Detach && body.mode == api::Mode::Libvirt) {
         return Err(ApiError::new(
-            "invalid_request",
+            ApiCode::InvalidRequest,
             "keep_secret applies only to a detach in libvirt mode",
         ));
     }
-    let request =
-        ops::request_of(id, &body).map_err(|message| ApiError::new("invalid_spec", message))?;
+    let request = ops::request_of(id, &body)
+        .map_err(|message| ApiError::new(ApiCode::InvalidSpec, message))?;
     // Queue for the volume without holding a thread; give up when the
     // agent starts stopping (nothing of this operation has happened yet).
     let lock = st.locks.get(id);
@@ -709,10 +663,13 @@ async fn operate_inner(
     let task = tokio::task::spawn_blocking(move || {
         let _guard = guard;
         let _running = running;
-        let started = Instant::now();
         let volumes = Volumes::new(shared.keys.as_ref(), shared.opts.clone());
         let vid = request.volume_id.as_str();
-        let result = handle
+        let caller = Some(ops::Caller {
+            uid: peer.as_ref().map(|p| p.uid),
+            pid: peer.as_ref().and_then(|p| p.pid),
+        });
+        handle
             .block_on(ops::perform(
                 &volumes,
                 &shared.native,
@@ -720,46 +677,16 @@ async fn operate_inner(
                 body.mode,
                 body.keep_secret,
                 &request,
+                caller,
             ))
             .map(|o| (o.body, o.action))
-            .map_err(|e| ApiError::from_volume(vid, &e));
-        let ms = started.elapsed().as_secs_f64() * 1000.0;
-        let (uid, pid) = (
-            peer.as_ref().map(|p| p.uid),
-            peer.as_ref().and_then(|p| p.pid),
-        );
-        let device = request.device_path.to_string_lossy();
-        match &result {
-            Ok((_, action)) => tracing::info!(
-                op = op.name(),
-                volume_id = vid,
-                device = %device,
-                outcome = "ok",
-                action,
-                duration_ms = ms,
-                uid,
-                pid,
-                "volume operation"
-            ),
-            Err(e) => tracing::warn!(
-                op = op.name(),
-                volume_id = vid,
-                device = %device,
-                outcome = e.code,
-                error = %e.message,
-                duration_ms = ms,
-                uid,
-                pid,
-                "volume operation"
-            ),
-        }
-        result
+            .map_err(|e| ApiError::from_volume(vid, &e))
     });
     match task.await {
         Ok(Ok((v, _))) => Ok(json(StatusCode::OK, &v)),
         Ok(Err(e)) => Err(e),
         Err(e) => Err(ApiError::new(
-            "internal",
+            ApiCode::Internal,
             format!("the operation failed unexpectedly: {e}"),
         )),
     }

@@ -59,13 +59,20 @@ impl Serialize for Secret {
 /// Whose credentials fetch the key: the CLI's `--token-file` and
 /// `--service-token-file`. Absent: the agent's own credentials.
 #[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Auth {
     /// The caller's Keystone token.
     pub token: Secret,
     /// A service token to send along (`X-Service-Token`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service_token: Option<Secret>,
+    /// Fields the API does not know (a request with any is refused).
+    #[serde(flatten, skip_serializing)]
+    pub unknown: std::collections::BTreeMap<String, serde_json::Value>,
+}
+
+impl Auth {
+    /// The fields the API knows.
+    pub const FIELDS: &'static [&'static str] = &["token", "service_token"];
 }
 
 impl Auth {
@@ -82,8 +89,10 @@ impl Auth {
 }
 
 /// Body of `POST /v1/volumes/{id}/attach`, `.../detach` and `.../extend`.
+/// Unknown fields are collected, not ignored: the server refuses a body
+/// with any (`unknown_field`), by this type rather than by the text of a
+/// parser's message.
 #[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct VolumeBody {
     /// The connector's device path (a block device or a symlink to one).
     pub device: PathBuf,
@@ -102,6 +111,31 @@ pub struct VolumeBody {
     /// does across a hard reboot).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub keep_secret: bool,
+    /// Fields the API does not know (a request with any is refused).
+    #[serde(flatten, skip_serializing)]
+    pub unknown: std::collections::BTreeMap<String, serde_json::Value>,
+}
+
+impl VolumeBody {
+    /// The first field, here or in `auth`, that the API does not know,
+    /// and the fields it expected there.
+    pub fn unknown_field(&self) -> Option<(&str, &'static [&'static str])> {
+        if let Some(f) = self.unknown.keys().next() {
+            return Some((f, Self::FIELDS));
+        }
+        let a = self.auth.as_ref()?;
+        a.unknown.keys().next().map(|f| (f.as_str(), Auth::FIELDS))
+    }
+
+    /// The fields the API knows.
+    pub const FIELDS: &'static [&'static str] = &[
+        "device",
+        "encryption",
+        "multipath_id",
+        "auth",
+        "mode",
+        "keep_secret",
+    ];
 }
 
 /// Answer to an attach.

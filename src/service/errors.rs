@@ -1,7 +1,6 @@
-//! API errors: every failure becomes an HTTP status that fits and a stable
-//! snake_case code, mapped from the typed errors of the lower layers. The
-//! CLI maps the same codes to its exit codes, so a command exits the same
-//! way whether the agent or the command itself did the work.
+//! API errors: every failure becomes an [`ApiCode`] (which owns its HTTP
+//! status and exit code), mapped from the typed errors of the lower layers
+//! by variant, and a message that is the error's chain.
 //!
 //! Messages are the error and its causes, as the CLI prints them; no layer
 //! puts key material into an error, so none can reach an answer or a log.
@@ -9,23 +8,16 @@
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 
-use crate::blockdev::DeviceError;
-use crate::dm::DmError;
-use crate::keymgr::KeyError;
-use crate::libvirt::LibvirtError;
-use crate::luks::LuksError;
-use crate::luks::kdf::KdfError;
 use crate::volume::VolumeError;
 
 use super::api::{ErrorBody, ErrorDetail};
+pub use super::codes::ApiCode;
 
 /// An error answer.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ApiError {
-    /// HTTP status.
-    pub status: StatusCode,
-    /// Stable code.
-    pub code: &'static str,
+    /// Stable code (it owns the HTTP status and the exit code).
+    pub code: ApiCode,
     /// Message.
     pub message: String,
     /// The volume the request named.
@@ -35,50 +27,7 @@ pub struct ApiError {
 /// The error code of an answer, kept in its extensions for metrics and
 /// logs.
 #[derive(Clone, Copy, Debug)]
-pub struct ErrorCode(pub &'static str);
-
-/// Every code the API answers with and its HTTP status (for the README and
-/// the tests).
-pub const CODES: &[(&str, u16)] = &[
-    ("malformed_json", 400),
-    ("unknown_field", 400),
-    ("invalid_request", 400),
-    ("invalid_volume_id", 400),
-    ("forbidden", 403),
-    ("key_access_denied", 403),
-    ("not_found", 404),
-    ("volume_not_found", 404),
-    ("method_not_allowed", 405),
-    ("request_timeout", 408),
-    ("busy", 409),
-    ("not_attached", 409),
-    ("payload_too_large", 413),
-    ("invalid_spec", 422),
-    ("invalid_key_id", 422),
-    ("key_not_found", 422),
-    ("invalid_key_material", 422),
-    ("wrong_key", 422),
-    ("device_unusable", 422),
-    ("device_not_found", 422),
-    ("format_refused", 422),
-    ("refused", 422),
-    ("unsupported", 422),
-    ("internal", 500),
-    ("io_error", 500),
-    ("device_mapper_error", 500),
-    ("rollback_failed", 500),
-    ("key_manager_config", 500),
-    ("key_store_error", 500),
-    ("key_manager_unavailable", 502),
-    ("key_manager_error", 502),
-    ("libvirt_error", 502),
-    ("out_of_memory", 503),
-    ("too_many_connections", 503),
-    ("shutting_down", 503),
-    ("libvirt_unavailable", 503),
-    ("key_manager_timeout", 504),
-    ("device_timeout", 504),
-];
+pub struct ErrorCode(pub ApiCode);
 
 /// An error and its causes on one line, `a: b: c`, exactly as the CLI
 /// prints an error chain (so both paths print the same).
@@ -94,19 +43,18 @@ pub fn chain(e: &dyn std::error::Error) -> String {
 }
 
 impl ApiError {
-    /// An error with `code`; its status comes from [`CODES`].
-    pub fn new(code: &'static str, message: impl Into<String>) -> Self {
-        let status = CODES
-            .iter()
-            .find(|(c, _)| *c == code)
-            .and_then(|(_, s)| StatusCode::from_u16(*s).ok())
-            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    /// An error with `code`.
+    pub fn new(code: ApiCode, message: impl Into<String>) -> Self {
         ApiError {
-            status,
             code,
             message: message.into(),
             volume_id: None,
         }
+    }
+
+    /// The HTTP status of the answer.
+    pub fn status(&self) -> StatusCode {
+        StatusCode::from_u16(self.code.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
     }
 
     /// The same error naming `volume_id`.
@@ -115,88 +63,15 @@ impl ApiError {
         self
     }
 
-    /// The code of a key manager failure.
-    pub fn key_code(e: &KeyError) -> &'static str {
-        match e {
-            KeyError::InvalidKeyId { .. } => "invalid_key_id",
-            KeyError::NotFound { .. } => "key_not_found",
-            KeyError::Forbidden { .. } | KeyError::Unauthenticated { .. } => "key_access_denied",
-            KeyError::Unavailable { .. } => "key_manager_unavailable",
-            KeyError::TimedOut { .. } => "key_manager_timeout",
-            KeyError::Protocol { .. } => "key_manager_error",
-            KeyError::InvalidKeyMaterial { .. } => "invalid_key_material",
-            KeyError::Config(_) => "key_manager_config",
-            KeyError::Local { .. } => "key_store_error",
-        }
-    }
-
-    /// The code of a volume failure.
-    pub fn volume_code(e: &VolumeError) -> &'static str {
-        match e {
-            VolumeError::Spec { .. } => "invalid_spec",
-            VolumeError::Key { source, .. } => Self::key_code(source),
-            VolumeError::Luks { source, .. } => match source {
-                LuksError::WrongPassphrase { .. } => "wrong_key",
-                LuksError::Kdf {
-                    source: KdfError::Memory { .. },
-                    ..
-                } => "out_of_memory",
-                LuksError::Refused { .. } => "refused",
-                LuksError::InvalidArgument { .. } => "invalid_spec",
-                LuksError::NotLuks { .. }
-                | LuksError::TooSmall { .. }
-                | LuksError::InvalidHeader { .. }
-                | LuksError::Unsupported { .. }
-                | LuksError::Kdf { .. } => "device_unusable",
-                _ => "io_error",
-            },
-            VolumeError::FormatRefused { .. } => "format_refused",
-            VolumeError::Device { source, .. } => match source {
-                DeviceError::NotFound { .. } => "device_not_found",
-                DeviceError::TimedOut { .. } => "device_timeout",
-                DeviceError::Io { source, .. } if source.raw_os_error() == Some(libc::EBUSY) => {
-                    "busy"
-                }
-                DeviceError::Io { .. } => "io_error",
-                DeviceError::NotADevice { .. }
-                | DeviceError::InvalidPath { .. }
-                | DeviceError::Changed { .. } => "device_unusable",
-            },
-            VolumeError::Dm { source, .. } => match source {
-                DmError::Busy { .. } => "busy",
-                _ => "device_mapper_error",
-            },
-            VolumeError::Io { source, op, .. } => {
-                if source.kind() == std::io::ErrorKind::NotFound && op == "resolving" {
-                    "device_not_found"
-                } else {
-                    "io_error"
-                }
-            }
-            VolumeError::Rollback { .. } => "rollback_failed",
-            VolumeError::Libvirt { source, .. } => match source.as_ref() {
-                LibvirtError::Unavailable { .. } => "libvirt_unavailable",
-                LibvirtError::Secret { .. } => "libvirt_error",
-            },
-            VolumeError::Unsupported { what, .. } => {
-                if what.starts_with("not attached") {
-                    "not_attached"
-                } else {
-                    "unsupported"
-                }
-            }
-        }
-    }
-
     /// The answer for a volume failure.
     pub fn from_volume(volume_id: &str, e: &VolumeError) -> Self {
-        ApiError::new(Self::volume_code(e), chain(e)).for_volume(volume_id)
+        ApiError::new(ApiCode::of_volume(e), chain(e)).for_volume(volume_id)
     }
 
     /// The answer while the agent is stopping.
     pub fn shutting_down() -> Self {
         ApiError::new(
-            "shutting_down",
+            ApiCode::ShuttingDown,
             "the agent is shutting down; retry when it is back",
         )
     }
@@ -204,7 +79,7 @@ impl ApiError {
     /// The answer to an unknown route.
     pub fn not_found(path: &str) -> Self {
         ApiError::new(
-            "not_found",
+            ApiCode::NotFound,
             format!("no such route: {}", path.escape_debug()),
         )
     }
@@ -220,16 +95,17 @@ impl std::error::Error for ApiError {}
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        let status = self.status();
         let body = ErrorBody {
             error: ErrorDetail {
-                code: self.code.to_string(),
+                code: self.code.name().to_string(),
                 message: self.message,
                 volume_id: self.volume_id,
             },
         };
         let text = serde_json::to_string(&body).unwrap_or_default();
         let mut resp = (
-            self.status,
+            status,
             [(axum::http::header::CONTENT_TYPE, "application/json")],
             text,
         )
@@ -242,20 +118,8 @@ impl IntoResponse for ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn codes_are_unique_snake_case_with_error_statuses() {
-        let mut seen = std::collections::HashSet::new();
-        for (code, status) in CODES {
-            assert!(seen.insert(code), "{code} twice");
-            assert!(
-                code.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'),
-                "{code}"
-            );
-            assert!((400..600).contains(status), "{code} {status}");
-            assert_eq!(ApiError::new(code, "x").status.as_u16(), *status);
-        }
-    }
+    use crate::dm::DmError;
+    use crate::keymgr::KeyError;
 
     #[test]
     fn volume_errors_map_to_fitting_statuses() {
@@ -306,19 +170,27 @@ mod tests {
                 409,
             ),
             (
-                VolumeError::Io {
+                VolumeError::Device {
                     volume_id: vid.clone(),
-                    op: "resolving".into(),
-                    path: "/dev/nope".into(),
-                    source: std::io::Error::from(std::io::ErrorKind::NotFound),
+                    source: crate::blockdev::DeviceError::NotFound {
+                        path: "/dev/nope".into(),
+                    },
                 },
                 "device_not_found",
                 422,
             ),
+            (
+                VolumeError::NotAttached {
+                    volume_id: vid.clone(),
+                    mapping: "crypt-x".into(),
+                },
+                "not_attached",
+                409,
+            ),
         ];
         for (e, code, status) in cases {
             let a = ApiError::from_volume(&vid, &e);
-            assert_eq!((a.code, a.status.as_u16()), (code, status), "{e}");
+            assert_eq!((a.code.name(), a.status().as_u16()), (code, status), "{e}");
             assert_eq!(a.volume_id.as_deref(), Some("v1"));
         }
     }
@@ -327,10 +199,10 @@ mod tests {
     fn chain_joins_causes_like_the_cli() {
         let e = VolumeError::Io {
             volume_id: "v".into(),
-            op: "opening".into(),
+            op: crate::volume::FileOp::OpeningLock,
             path: "/p".into(),
             source: std::io::Error::from(std::io::ErrorKind::PermissionDenied),
         };
-        assert_eq!(chain(&e), "volume v: opening /p: permission denied");
+        assert_eq!(chain(&e), "volume v: opening lock /p: permission denied");
     }
 }

@@ -6,6 +6,8 @@
 use std::time::Instant;
 
 use super::api::{self, AttachResponse, DetachResponse, ExtendResponse, Mode, VolumeBody};
+use super::codes::ApiCode;
+use super::errors::chain;
 use crate::volume::native::{NativeOptions, SecretAction};
 use crate::volume::{Action, AttachRequest, EncryptionSpec, VolumeError, Volumes};
 
@@ -76,9 +78,74 @@ pub struct Outcome {
     pub action: &'static str,
 }
 
+/// Who asked for an operation, for its log line: the peer of the agent's
+/// socket, or nobody for the CLI acting itself.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Caller {
+    /// The caller's uid.
+    pub uid: Option<u32>,
+    /// The caller's pid.
+    pub pid: Option<i32>,
+}
+
+/// Runs `op` for `request` in `mode` and writes its one log line (operation,
+/// mode, volume, device, outcome, duration, caller), the same whichever
+/// front end ran it. A failure is a warning for the agent (`caller` is
+/// its peer) and information for the CLI acting itself (`None`: the
+/// command prints the error anyway).
+pub async fn perform(
+    volumes: &Volumes<'_>,
+    native: &NativeOptions,
+    op: Op,
+    mode: Mode,
+    keep_secret: bool,
+    request: &AttachRequest,
+    caller: Option<Caller>,
+) -> Result<Outcome, VolumeError> {
+    let started = Instant::now();
+    let result = run(volumes, native, op, mode, keep_secret, request).await;
+    let ms = started.elapsed().as_secs_f64() * 1000.0;
+    let device = request.device_path.to_string_lossy();
+    let (op_name, mode_name) = (op.name(), mode.name());
+    let vid = request.volume_id.as_str();
+    let (uid, pid) = (caller.and_then(|c| c.uid), caller.and_then(|c| c.pid));
+    // One line, whichever way it went; the fields that always come first.
+    macro_rules! line {
+        ($level:ident, $($rest:tt)*) => {
+            tracing::$level!(
+                op = op_name,
+                mode = mode_name,
+                volume_id = vid,
+                device = %device,
+                duration_ms = ms,
+                uid,
+                pid,
+                $($rest)*
+            )
+        };
+    }
+    match &result {
+        Ok(out) => line!(
+            info,
+            outcome = "ok",
+            action = out.action,
+            "volume operation"
+        ),
+        Err(e) => {
+            let (outcome, error) = (ApiCode::of_volume(e).name(), chain(e));
+            if caller.is_some() {
+                line!(warn, outcome, error = %error, "volume operation");
+            } else {
+                line!(info, outcome, error = %error, "volume operation");
+            }
+        }
+    }
+    result
+}
+
 /// Runs `op` for `request` in `mode`. The caller holds no lock: the volume
 /// layer serialises per volume itself.
-pub async fn perform(
+async fn run(
     volumes: &Volumes<'_>,
     native: &NativeOptions,
     op: Op,

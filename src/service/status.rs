@@ -1,0 +1,68 @@
+//! What is attached on this host: the attach records, the kernel's crypt
+//! mappings and the libvirt-mode secret records, as the API's listing and
+//! `luks-agent status` show them (the same answer whether the agent or
+//! the CLI builds it).
+
+use std::path::Path;
+
+use super::api::{self, Mode};
+use super::errors::chain;
+use crate::dm::DeviceMapper;
+use crate::volume;
+
+/// A kernel mapping as the API shows it.
+pub fn mapping_json(m: &crate::dm::MappingInfo) -> api::Mapping {
+    api::Mapping {
+        name: m.name.clone(),
+        uuid: m.uuid.clone(),
+        device: m.device.clone(),
+        open_count: m.open_count,
+    }
+}
+
+/// Attach records, kernel mappings and libvirt-mode secret records, for
+/// every volume or `only` one (ioctls: call it from a blocking thread).
+pub fn volumes_now(run_dir: &Path, only: Option<&str>) -> api::VolumesResponse {
+    let records: Vec<_> = volume::attached_volumes(run_dir)
+        .into_iter()
+        .filter(|v| only.is_none_or(|id| v.volume_id == id))
+        .collect();
+    let (mappings, dm_error) = match DeviceMapper::open().and_then(|dm| dm.list("CRYPT-")) {
+        Ok(m) => (Some(m), None),
+        Err(e) => (None, Some(chain(&e))),
+    };
+    let volumes = records
+        .into_iter()
+        .map(|r| api::VolumeStatus {
+            kernel: mappings
+                .as_ref()
+                .and_then(|ms| ms.iter().find(|m| m.name == r.mapping))
+                .map(mapping_json),
+            volume_id: r.volume_id,
+            mode: Mode::Dm,
+            mapping: Some(r.mapping),
+            device_path: Some(r.device_path),
+            original_target: r.original_target,
+            secret_uuid: None,
+        })
+        .chain(
+            volume::native::native_volumes(run_dir)
+                .into_iter()
+                .filter(|v| only.is_none_or(|id| v.volume_id == id))
+                .map(|v| api::VolumeStatus {
+                    volume_id: v.volume_id,
+                    mode: Mode::Libvirt,
+                    mapping: None,
+                    device_path: None,
+                    original_target: None,
+                    kernel: None,
+                    secret_uuid: Some(v.secret_uuid),
+                }),
+        )
+        .collect();
+    api::VolumesResponse {
+        volumes,
+        mappings: mappings.map(|ms| ms.iter().map(mapping_json).collect()),
+        device_mapper_error: dm_error,
+    }
+}
