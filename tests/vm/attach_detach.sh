@@ -148,20 +148,30 @@ pass "detach retries a busy mapping until it is released"
 losetup -d "$DEV"
 
 # An interrupted format: keyslot bytes written, no header yet. Without our
-# record of the format it is refused (bytes we cannot account for); with
-# the record (the state a crash leaves) the next attach formats again.
+# record of the format it is refused (bytes we cannot account for), and so
+# it is with a record that names no UUID (an older version's, which proves
+# nothing); with the record a crash leaves (device and the UUID the format
+# was writing) the next attach formats again under that UUID. Every refusal
+# leaves the device as it was.
 KEY=$($A keys create)
 new_volume torn 32M
 ENC="{\"provider\": \"luks2\", \"control_location\": \"front-end\", \"encryption_key_id\": \"$KEY\"}"
 dd if=/dev/urandom of="$DEV" bs=4096 seek=8 count=32 conv=notrunc status=none
+BEFORE=$(sha256sum <"$DEV")
 if $A attach --volume-id vol-torn --device "$LINK" --encryption "$ENC" 2>"$W/err"; then fail "torn: attached without a record"; fi
 grep -q "not blank" "$W/err" || fail "torn: wrong refusal: $(cat "$W/err")"
 mkdir -p "$W/state/formatting" && echo "$DEV" >"$W/state/formatting/vol-torn"
+if $A attach --volume-id vol-torn --device "$LINK" --encryption "$ENC" 2>"$W/err"; then fail "torn: formatted on a record without a UUID"; fi
+grep -q "not blank" "$W/err" || fail "torn: wrong refusal with a record without a UUID: $(cat "$W/err")"
+[ "$(sha256sum <"$DEV")" = "$BEFORE" ] || fail "torn: a refused attach wrote to the device"
+UUID=$(cat /proc/sys/kernel/random/uuid)
+printf '%s\n%s\n' "$DEV" "$UUID" >"$W/state/formatting/vol-torn"
 $A attach --volume-id vol-torn --device "$LINK" --encryption "$ENC" --json | grep -q '"formatted":true' || fail "torn: not re-formatted"
+[ "$(cryptsetup luksUUID "$DEV")" = "$UUID" ] || fail "torn: the redo did not keep the recorded UUID"
 [ ! -e "$W/state/formatting/vol-torn" ] || fail "torn: record not cleared after the format"
 $A detach --volume-id vol-torn --device "$LINK" --encryption "$ENC"
 losetup -d "$DEV"
-pass "an interrupted format is redone from our record, and refused without it"
+pass "an interrupted format is redone from our record under its UUID, refused without it or with an old record, untouched"
 
 # The guard: xfs, a GPT, random data and a blank device whose key is
 # marked formatted are all refused without a byte written.
