@@ -73,7 +73,13 @@ class AgentClient:
             payload = json.dumps(body).encode() if body is not None else None
             headers = {"Content-Type": "application/json"} if payload is not None else {}
             try:
-                conn.request(method, path, body=payload, headers=headers)
+                try:
+                    conn.request(method, path, body=payload, headers=headers)
+                except (BrokenPipeError, ConnectionResetError):
+                    # The agent may answer from the request's head alone (a
+                    # caller it does not allow) and close before the body
+                    # is sent; its answer is still there to read.
+                    pass
                 resp = conn.getresponse()
                 raw = resp.read()
             except (FileNotFoundError, ConnectionRefusedError) as e:

@@ -19,9 +19,11 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import unittest
 from typing import Any, Dict, Iterator, List, Optional
@@ -464,8 +466,51 @@ class DmDropIn(unittest.TestCase):
                     self.assertFalse(mapped(v), f"{who} left the mapping")
 
 
+class EarlyAnswer(unittest.TestCase):
+    """The client reads an answer the agent sends before it has read the
+    request body (as it does for a caller it does not allow) and closes:
+    the sending side then fails with EPIPE, and the answer must still be
+    what the caller sees. A socket that answers from the head alone stands
+    in for the agent, so the race always goes the same way."""
+
+    def test_an_answer_sent_before_the_body_was_read_is_the_error(self) -> None:
+        from luks_agent_os_brick import client as ours_client
+        d = tempfile.mkdtemp(prefix="luks-agent-early.")
+        self.addCleanup(shutil.rmtree, d, True)
+        path = os.path.join(d, "agent.sock")
+        srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        srv.bind(path)
+        srv.listen(1)
+        self.addCleanup(srv.close)
+        body = json.dumps({"error": {"code": "forbidden", "message": "uid 65534 may not call this agent"}}).encode()
+
+        def answer() -> None:
+            conn, _ = srv.accept()
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = conn.recv(4096)
+                if not chunk:
+                    break
+                head += chunk
+            conn.sendall(b"HTTP/1.1 403 Forbidden\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body)
+            conn.close()
+
+        t = threading.Thread(target=answer)
+        t.start()
+        # A body far larger than the socket buffers: most of it is still
+        # being sent when the answer comes and the connection closes.
+        big = {"device": "/dev/x", "encryption": {"pad": "x" * (8 * MIB)}}
+        with self.assertRaises(ours_client.AgentError) as cm:
+            ours_client.AgentClient(path, timeout=30).volume_op("attach", "v1", big)
+        t.join()
+        self.assertEqual(cm.exception.code, "forbidden", str(cm.exception))
+        self.assertEqual(cm.exception.status, 403)
+
+
 def load_tests(loader: unittest.TestLoader, tests: Any, pattern: Any) -> unittest.TestSuite:
     suite = unittest.TestSuite()
+    suite.addTests(loader.loadTestsFromTestCase(EarlyAnswer))
     for mode in MODES:
         cls = type(f"Plugin_{mode}", (PluginTestCase,), {"mode": mode})
         suite.addTests(loader.loadTestsFromTestCase(cls))
