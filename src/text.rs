@@ -1,6 +1,7 @@
 //! Text that came from a caller (device paths, volume ids, providers,
 //! ciphers) made safe to print: control characters become escapes, so a
-//! hostile value cannot forge a log line or send terminal sequences.
+//! hostile value cannot forge a log line or send terminal sequences; and
+//! errors with their causes on one line.
 
 /// `s` with every control character written as an escape (`\n`,
 /// `\u{1b}`); everything else unchanged.
@@ -17,6 +18,19 @@ pub fn escape_controls(s: &str) -> String {
             }
         })
         .collect()
+}
+
+/// `e` and its causes on one line, `a: b: c`, as the CLI prints an error
+/// chain (so the agent's answers and the CLI print the same text).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut next = e.source();
+    while let Some(cur) = next {
+        s.push_str(": ");
+        s.push_str(&cur.to_string());
+        next = cur.source();
+    }
+    s
 }
 
 #[cfg(test)]

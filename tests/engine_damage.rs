@@ -1243,7 +1243,7 @@ fn hostile_kdf_costs_are_refused_before_running_naming_device_slot_and_parameter
             .and_then(|h| h.unlock(&disk, &passphrase(), None, &limits).map(|_| ()))
             .expect_err(what);
         let took = started.elapsed();
-        let text = e.to_string() + ": " + &luks_agent::service::errors::chain(&e);
+        let text = e.to_string() + ": " + &luks_agent::text::error_chain(&e);
         assert!(
             matches!(
                 e,

@@ -17,6 +17,7 @@ use luks_agent::luks::LuksError;
 use luks_agent::service::client::{ClientError, RemoteError};
 use luks_agent::service::codes::{ApiCode, EXIT_DEVICE};
 use luks_agent::volume::VolumeError;
+use luks_agent::volume::id::InvalidVolumeId;
 
 pub use luks_agent::service::codes::{EXIT_AGENT, EXIT_OK, EXIT_USAGE};
 const EXIT_CODES_HELP: &str = "\
@@ -171,6 +172,9 @@ fn api_code(err: &anyhow::Error) -> Option<ApiCode> {
     if let Some(e) = err.downcast_ref::<KeyError>() {
         return Some(ApiCode::of_key(e));
     }
+    if err.downcast_ref::<InvalidVolumeId>().is_some() {
+        return Some(ApiCode::InvalidVolumeId);
+    }
     if let Some(e) = err.downcast_ref::<LibvirtError>() {
         return Some(ApiCode::of_libvirt(e));
     }
@@ -184,81 +188,74 @@ fn api_code(err: &anyhow::Error) -> Option<ApiCode> {
 mod tests {
     use super::*;
     use luks_agent::dm::DmError;
+    use luks_agent::volume::Failure;
 
     /// A local error for every code the volume layer and its key manager,
     /// engine and device checks can produce.
     fn local_errors() -> Vec<anyhow::Error> {
-        let vid = || "v".to_string();
-        let key = |source| VolumeError::Key {
-            volume_id: vid(),
-            source,
-        };
-        let luks = |source| VolumeError::Luks {
-            volume_id: vid(),
-            device: "/d".into(),
-            source,
-        };
-        let dev = |source| VolumeError::Device {
-            volume_id: vid(),
-            source,
-        };
+        let vol = |failure| anyhow::Error::new(VolumeError::new("v", failure));
+        let key = |source| Failure::Key { source };
+        let luks = |source| Failure::Luks { source };
+        let dev = |source| Failure::Device { source };
         let io = std::io::Error::other;
         vec![
-            anyhow::Error::new(VolumeError::Spec {
-                volume_id: vid(),
+            anyhow::Error::new(
+                luks_agent::volume::VolumeId::parse("..").expect_err("'..' is not a volume id"),
+            ),
+            vol(Failure::Spec {
                 source: luks_agent::volume::SpecError::MissingKeyId,
             }),
-            anyhow::Error::new(key(KeyError::InvalidKeyId { key_id: "k".into() })),
-            anyhow::Error::new(key(KeyError::NotFound {
+            vol(key(KeyError::InvalidKeyId { key_id: "k".into() })),
+            vol(key(KeyError::NotFound {
                 key_id: "k".into(),
                 endpoint: "e".into(),
                 status: 404,
             })),
-            anyhow::Error::new(key(KeyError::Forbidden {
+            vol(key(KeyError::Forbidden {
                 key_id: "k".into(),
                 endpoint: "e".into(),
                 status: 403,
             })),
-            anyhow::Error::new(key(KeyError::Unavailable {
+            vol(key(KeyError::Unavailable {
                 key_id: "k".into(),
                 endpoint: "e".into(),
                 attempts: 1,
                 last: "x".into(),
             })),
-            anyhow::Error::new(key(KeyError::TimedOut {
+            vol(key(KeyError::TimedOut {
                 key_id: "k".into(),
                 endpoint: "e".into(),
                 after: std::time::Duration::from_secs(1),
             })),
-            anyhow::Error::new(key(KeyError::Protocol {
+            vol(key(KeyError::Protocol {
                 key_id: "k".into(),
                 endpoint: "e".into(),
                 status: 200,
                 reason: "r".into(),
             })),
-            anyhow::Error::new(key(KeyError::Config("c".into()))),
-            anyhow::Error::new(key(KeyError::Local {
+            vol(key(KeyError::Config("c".into()))),
+            vol(key(KeyError::Local {
                 key_id: "k".into(),
                 op: "o".into(),
                 path: "p".into(),
                 source: io("x"),
             })),
-            anyhow::Error::new(luks(LuksError::WrongPassphrase {
+            vol(luks(LuksError::WrongPassphrase {
                 device: "/d".into(),
             })),
-            anyhow::Error::new(luks(LuksError::NotLuks {
+            vol(luks(LuksError::NotLuks {
                 device: "/d".into(),
             })),
-            anyhow::Error::new(luks(LuksError::Refused {
+            vol(luks(LuksError::Refused {
                 device: "/d".into(),
                 reason: "r".into(),
             })),
-            anyhow::Error::new(luks(LuksError::Io {
+            vol(luks(LuksError::Io {
                 device: "/d".into(),
                 op: "o".into(),
                 source: io("x"),
             })),
-            anyhow::Error::new(luks(LuksError::Kdf {
+            vol(luks(LuksError::Kdf {
                 device: "/d".into(),
                 what: "w".into(),
                 source: luks_agent::luks::kdf::KdfError::Memory {
@@ -266,53 +263,42 @@ mod tests {
                     limit_kib: 0,
                 },
             })),
-            anyhow::Error::new(VolumeError::FormatRefused {
-                volume_id: vid(),
+            vol(Failure::FormatRefused {
                 device: "/d".into(),
                 reason: "r".into(),
             }),
-            anyhow::Error::new(VolumeError::Dm {
-                volume_id: vid(),
-                mapping: "m".into(),
+            vol(Failure::Dm {
                 source: DmError::Busy {
                     name: "m".into(),
                     attempts: 1,
                 },
             }),
-            anyhow::Error::new(VolumeError::Dm {
-                volume_id: vid(),
-                mapping: "m".into(),
+            vol(Failure::Dm {
                 source: DmError::InvalidId {
                     what: "name",
                     value: "v".into(),
                 },
             }),
-            anyhow::Error::new(dev(DeviceError::NotFound { path: "/d".into() })),
-            anyhow::Error::new(dev(DeviceError::NotADevice {
+            vol(dev(DeviceError::NotFound { path: "/d".into() })),
+            vol(dev(DeviceError::NotADevice {
                 path: "/d".into(),
                 what: "a FIFO",
                 files_allowed: false,
             })),
-            anyhow::Error::new(dev(DeviceError::TimedOut {
+            vol(dev(DeviceError::TimedOut {
                 path: "/d".into(),
                 after: std::time::Duration::from_secs(1),
             })),
-            anyhow::Error::new(VolumeError::Io {
-                volume_id: vid(),
+            vol(Failure::Io {
                 op: luks_agent::volume::FileOp::Locking,
                 path: "p".into(),
                 source: io("x"),
             }),
-            anyhow::Error::new(VolumeError::NotAttached {
-                volume_id: vid(),
+            vol(Failure::NotAttached {
                 mapping: "m".into(),
             }),
-            anyhow::Error::new(VolumeError::Unsupported {
-                volume_id: vid(),
-                what: "w".into(),
-            }),
-            anyhow::Error::new(VolumeError::Libvirt {
-                volume_id: vid(),
+            vol(Failure::Unsupported { what: "w".into() }),
+            vol(Failure::Libvirt {
                 // Whatever libvirt says about a URI nobody serves, or that
                 // libvirt.so is missing: unavailable either way.
                 source: Box::new(
@@ -350,7 +336,6 @@ mod tests {
             ApiCode::MalformedJson,
             ApiCode::UnknownField,
             ApiCode::InvalidRequest,
-            ApiCode::InvalidVolumeId,
             ApiCode::Forbidden,
             ApiCode::NotFound,
             ApiCode::VolumeNotFound,

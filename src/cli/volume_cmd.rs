@@ -19,7 +19,7 @@ use luks_agent::service::client::{self, ClientError, RemoteError};
 use luks_agent::service::codes::ApiCode;
 use luks_agent::service::ops::{self, Op};
 use luks_agent::service::{native_options, volume_options};
-use luks_agent::volume::{EncryptionSpec, Volumes};
+use luks_agent::volume::{EncryptionSpec, VolumeId, Volumes};
 
 use super::{EXIT_OK, UsageError};
 
@@ -186,7 +186,8 @@ fn run_op(a: &VolumeArgs, config: &Config, op: Op) -> anyhow::Result<serde_json:
         }
         .into());
     }
-    let req = ops::request_of(&a.volume_id, &body).map_err(UsageError)?;
+    let vid = VolumeId::parse(&a.volume_id)?;
+    let req = ops::request_of(&vid, &body).map_err(UsageError)?;
     let keys = config.key_manager()?;
     let volumes = Volumes::new(keys.as_ref(), volume_options(config));
     let native = native_options(config);
@@ -372,7 +373,7 @@ pub fn status(a: StatusArgs, config: &Config) -> anyhow::Result<u8> {
         }
     };
     if a.json {
-        let v: Vec<_> = maps.iter().map(|m| serde_json::json!({"name": m.name, "uuid": m.uuid, "device": m.device, "open_count": m.open_count})).collect();
+        let v: Vec<_> = maps.iter().map(|m| serde_json::json!({"name": m.name, "uuid": m.uuid, "device": m.device.to_string(), "open_count": m.open_count})).collect();
         println!("{}", serde_json::Value::Array(v));
     } else {
         for m in maps {

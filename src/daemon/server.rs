@@ -24,11 +24,12 @@ use crate::config::{Config, ServerConfig};
 use crate::keymgr::KeyManager;
 use crate::luks::kdf;
 use crate::service::api::{self, VolumeBody};
-use crate::service::errors::{ApiCode, ApiError, ErrorCode, chain};
+use crate::service::errors::{ApiCode, ApiError, ErrorCode};
 use crate::service::ops::{self, Op};
 use crate::service::{self};
+use crate::text::error_chain;
 use crate::volume::native::NativeOptions;
-use crate::volume::{self, VolumeOptions, Volumes};
+use crate::volume::{VolumeId, VolumeOptions, Volumes};
 
 use super::auth::{Peer, Policy};
 use super::metrics::{Metrics, ROUTES, route_label};
@@ -480,19 +481,12 @@ async fn list_volumes(State(st): State<AppState>) -> Response<Body> {
     }
 }
 
-fn check_id(id: &str) -> Result<(), ApiError> {
-    volume::VolumeId::parse(id)
-        .map(drop)
-        .map_err(|e| ApiError::new(ApiCode::InvalidVolumeId, e.to_string()))
-}
-
 /// The volume id of the route, or the JSON error for one that does not
 /// decode (a percent-escape that is not UTF-8, like `%FF`).
-fn id_of(id: Result<UrlPath<String>, PathRejection>) -> Result<String, ApiError> {
+fn id_of(id: Result<UrlPath<String>, PathRejection>) -> Result<VolumeId, ApiError> {
     match id {
         Ok(UrlPath(id)) => {
-            check_id(&id)?;
-            Ok(id)
+            VolumeId::parse(&id).map_err(|e| ApiError::new(ApiCode::InvalidVolumeId, e.to_string()))
         }
         Err(e) => Err(ApiError::new(
             ApiCode::InvalidVolumeId,
@@ -570,7 +564,7 @@ async fn read_body(st: &Shared, req: Request<Body>) -> Result<VolumeBody, ApiErr
             }
             return Err(ApiError::new(
                 ApiCode::InvalidRequest,
-                format!("reading the request body: {}", chain(&e)),
+                format!("reading the request body: {}", error_chain(&e)),
             ));
         }
         Ok(Ok(b)) => b,
@@ -630,7 +624,7 @@ async fn operate(st: AppState, id: IdParam, op: Op, req: Request<Body>) -> Respo
 
 async fn operate_inner(
     st: AppState,
-    id: &str,
+    id: &VolumeId,
     op: Op,
     req: Request<Body>,
 ) -> Result<Response<Body>, ApiError> {

@@ -3,6 +3,8 @@
 
 use std::fmt::Write as _;
 
+use devicemapper::{Device, Sectors};
+
 /// Options of a crypt target (dm-crypt's optional parameters).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct CryptOptions {
@@ -31,12 +33,12 @@ pub struct CryptTarget {
     pub key_description: String,
     /// IV offset in sectors.
     pub iv_offset: u64,
-    /// Backing device as `major:minor`.
-    pub device: String,
-    /// Data start on the backing device, in 512-byte sectors.
-    pub offset_sectors: u64,
-    /// Length of the mapping, in 512-byte sectors.
-    pub length_sectors: u64,
+    /// Backing device number.
+    pub device: Device,
+    /// Data start on the backing device.
+    pub offset: Sectors,
+    /// Length of the mapping.
+    pub length: Sectors,
     /// Optional parameters.
     pub options: CryptOptions,
 }
@@ -51,7 +53,7 @@ impl CryptTarget {
             self.key_description,
             self.iv_offset,
             self.device,
-            self.offset_sectors
+            *self.offset
         );
         let mut opts = vec![];
         let o = &self.options;
@@ -88,9 +90,9 @@ mod tests {
             key_bytes: 64,
             key_description: "luks-agent:abc".into(),
             iv_offset: 0,
-            device: "7:0".into(),
-            offset_sectors: 32768,
-            length_sectors: 100,
+            device: Device { major: 7, minor: 0 },
+            offset: Sectors(32768),
+            length: Sectors(100),
             options: CryptOptions {
                 sector_size: 4096,
                 iv_large_sectors: true,

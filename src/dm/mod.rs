@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use devicemapper::{DM, DevId, DmFlags, DmName, DmOptions, DmUuid};
+pub use devicemapper::{Device, Sectors};
 
 pub use crypt::{CryptOptions, CryptTarget};
 use keyring::{KeyringError, LogonKey};
@@ -72,26 +73,13 @@ pub enum DmError {
     /// A failed create whose rollback failed too. Both errors are shown
     /// with their whole chains: an error has one `source`, and either
     /// chain alone would hide half of what happened.
-    #[error("{}; rolling back also failed: {}", chain(.cause.as_ref()), chain(.rollback.as_ref()))]
+    #[error("{}; rolling back also failed: {}", crate::text::error_chain(.cause.as_ref()), crate::text::error_chain(.rollback.as_ref()))]
     RollbackFailed {
         /// The original failure.
         cause: Box<DmError>,
         /// The rollback failure.
         rollback: Box<DmError>,
     },
-}
-
-/// `e` and its sources, joined as `{:#}` of anyhow joins them: for errors
-/// that carry two independent failures (an operation and its rollback).
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut next = e.source();
-    while let Some(cur) = next {
-        s.push_str(": ");
-        s.push_str(&cur.to_string());
-        next = cur.source();
-    }
-    s
 }
 
 /// A mapping as the kernel reports it.
@@ -101,8 +89,8 @@ pub struct MappingInfo {
     pub name: String,
     /// DM uuid (`CRYPT-LUKS2-...`).
     pub uuid: String,
-    /// Device number `major:minor`.
-    pub device: String,
+    /// The mapping's device number.
+    pub device: Device,
     /// Number of openers.
     pub open_count: i32,
     /// Whether a table is live (loaded and resumed at least once). A
@@ -223,12 +211,7 @@ impl DeviceMapper {
             // The key lives in the keyring only while the table is loaded;
             // dm-crypt has copied it when table_load returns.
             let logon = LogonKey::add(&target.key_description, key)?;
-            let line = vec![(
-                0,
-                target.length_sectors,
-                "crypt".to_string(),
-                target.params(),
-            )];
+            let line = vec![(0, *target.length, "crypt".to_string(), target.params())];
             debug_assert_eq!(logon.description(), target.key_description);
             self.dm
                 .table_load(
@@ -267,7 +250,7 @@ impl Mapper for DeviceMapper {
             Ok(info) => Ok(Some(MappingInfo {
                 name: name.to_string(),
                 uuid: info.uuid().map(|u| u.to_string()).unwrap_or_default(),
-                device: format!("{}:{}", info.device().major, info.device().minor),
+                device: info.device(),
                 open_count: info.open_count(),
                 live_table: info.flags().contains(DmFlags::DM_ACTIVE_PRESENT),
                 suspended: info.flags().contains(DmFlags::DM_SUSPEND),
@@ -326,12 +309,7 @@ impl Mapper for DeviceMapper {
         let id = DevId::Name(name_of(name)?);
         {
             let _logon = LogonKey::add(&target.key_description, key)?;
-            let line = vec![(
-                0,
-                target.length_sectors,
-                "crypt".to_string(),
-                target.params(),
-            )];
+            let line = vec![(0, *target.length, "crypt".to_string(), target.params())];
             self.dm
                 .table_load(
                     &id,
@@ -438,9 +416,7 @@ fn ensure_node(info: &MappingInfo) -> Result<(), DmError> {
 fn ensure_node_in(dir: &std::path::Path, info: &MappingInfo) -> Result<(), DmError> {
     use std::os::unix::fs::MetadataExt;
     let path = dir.join(&info.name);
-    let (major, minor) = info.device.split_once(':').unwrap_or(("0", "0"));
-    let (major, minor): (u32, u32) = (major.parse().unwrap_or(0), minor.parse().unwrap_or(0));
-    let want = libc::makedev(major, minor);
+    let want = libc::dev_t::from(info.device);
     // metadata() follows udev's `/dev/mapper/NAME -> ../dm-N` links.
     if let Ok(meta) = std::fs::metadata(&path)
         && meta.file_type().is_block_device()
@@ -497,7 +473,7 @@ mod tests {
         MappingInfo {
             name: name.into(),
             uuid: format!("CRYPT-PLAIN-{name}"),
-            device: device.into(),
+            device: device.parse().expect("major:minor"),
             open_count: 0,
             live_table: true,
             suspended: false,

@@ -10,7 +10,7 @@ use crate::keymgr::KeyError;
 use crate::libvirt::LibvirtError;
 use crate::luks::LuksError;
 use crate::luks::kdf::KdfError;
-use crate::volume::VolumeError;
+use crate::volume::{Failure, VolumeError};
 
 /// Success.
 pub const EXIT_OK: u8 = 0;
@@ -191,21 +191,26 @@ impl ApiCode {
 
     /// The code of a volume failure.
     pub fn of_volume(e: &VolumeError) -> ApiCode {
-        match e {
-            VolumeError::Spec { .. } => ApiCode::InvalidSpec,
-            VolumeError::Key { source, .. } => ApiCode::of_key(source),
-            VolumeError::Luks { source, .. } => ApiCode::of_luks(source),
-            VolumeError::FormatRefused { .. } => ApiCode::FormatRefused,
-            VolumeError::Dm { source, .. } => match source {
+        ApiCode::of_failure(&e.failure)
+    }
+
+    /// The code of what failed in a volume operation.
+    pub fn of_failure(f: &Failure) -> ApiCode {
+        match f {
+            Failure::Spec { .. } => ApiCode::InvalidSpec,
+            Failure::Key { source } => ApiCode::of_key(source),
+            Failure::Luks { source } => ApiCode::of_luks(source),
+            Failure::FormatRefused { .. } => ApiCode::FormatRefused,
+            Failure::Dm { source } => match source {
                 DmError::Busy { .. } => ApiCode::Busy,
                 _ => ApiCode::DeviceMapperError,
             },
-            VolumeError::Device { source, .. } => ApiCode::of_device(source),
-            VolumeError::Io { .. } => ApiCode::IoError,
-            VolumeError::Rollback { .. } => ApiCode::RollbackFailed,
-            VolumeError::Libvirt { source, .. } => ApiCode::of_libvirt(source),
-            VolumeError::NotAttached { .. } => ApiCode::NotAttached,
-            VolumeError::Unsupported { .. } => ApiCode::Unsupported,
+            Failure::Device { source } => ApiCode::of_device(source),
+            Failure::Io { .. } => ApiCode::IoError,
+            Failure::Rollback { .. } => ApiCode::RollbackFailed,
+            Failure::Libvirt { source } => ApiCode::of_libvirt(source),
+            Failure::NotAttached { .. } => ApiCode::NotAttached,
+            Failure::Unsupported { .. } => ApiCode::Unsupported,
         }
     }
 

@@ -8,6 +8,7 @@
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 
+use crate::text::error_chain;
 use crate::volume::VolumeError;
 
 use super::api::{ErrorBody, ErrorDetail};
@@ -28,19 +29,6 @@ pub struct ApiError {
 /// logs.
 #[derive(Clone, Copy, Debug)]
 pub struct ErrorCode(pub ApiCode);
-
-/// An error and its causes on one line, `a: b: c`, exactly as the CLI
-/// prints an error chain (so both paths print the same).
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
 
 impl ApiError {
     /// An error with `code`.
@@ -65,7 +53,7 @@ impl ApiError {
 
     /// The answer for a volume failure.
     pub fn from_volume(volume_id: &str, e: &VolumeError) -> Self {
-        ApiError::new(ApiCode::of_volume(e), chain(e)).for_volume(volume_id)
+        ApiError::new(ApiCode::of_volume(e), error_chain(e)).for_volume(volume_id)
     }
 
     /// The answer while the agent is stopping.
@@ -120,15 +108,12 @@ mod tests {
     use super::*;
     use crate::dm::DmError;
     use crate::keymgr::KeyError;
+    use crate::volume::Failure;
 
     #[test]
     fn volume_errors_map_to_fitting_statuses() {
-        let vid = "v1".to_string();
-        let key = |source| VolumeError::Key {
-            volume_id: vid.clone(),
-            source,
-        };
-        let cases: Vec<(VolumeError, &str, u16)> = vec![
+        let key = |source| Failure::Key { source };
+        let cases: Vec<(Failure, &str, u16)> = vec![
             (
                 key(KeyError::TimedOut {
                     key_id: "k".into(),
@@ -149,8 +134,7 @@ mod tests {
                 502,
             ),
             (
-                VolumeError::FormatRefused {
-                    volume_id: vid.clone(),
+                Failure::FormatRefused {
                     device: "/dev/x".into(),
                     reason: "ext4".into(),
                 },
@@ -158,9 +142,7 @@ mod tests {
                 422,
             ),
             (
-                VolumeError::Dm {
-                    volume_id: vid.clone(),
-                    mapping: "m".into(),
+                Failure::Dm {
                     source: DmError::Busy {
                         name: "m".into(),
                         attempts: 6,
@@ -170,8 +152,7 @@ mod tests {
                 409,
             ),
             (
-                VolumeError::Device {
-                    volume_id: vid.clone(),
+                Failure::Device {
                     source: crate::blockdev::DeviceError::NotFound {
                         path: "/dev/nope".into(),
                     },
@@ -180,16 +161,16 @@ mod tests {
                 422,
             ),
             (
-                VolumeError::NotAttached {
-                    volume_id: vid.clone(),
+                Failure::NotAttached {
                     mapping: "crypt-x".into(),
                 },
                 "not_attached",
                 409,
             ),
         ];
-        for (e, code, status) in cases {
-            let a = ApiError::from_volume(&vid, &e);
+        for (failure, code, status) in cases {
+            let e = VolumeError::new("v1", failure);
+            let a = ApiError::from_volume("v1", &e);
             assert_eq!((a.code.name(), a.status().as_u16()), (code, status), "{e}");
             assert_eq!(a.volume_id.as_deref(), Some("v1"));
         }
@@ -197,12 +178,17 @@ mod tests {
 
     #[test]
     fn chain_joins_causes_like_the_cli() {
-        let e = VolumeError::Io {
-            volume_id: "v".into(),
-            op: crate::volume::FileOp::OpeningLock,
-            path: "/p".into(),
-            source: std::io::Error::from(std::io::ErrorKind::PermissionDenied),
-        };
-        assert_eq!(chain(&e), "volume v: opening lock /p: permission denied");
+        let e = VolumeError::new(
+            "v",
+            Failure::Io {
+                op: crate::volume::FileOp::OpeningLock,
+                path: "/p".into(),
+                source: std::io::Error::from(std::io::ErrorKind::PermissionDenied),
+            },
+        );
+        assert_eq!(
+            error_chain(&e),
+            "volume v: opening lock /p: permission denied"
+        );
     }
 }

@@ -7,9 +7,9 @@ use std::time::Instant;
 
 use super::api::{self, AttachResponse, DetachResponse, ExtendResponse, Mode, VolumeBody};
 use super::codes::ApiCode;
-use super::errors::chain;
+use crate::text::error_chain;
 use crate::volume::native::{NativeOptions, SecretAction};
-use crate::volume::{Action, AttachRequest, EncryptionSpec, VolumeError, Volumes};
+use crate::volume::{Action, AttachRequest, EncryptionSpec, VolumeError, VolumeId, Volumes};
 
 /// What a caller asks of a volume.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -57,11 +57,11 @@ fn secret_action_name(a: SecretAction) -> &'static str {
 
 /// The volume layer's request for `body`; `Err` carries the message of an
 /// `invalid_spec` answer.
-pub fn request_of(volume_id: &str, body: &VolumeBody) -> Result<AttachRequest, String> {
+pub fn request_of(volume_id: &VolumeId, body: &VolumeBody) -> Result<AttachRequest, String> {
     let spec: EncryptionSpec =
         serde_json::from_value(body.encryption.clone()).map_err(|e| format!("encryption: {e}"))?;
     Ok(AttachRequest {
-        volume_id: volume_id.to_string(),
+        volume_id: volume_id.clone(),
         device_path: body.device.clone(),
         spec,
         multipath_id: body.multipath_id.clone(),
@@ -132,7 +132,7 @@ pub async fn perform(
             "volume operation"
         ),
         Err(e) => {
-            let (outcome, error) = (ApiCode::of_volume(e).name(), chain(e));
+            let (outcome, error) = (ApiCode::of_volume(e).name(), error_chain(e));
             if caller.is_some() {
                 line!(warn, outcome, error = %error, "volume operation");
             } else {
@@ -155,13 +155,13 @@ async fn run(
 ) -> Result<Outcome, VolumeError> {
     let started = Instant::now();
     let ms = || started.elapsed().as_secs_f64() * 1000.0;
-    let vid = request.volume_id.clone();
+    let vid = &request.volume_id;
     let (body, action) = match (op, mode) {
         (Op::Attach, Mode::Dm) => {
             let out = volumes.attach(request).await?;
             let action = action_name(out.action);
             let r = AttachResponse {
-                volume_id: vid,
+                volume_id: vid.to_string(),
                 path: out.path,
                 mapping: out.mapping,
                 action: action.into(),
@@ -175,7 +175,7 @@ async fn run(
             let out = volumes.attach_native(request, native).await?;
             let action = secret_action_name(out.secret);
             let r = AttachResponse {
-                volume_id: vid,
+                volume_id: vid.to_string(),
                 path: out.path,
                 mapping: None,
                 action: action.into(),
@@ -191,7 +191,7 @@ async fn run(
         (Op::Detach, Mode::Dm) => {
             let out = volumes
                 .detach(
-                    &vid,
+                    vid,
                     &request.device_path,
                     &request.spec,
                     request.multipath_id.as_deref(),
@@ -199,7 +199,7 @@ async fn run(
                 .await?;
             let action = action_name(out.action);
             let r = DetachResponse {
-                volume_id: vid,
+                volume_id: vid.to_string(),
                 mapping: out.mapping,
                 action: action.into(),
                 duration_ms: ms(),
@@ -208,10 +208,10 @@ async fn run(
             (serde_json::to_value(r), action)
         }
         (Op::Detach, Mode::Libvirt) => {
-            let out = volumes.detach_native(&vid, &request.spec, native, keep_secret)?;
+            let out = volumes.detach_native(vid, &request.spec, native, keep_secret)?;
             let action = secret_action_name(out.secret);
             let r = DetachResponse {
-                volume_id: vid,
+                volume_id: vid.to_string(),
                 mapping: None,
                 action: action.into(),
                 duration_ms: ms(),
@@ -222,7 +222,7 @@ async fn run(
         (Op::Extend, Mode::Dm) => {
             let out = volumes.extend(request).await?;
             let r = ExtendResponse {
-                volume_id: vid,
+                volume_id: vid.to_string(),
                 mapping: out.mapping,
                 new_size: out.new_size,
                 device_size: None,
@@ -233,7 +233,7 @@ async fn run(
         (Op::Extend, Mode::Libvirt) => {
             let out = volumes.extend_native(request)?;
             let r = ExtendResponse {
-                volume_id: vid,
+                volume_id: vid.to_string(),
                 mapping: None,
                 new_size: out.new_size,
                 device_size: Some(out.device_size),

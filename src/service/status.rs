@@ -6,8 +6,8 @@
 use std::path::Path;
 
 use super::api::{self, Mode};
-use super::errors::chain;
 use crate::dm::DeviceMapper;
+use crate::text::error_chain;
 use crate::volume;
 
 /// A kernel mapping as the API shows it.
@@ -15,7 +15,7 @@ pub fn mapping_json(m: &crate::dm::MappingInfo) -> api::Mapping {
     api::Mapping {
         name: m.name.clone(),
         uuid: m.uuid.clone(),
-        device: m.device.clone(),
+        device: m.device.to_string(),
         open_count: m.open_count,
     }
 }
@@ -29,7 +29,7 @@ pub fn volumes_now(run_dir: &Path, only: Option<&str>) -> api::VolumesResponse {
         .collect();
     let (mappings, dm_error) = match DeviceMapper::open().and_then(|dm| dm.list("CRYPT-")) {
         Ok(m) => (Some(m), None),
-        Err(e) => (None, Some(chain(&e))),
+        Err(e) => (None, Some(error_chain(&e))),
     };
     let volumes = records
         .into_iter()

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::guard::{self, Decision, Inspection, IntentSeen};
-use super::{EncryptionSpec, FileOp, Provider, VolumeError, Volumes, io_err, key_err};
+use super::{EncryptionSpec, Failure, FileOp, Provider, Volumes, io_err};
 use crate::blockdev::{self, Accept};
 use crate::keymgr::{FormatIntent, KeyId, RequestAuth};
 use crate::luks::{
@@ -28,8 +28,7 @@ fn rfc3339(secs: u64) -> String {
 }
 
 /// The volume one first-use decision is about: what every step of it
-/// needs to read the device, ask the key manager and name the volume in
-/// errors.
+/// needs to read the device, ask the key manager and keep its records.
 struct FirstUse<'a> {
     vid: &'a str,
     disk: &'a FileDisk,
@@ -55,22 +54,16 @@ impl Volumes<'_> {
         key_id: &KeyId,
         key: &crate::keymgr::Key,
         auth: &RequestAuth,
-    ) -> Result<(Header, VolumeKey, bool), VolumeError> {
+    ) -> Result<(Header, VolumeKey, bool), Failure> {
         let passphrase = key.passphrase();
         let dev_name = blockdev::device::shown(device);
-        let luks_err = |source| VolumeError::Luks {
-            volume_id: vid.into(),
-            device: dev_name.clone(),
-            source,
-        };
-        let refused = |reason: String| VolumeError::FormatRefused {
-            volume_id: vid.into(),
+        let refused = |reason: String| Failure::FormatRefused {
             device: dev_name.clone(),
             reason,
         };
         // Libvirt mode takes image files (NFS-backed volumes); dm mode has
         // refused anything but a block device before the key was fetched.
-        let file = self.open_device(vid, device, true, Accept::BlockOrFile)?;
+        let file = self.open_device(device, true, Accept::BlockOrFile)?;
         let disk = FileDisk::new(file, dev_name.clone());
         let job = FirstUse {
             vid,
@@ -87,18 +80,18 @@ impl Volumes<'_> {
                     self.heal_marker(vid, key_id, auth).await?;
                     return Ok((h, u.volume_key, false));
                 }
-                Err(e @ LuksError::WrongPassphrase { .. }) => Some(luks_err(e)),
-                Err(e) => return Err(luks_err(e)),
+                Err(e @ LuksError::WrongPassphrase { .. }) => Some(Failure::from(e)),
+                Err(e) => return Err(e.into()),
             },
             Err(LuksError::NotLuks { .. }) => None,
             Err(
                 e @ (LuksError::InvalidHeader { .. }
                 | LuksError::Unsupported { .. }
                 | LuksError::TooSmall { .. }),
-            ) => Some(luks_err(e)),
-            Err(e) => return Err(luks_err(e)),
+            ) => Some(Failure::from(e)),
+            Err(e) => return Err(e.into()),
         };
-        if self.is_formatted(vid, key_id, auth).await? {
+        if self.is_formatted(key_id, auth).await? {
             return Err(not_opened.unwrap_or_else(|| {
                 refused(format!(
                     "no LUKS header, but the key manager records key {key_id} as formatted: the header was destroyed or the device is not the volume"
@@ -107,11 +100,11 @@ impl Volumes<'_> {
         }
         // Only a format needs these: a spec that a format cannot use must
         // not hide why an existing header did not open.
-        let opts = match self.format_options(vid, &disk, provider, spec, key, key_id) {
+        let opts = match self.format_options(&disk, provider, spec, key, key_id) {
             Ok(o) => o,
             Err(e) => return Err(not_opened.unwrap_or(e)),
         };
-        let probing = |e| io_err(vid, FileOp::Probing, device)(e);
+        let probing = |e| io_err(FileOp::Probing, device)(e);
         let seen = Inspection::of(&disk).map_err(probing)?;
         let intent = self.intent_seen(&job).await?;
         let record = self.records.read(vid);
@@ -150,27 +143,14 @@ impl Volumes<'_> {
     }
 
     /// Whether the key manager records the volume as formatted.
-    async fn is_formatted(
-        &self,
-        vid: &str,
-        key_id: &KeyId,
-        auth: &RequestAuth,
-    ) -> Result<bool, VolumeError> {
-        self.keys
-            .is_marked_formatted(key_id, auth)
-            .await
-            .map_err(key_err(vid))
+    async fn is_formatted(&self, key_id: &KeyId, auth: &RequestAuth) -> Result<bool, Failure> {
+        Ok(self.keys.is_marked_formatted(key_id, auth).await?)
     }
 
     /// The format intent the key manager records for the volume's key, as
     /// the guard weighs it.
-    async fn intent_seen(&self, job: &FirstUse<'_>) -> Result<Option<IntentSeen>, VolumeError> {
-        let Some(intent) = self
-            .keys
-            .formatting_intent(job.key_id, job.auth)
-            .await
-            .map_err(key_err(job.vid))?
-        else {
+    async fn intent_seen(&self, job: &FirstUse<'_>) -> Result<Option<IntentSeen>, Failure> {
+        let Some(intent) = self.keys.formatting_intent(job.key_id, job.auth).await? else {
             return Ok(None);
         };
         let now = SystemTime::now()
@@ -203,37 +183,29 @@ impl Volumes<'_> {
         vid: &str,
         key_id: &KeyId,
         auth: &RequestAuth,
-    ) -> Result<(), VolumeError> {
-        if !self.is_formatted(vid, key_id, auth).await? {
-            self.keys
-                .mark_formatted(key_id, auth)
-                .await
-                .map_err(key_err(vid))?;
+    ) -> Result<(), Failure> {
+        if !self.is_formatted(key_id, auth).await? {
+            self.keys.mark_formatted(key_id, auth).await?;
         }
-        self.records
-            .clear(vid)
-            .map_err(io_err(vid, FileOp::ClearingFormatRecord, Path::new(vid)))
+        self.records.clear(vid).map_err(io_err(
+            FileOp::ClearingFormatRecord,
+            &self.records.path(vid),
+        ))
     }
 
     /// The options a first-use format of this volume uses (its LUKS UUID
     /// comes from the intent, see `format`).
     fn format_options(
         &self,
-        vid: &str,
         disk: &FileDisk,
         provider: Provider,
         spec: &EncryptionSpec,
         key: &crate::keymgr::Key,
         key_id: &KeyId,
-    ) -> Result<FormatOptions, VolumeError> {
-        let spec_err = |source| VolumeError::Spec {
-            volume_id: vid.into(),
-            source,
-        };
-        let bits = spec.key_bits().map_err(spec_err)?;
+    ) -> Result<FormatOptions, Failure> {
+        let bits = spec.key_bits()?;
         let cipher =
-            CipherSpec::parse(spec.cipher(), bits / 8).map_err(|e| VolumeError::Unsupported {
-                volume_id: vid.into(),
+            CipherSpec::parse(spec.cipher(), bits / 8).map_err(|e| Failure::Unsupported {
                 what: e.to_string(),
             })?;
         let version = if provider == Provider::Luks1 {
@@ -286,7 +258,7 @@ impl Volumes<'_> {
         job: &FirstUse<'_>,
         mut opts: FormatOptions,
         uuid: Option<uuid::Uuid>,
-    ) -> Result<(Header, VolumeKey), VolumeError> {
+    ) -> Result<(Header, VolumeKey), Failure> {
         let FirstUse {
             vid,
             disk,
@@ -295,38 +267,24 @@ impl Volumes<'_> {
             auth,
         } = *job;
         let dev = disk.name().to_string();
-        let luks_err = |source| VolumeError::Luks {
-            volume_id: vid.into(),
-            device: dev.clone(),
-            source,
-        };
         let mut intent = FormatIntent::new_here();
         if let Some(u) = uuid {
             intent.luks_uuid = u;
         }
         opts.uuid = Some(intent.luks_uuid);
         let passphrase = key.passphrase();
-        let plan = luks::plan_format(disk, &opts, &passphrase).map_err(luks_err)?;
+        let plan = luks::plan_format(disk, &opts, &passphrase)?;
         let recorded_before = self.records.read(vid);
         self.records
             .record(vid, &dev, &intent.luks_uuid)
-            .map_err(io_err(vid, FileOp::RecordingFormat, Path::new(&dev)))?;
+            .map_err(io_err(FileOp::RecordingFormat, &self.records.path(vid)))?;
         if let Err(e) = self.keys.mark_formatting(key_id, auth, &intent).await {
-            let cause = key_err(vid)(e);
-            return Err(
-                match self
-                    .take_back(job, &intent, uuid.is_none(), recorded_before)
-                    .await
-                {
-                    Ok(()) => cause,
-                    Err(r) => VolumeError::Rollback {
-                        cause: Box::new(cause),
-                        rollback: Box::new(r),
-                    },
-                },
-            );
+            let rollback = self
+                .take_back(job, &intent, uuid.is_none(), recorded_before)
+                .await;
+            return Err(Failure::with_rollback(e.into(), rollback));
         }
-        let (header, vk) = plan.write(disk, &passphrase).map_err(luks_err)?;
+        let (header, vk) = plan.write(disk, &passphrase)?;
         tracing::info!(volume_id = vid, device = dev, "formatted on first use");
         self.heal_marker(vid, key_id, auth).await?;
         Ok((header, vk))
@@ -344,23 +302,21 @@ impl Volumes<'_> {
         intent: &FormatIntent,
         first: bool,
         recorded_before: Option<guard::FormatRecord>,
-    ) -> Result<(), VolumeError> {
+    ) -> Result<(), Failure> {
         let vid = job.vid;
         let keep_record = recorded_before.is_some_and(|r| r.luks_uuid == Some(intent.luks_uuid));
         let record = if keep_record {
             Ok(())
         } else {
             self.records.clear(vid).map_err(io_err(
-                vid,
                 FileOp::RemovingFormatRecord,
-                Path::new(vid),
+                &self.records.path(vid),
             ))
         };
         if first {
             self.keys
                 .withdraw_formatting(job.key_id, job.auth, intent)
-                .await
-                .map_err(key_err(vid))?;
+                .await?;
         }
         record
     }
@@ -368,12 +324,11 @@ impl Volumes<'_> {
     /// Fetches the volume's key.
     pub(super) async fn fetch_key(
         &self,
-        vid: &str,
         key_id: &str,
         auth: &RequestAuth,
-    ) -> Result<(KeyId, crate::keymgr::Key), VolumeError> {
-        let key_id = KeyId::new(key_id).map_err(key_err(vid))?;
-        let key = self.keys.fetch(&key_id, auth).await.map_err(key_err(vid))?;
+    ) -> Result<(KeyId, crate::keymgr::Key), Failure> {
+        let key_id = KeyId::new(key_id)?;
+        let key = self.keys.fetch(&key_id, auth).await?;
         Ok((key_id, key))
     }
 }

@@ -12,7 +12,7 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
-use super::super::{EncryptionSpec, Provider, VolumeError, VolumeOptions, Volumes};
+use super::super::{EncryptionSpec, Failure, Provider, VolumeError, VolumeOptions, Volumes};
 use crate::dm::CryptOptions;
 use crate::keymgr::local::LocalKeyStore;
 use crate::keymgr::{FormatIntent, Key, KeyId, KeyManager, RequestAuth};
@@ -97,6 +97,8 @@ impl Fx {
         )
     }
 
+    /// The first-use step of an attach, its error named as the entry
+    /// points name it.
     fn attach(&self, host: &Volumes<'_>) -> Result<(Header, bool), VolumeError> {
         let auth = RequestAuth::Service;
         self.rt
@@ -110,6 +112,7 @@ impl Fx {
                 &auth,
             ))
             .map(|(h, _, formatted)| (h, formatted))
+            .map_err(VolumeError::naming(VID))
     }
 
     fn intent(&self, uuid: Uuid, age: u64) {
@@ -212,7 +215,7 @@ impl Fx {
             Ok(_) => panic!("the attach formatted"),
             Err(e) => e,
         };
-        let text = format!("{e}: {e:?}");
+        let text = format!("{}: {e:?}", crate::text::error_chain(&e));
         for w in words {
             assert!(text.contains(w), "{w:?} not in {text}");
         }
@@ -430,8 +433,8 @@ fn a_too_small_device_records_nothing_and_the_next_device_is_not_formatted_over(
     let e = fx.attach(&a).unwrap_err();
     assert!(
         matches!(
-            e,
-            VolumeError::Luks {
+            e.failure,
+            Failure::Luks {
                 source: luks::LuksError::TooSmall { .. },
                 ..
             }
@@ -514,7 +517,7 @@ fn a_failed_intent_write_takes_back_the_record_and_the_intent() {
     let a = fx.host("a");
     let before = fx.digest();
     let e = fx.attach(&a).unwrap_err();
-    assert!(matches!(e, VolumeError::Key { .. }), "{e}");
+    assert!(matches!(e.failure, Failure::Key { .. }), "{e}");
     assert_eq!(fx.digest(), before, "the device changed");
     assert!(!a_record(&fx, "a").exists(), "the record was left");
     // With the key manager back, the same host formats at once.

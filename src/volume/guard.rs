@@ -158,7 +158,8 @@ impl FormatRecords {
         }
     }
 
-    fn path(&self, volume_id: &str) -> PathBuf {
+    /// The record file of `volume_id`.
+    pub fn path(&self, volume_id: &str) -> PathBuf {
         self.dir.join(volume_id)
     }
 

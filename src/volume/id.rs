@@ -39,6 +39,15 @@ impl VolumeId {
     }
 }
 
+/// A volume id reads as the text it is (lock, record and mapping names
+/// are made from it).
+impl std::ops::Deref for VolumeId {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
 impl fmt::Display for VolumeId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)

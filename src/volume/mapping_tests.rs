@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::*;
-use crate::dm::{CryptOptions, CryptTarget, DmError, Mapper, MappingInfo};
+use crate::dm::{CryptOptions, CryptTarget, Device, DmError, Mapper, MappingInfo, Sectors};
 use crate::keymgr::local::LocalKeyStore;
 use crate::secret::{SecretBytes, VolumeKey};
 
@@ -39,7 +39,10 @@ fn mapping(name: &str, uuid: &str, live_table: bool, suspended: bool) -> Mapping
     MappingInfo {
         name: name.into(),
         uuid: uuid.into(),
-        device: "253:0".into(),
+        device: Device {
+            major: 253,
+            minor: 0,
+        },
         open_count: 0,
         live_table,
         suspended,
@@ -141,9 +144,9 @@ fn target() -> CryptTarget {
         key_bytes: 64,
         key_description: "luks-agent:test".into(),
         iv_offset: 0,
-        device: "7:0".into(),
-        offset_sectors: 32768,
-        length_sectors: 1024,
+        device: Device { major: 7, minor: 0 },
+        offset: Sectors(32768),
+        length: Sectors(1024),
         options: CryptOptions::default(),
     }
 }
@@ -184,7 +187,7 @@ fn a_half_made_mapping_that_is_not_ours_is_left_alone() {
     let m = mapping("crypt-x", "LVM-something", false, false);
     fx.dm.put(m.clone());
     let e = fx.volumes().settle_existing("v1", &fx.dm, m).unwrap_err();
-    assert!(matches!(e, VolumeError::Unsupported { .. }), "{e}");
+    assert!(matches!(e, Failure::Unsupported { .. }), "{e}");
     assert!(e.to_string().contains("not a crypt mapping"), "{e}");
     assert!(fx.dm.calls().is_empty(), "{:?}", fx.dm.calls());
 }
@@ -210,7 +213,7 @@ fn a_failed_repointing_rolls_the_mapping_and_record_back() {
     assert!(
         matches!(
             e,
-            VolumeError::Io {
+            Failure::Io {
                 op: FileOp::Repointing,
                 ..
             }
@@ -233,14 +236,14 @@ fn a_failed_rollback_reports_the_cause_and_its_own_failure() {
         .volumes()
         .map("v1", &fx.dm, &link, "crypt-x", UUID, &target(), key())
         .unwrap_err();
-    let VolumeError::Rollback { cause, rollback } = &e else {
+    let Failure::Rollback { cause, rollback } = &e else {
         panic!("not a rollback failure: {e}");
     };
-    assert!(matches!(**cause, VolumeError::Io { .. }), "{cause}");
+    assert!(matches!(**cause, Failure::Io { .. }), "{cause}");
     assert!(
         matches!(
             **rollback,
-            VolumeError::Dm {
+            Failure::Dm {
                 source: DmError::Busy { .. },
                 ..
             }
@@ -267,19 +270,11 @@ fn detach_removes_the_mapping_restores_the_link_and_is_idempotent() {
         std::fs::read_link(&link).unwrap(),
         Path::new(crate::dm::MAPPER_DIR).join("crypt-x")
     );
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .build()
-        .unwrap();
-    let spec = EncryptionSpec {
-        provider: Some("luks2".into()),
-        encryption_key_id: Some("00000000-0000-4000-8000-000000000001".into()),
-        ..EncryptionSpec::default()
-    };
-    let d = rt.block_on(v.detach("v1", &link, &spec, None)).unwrap();
+    let d = detach(&v, "v1", &link).unwrap();
     assert_eq!(d.action, Action::Removed);
     assert_eq!(std::fs::read_link(&link).unwrap(), device);
     assert!(v.read_record("v1").is_none());
-    let again = rt.block_on(v.detach("v1", &link, &spec, None)).unwrap();
+    let again = detach(&v, "v1", &link).unwrap();
     assert_eq!(again.action, Action::Identity);
     assert_eq!(
         fx.dm.calls(),
@@ -289,4 +284,45 @@ fn detach_removes_the_mapping_restores_the_link_and_is_idempotent() {
             "remove crypt-os-brick+v1"
         ]
     );
+}
+
+#[test]
+fn a_failed_detach_names_the_volume_once_and_the_mapping_once() {
+    let fx = setup();
+    let (link, _) = fx.link("v1");
+    let v = fx.volumes();
+    v.map("v1", &fx.dm, &link, "crypt-x", UUID, &target(), key())
+        .unwrap();
+    fx.dm.fail_remove.set(true);
+    let e = detach(&v, "v1", &link).unwrap_err();
+    assert_eq!(e.volume_id, "v1");
+    assert!(
+        matches!(
+            e.failure,
+            Failure::Dm {
+                source: DmError::Busy { .. }
+            }
+        ),
+        "{e}"
+    );
+    let text = crate::text::error_chain(&e);
+    assert_eq!(text.matches("v1").count(), 1, "{text}");
+    assert_eq!(text.matches("crypt-x").count(), 1, "{text}");
+    assert!(
+        v.read_record("v1").is_some(),
+        "the record of a live mapping went"
+    );
+}
+
+/// A dm-mode detach of a LUKS2 volume `id` through `link`.
+fn detach(v: &Volumes<'_>, id: &str, link: &Path) -> Result<Detached, VolumeError> {
+    let spec = EncryptionSpec {
+        provider: Some("luks2".into()),
+        encryption_key_id: Some("00000000-0000-4000-8000-000000000001".into()),
+        ..EncryptionSpec::default()
+    };
+    tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap()
+        .block_on(v.detach(&VolumeId::parse(id).unwrap(), link, &spec, None))
 }

@@ -3,6 +3,7 @@
 //! key from the key manager, a first-use format that cannot destroy data,
 //! per-volume serialisation and rollback of partial work.
 
+mod error;
 mod first_use;
 pub mod guard;
 pub mod id;
@@ -19,187 +20,17 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::blockdev::{self, Accept};
-use crate::dm::{CryptOptions, CryptTarget, DeviceMapper, DmError, Mapper, MappingInfo};
-use crate::keymgr::{KeyError, KeyManager, RequestAuth};
-use crate::luks::{self, CipherSpec, FileDisk, Header, KdfLimits, LuksError, LuksVersion};
+use crate::dm::{CryptOptions, CryptTarget, DeviceMapper, Mapper, MappingInfo};
+use crate::keymgr::{KeyManager, RequestAuth};
+use crate::luks::{self, CipherSpec, FileDisk, Header, KdfLimits, LuksVersion};
 use crate::secret::VolumeKey;
+use error::io_err;
+pub use error::{Failure, FileOp, VolumeError};
 use guard::FormatRecords;
 pub use id::VolumeId;
 pub use records::{AttachedVolume, attached_volumes, volume_of_mapping};
 use records::{RunRecords, VolumeRecord};
 pub use spec::{EncryptionSpec, Provider, SpecError};
-
-/// Why an attach or detach failed. Every variant names the volume.
-#[derive(Debug, thiserror::Error)]
-pub enum VolumeError {
-    /// The encryption metadata cannot be used.
-    #[error("volume {volume_id}")]
-    Spec {
-        /// Volume.
-        volume_id: String,
-        /// What is wrong.
-        #[source]
-        source: SpecError,
-    },
-    /// The key could not be fetched.
-    #[error("volume {volume_id}: fetching its key")]
-    Key {
-        /// Volume.
-        volume_id: String,
-        /// Why.
-        #[source]
-        source: KeyError,
-    },
-    /// The LUKS header could not be read, unlocked or written (the source
-    /// names the device).
-    #[error("volume {volume_id}")]
-    Luks {
-        /// Volume.
-        volume_id: String,
-        /// Device.
-        device: String,
-        /// Why.
-        #[source]
-        source: LuksError,
-    },
-    /// The first-use format was refused; nothing was written.
-    #[error("volume {volume_id} on {device}: refusing to format: {reason}")]
-    FormatRefused {
-        /// Volume.
-        volume_id: String,
-        /// Device.
-        device: String,
-        /// Which check failed.
-        reason: String,
-    },
-    /// A device-mapper operation failed.
-    #[error("volume {volume_id}: mapping {mapping}")]
-    Dm {
-        /// Volume.
-        volume_id: String,
-        /// Mapping name.
-        mapping: String,
-        /// Why.
-        #[source]
-        source: DmError,
-    },
-    /// The device path does not name a usable device, or opening it
-    /// failed; nothing was opened for writing or recorded.
-    #[error("volume {volume_id}")]
-    Device {
-        /// Volume.
-        volume_id: String,
-        /// Why.
-        #[source]
-        source: blockdev::DeviceError,
-    },
-    /// A file operation (lock, state, symlink, device) failed.
-    #[error("volume {volume_id}: {op} {path}")]
-    Io {
-        /// Volume.
-        volume_id: String,
-        /// What we did.
-        op: FileOp,
-        /// The file.
-        path: String,
-        /// The OS error.
-        #[source]
-        source: std::io::Error,
-    },
-    /// An attach failed and undoing it failed too. Both are shown with
-    /// their whole chains (an error has one `source`; either alone would
-    /// hide half of what happened).
-    #[error(
-        "{}; rollback also failed: {}",
-        crate::dm::chain(.cause.as_ref()),
-        crate::dm::chain(.rollback.as_ref())
-    )]
-    Rollback {
-        /// The failure.
-        cause: Box<VolumeError>,
-        /// The rollback failure.
-        rollback: Box<VolumeError>,
-    },
-    /// A libvirt operation (QEMU-native mode) failed.
-    #[error("volume {volume_id}")]
-    Libvirt {
-        /// Volume.
-        volume_id: String,
-        /// Why.
-        #[source]
-        source: Box<crate::libvirt::LibvirtError>,
-    },
-    /// The volume is not attached (extend needs its mapping).
-    #[error("volume {volume_id}: not attached (no mapping {mapping})")]
-    NotAttached {
-        /// Volume.
-        volume_id: String,
-        /// The mapping that is missing.
-        mapping: String,
-    },
-    /// This operation is not supported for this volume.
-    #[error("volume {volume_id}: {what}")]
-    Unsupported {
-        /// Volume.
-        volume_id: String,
-        /// What.
-        what: String,
-    },
-}
-
-/// A file operation of the volume layer, as an error names it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum FileOp {
-    /// Making a state or run directory.
-    CreatingDir,
-    /// Opening a volume's lock file.
-    OpeningLock,
-    /// Taking a volume's lock.
-    Locking,
-    /// Resolving the device path.
-    Resolving,
-    /// Reading the device for signatures.
-    Probing,
-    /// Writing the local record of a format.
-    RecordingFormat,
-    /// Dropping the local record of a finished format.
-    ClearingFormatRecord,
-    /// Taking back the local record of a failed format.
-    RemovingFormatRecord,
-    /// Pointing the device path at the mapping.
-    Repointing,
-    /// Pointing the device path back.
-    Restoring,
-    /// Reading a device's metadata.
-    Inspecting,
-    /// Reading a device's size.
-    Sizing,
-    /// Writing a record.
-    Writing,
-    /// Removing a record.
-    Removing,
-}
-
-impl std::fmt::Display for FileOp {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            FileOp::CreatingDir => "creating",
-            FileOp::OpeningLock => "opening lock",
-            FileOp::Locking => "locking",
-            FileOp::Resolving => "resolving",
-            FileOp::Probing => "probing",
-            FileOp::RecordingFormat => "recording format of",
-            FileOp::ClearingFormatRecord => "clearing format record for",
-            FileOp::RemovingFormatRecord => "removing format record of",
-            FileOp::Repointing => "repointing",
-            FileOp::Restoring => "restoring",
-            FileOp::Inspecting => "inspecting",
-            FileOp::Sizing => "sizing",
-            FileOp::Writing => "writing",
-            FileOp::Removing => "removing",
-        })
-    }
-}
 
 /// What an idempotent operation did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -250,7 +81,7 @@ pub struct Detached {
 #[derive(Clone, Debug)]
 pub struct AttachRequest {
     /// Cinder volume id.
-    pub volume_id: String,
+    pub volume_id: VolumeId,
     /// The connector's device path (often a symlink).
     pub device_path: PathBuf,
     /// Cinder's encryption metadata.
@@ -319,40 +150,20 @@ impl<'k> std::ops::Deref for MapperRef<'k> {
     }
 }
 
-fn key_err(volume_id: &str) -> impl FnOnce(crate::keymgr::KeyError) -> VolumeError {
-    let volume_id = volume_id.to_string();
-    move |source| VolumeError::Key { volume_id, source }
-}
-
-fn dev_err(volume_id: &str) -> impl FnOnce(blockdev::DeviceError) -> VolumeError {
-    let volume_id = volume_id.to_string();
-    move |source| VolumeError::Device { volume_id, source }
-}
-
 /// The device behind `path`, checked from `stat` (it exists and is a kind
 /// the caller accepts) before anything opens it, then resolved.
-fn resolve_device(vid: &str, path: &Path, accept: Accept) -> Result<PathBuf, VolumeError> {
-    blockdev::check_device(path, accept).map_err(dev_err(vid))?;
+fn resolve_device(path: &Path, accept: Accept) -> Result<PathBuf, Failure> {
+    blockdev::check_device(path, accept)?;
     fs::canonicalize(path).map_err(|source| {
         if source.kind() == std::io::ErrorKind::NotFound {
             // Gone between the check and here.
-            dev_err(vid)(blockdev::DeviceError::NotFound {
+            Failure::from(blockdev::DeviceError::NotFound {
                 path: blockdev::device::shown(path),
             })
         } else {
-            io_err(vid, FileOp::Resolving, path)(source)
+            io_err(FileOp::Resolving, path)(source)
         }
     })
-}
-
-fn io_err(volume_id: &str, op: FileOp, path: &Path) -> impl FnOnce(std::io::Error) -> VolumeError {
-    let (volume_id, path) = (volume_id.to_string(), blockdev::device::shown(path));
-    move |source| VolumeError::Io {
-        volume_id,
-        op,
-        path,
-        source,
-    }
 }
 
 impl<'k> Volumes<'k> {
@@ -375,34 +186,28 @@ impl<'k> Volumes<'k> {
     }
 
     /// Opens a caller's device (see [`blockdev::open_device`]) within the
-    /// configured time, errors naming the volume.
-    fn open_device(
-        &self,
-        vid: &str,
-        path: &Path,
-        writable: bool,
-        accept: Accept,
-    ) -> Result<File, VolumeError> {
-        blockdev::open_device(path, writable, accept, self.opts.device_open_timeout)
-            .map_err(dev_err(vid))
+    /// configured time.
+    fn open_device(&self, path: &Path, writable: bool, accept: Accept) -> Result<File, Failure> {
+        Ok(blockdev::open_device(
+            path,
+            writable,
+            accept,
+            self.opts.device_open_timeout,
+        )?)
     }
 
-    /// The device-mapper for one operation, or an error naming the volume.
-    fn mapper(&self, volume_id: &str) -> Result<MapperRef<'k>, VolumeError> {
-        match self.mapper {
-            Some(m) => Ok(MapperRef::Given(m)),
-            None => open_dm(volume_id).map(MapperRef::Kernel),
-        }
+    /// The device-mapper for one operation.
+    fn mapper(&self) -> Result<MapperRef<'k>, Failure> {
+        Ok(match self.mapper {
+            Some(m) => MapperRef::Given(m),
+            None => MapperRef::Kernel(DeviceMapper::open()?),
+        })
     }
 
     /// Serialises all operations on one volume, across processes.
-    fn lock(&self, volume_id: &str) -> Result<File, VolumeError> {
+    fn lock(&self, volume_id: &str) -> Result<File, Failure> {
         let dir = self.opts.run_dir.join("locks");
-        crate::state_file::private_dir(&dir).map_err(io_err(
-            volume_id,
-            FileOp::CreatingDir,
-            &dir,
-        ))?;
+        crate::state_file::private_dir(&dir).map_err(io_err(FileOp::CreatingDir, &dir))?;
         let path = dir.join(format!("{volume_id}.lock"));
         let f = OpenOptions::new()
             .write(true)
@@ -410,9 +215,8 @@ impl<'k> Volumes<'k> {
             .truncate(false)
             .mode(0o600)
             .open(&path)
-            .map_err(io_err(volume_id, FileOp::OpeningLock, &path))?;
-        f.lock()
-            .map_err(io_err(volume_id, FileOp::Locking, &path))?;
+            .map_err(io_err(FileOp::OpeningLock, &path))?;
+        f.lock().map_err(io_err(FileOp::Locking, &path))?;
         Ok(f)
     }
 
@@ -424,42 +228,34 @@ impl<'k> Volumes<'k> {
         self.records().read(volume_id)
     }
 
-    fn write_record(&self, volume_id: &str, rec: &VolumeRecord) -> Result<(), VolumeError> {
+    fn write_record(&self, volume_id: &str, rec: &VolumeRecord) -> Result<(), Failure> {
         self.records().write(volume_id, rec)
     }
 
-    /// Where every operation starts: the volume id checked, then the
-    /// provider read from the spec, errors naming the volume.
-    fn checked_provider(volume_id: &str, spec: &EncryptionSpec) -> Result<Provider, VolumeError> {
-        Self::validate_id(volume_id)?;
-        spec.provider().map_err(|source| VolumeError::Spec {
-            volume_id: volume_id.into(),
-            source,
-        })
+    /// The provider the spec names.
+    fn checked_provider(spec: &EncryptionSpec) -> Result<Provider, Failure> {
+        Ok(spec.provider()?)
     }
 
-    /// The opening step every operation shares: the volume id and the
-    /// provider checked (and `check`ed, for modes that take only some
+    /// The opening step every operation shares (the volume id was checked
+    /// when its [`VolumeId`] was made): the provider checked (and `check`ed, for modes that take only some
     /// providers); `None` for a volume without front-end encryption (the
     /// caller answers its own no-op); else the key id read from the spec
     /// when `needs_key`, and the volume's lock taken.
     fn begin<'s>(
         &self,
-        volume_id: &str,
+        volume_id: &VolumeId,
         spec: &'s EncryptionSpec,
         needs_key: bool,
-        check: impl FnOnce(&str, Provider) -> Result<(), VolumeError>,
-    ) -> Result<Option<Begun<'s>>, VolumeError> {
-        let provider = Self::checked_provider(volume_id, spec)?;
-        check(volume_id, provider)?;
+        check: impl FnOnce(Provider) -> Result<(), Failure>,
+    ) -> Result<Option<Begun<'s>>, Failure> {
+        let provider = Self::checked_provider(spec)?;
+        check(provider)?;
         if provider == Provider::NoOp {
             return Ok(None);
         }
         let key_id = if needs_key {
-            Some(spec.key_id().map_err(|source| VolumeError::Spec {
-                volume_id: volume_id.into(),
-                source,
-            })?)
+            Some(spec.key_id()?)
         } else {
             None
         };
@@ -470,20 +266,17 @@ impl<'k> Volumes<'k> {
         }))
     }
 
-    fn validate_id(volume_id: &str) -> Result<(), VolumeError> {
-        VolumeId::parse(volume_id)
-            .map(drop)
-            .map_err(|_| VolumeError::Unsupported {
-                volume_id: volume_id.escape_debug().to_string(),
-                what: id::RULE.into(),
-            })
-    }
-
     /// Attaches a volume: after this, the returned path reads and writes
     /// plaintext. Idempotent; a failure leaves nothing behind.
     pub async fn attach(&self, req: &AttachRequest) -> Result<Attached, VolumeError> {
+        self.attach_mapping(req)
+            .await
+            .map_err(VolumeError::naming(&req.volume_id))
+    }
+
+    async fn attach_mapping(&self, req: &AttachRequest) -> Result<Attached, Failure> {
         let vid = req.volume_id.as_str();
-        let Some(begun) = self.begin(vid, &req.spec, true, |_, _| Ok(()))? else {
+        let Some(begun) = self.begin(&req.volume_id, &req.spec, true, |_| Ok(()))? else {
             return Ok(Attached {
                 path: req.device_path.clone(),
                 mapping: None,
@@ -492,19 +285,11 @@ impl<'k> Volumes<'k> {
             });
         };
         let (provider, key_id_text) = (begun.provider, begun.key_id);
-        let dm = self.mapper(vid)?;
-        let dm_err = |mapping: &str| {
-            let (v, m) = (vid.to_string(), mapping.to_string());
-            move |source| VolumeError::Dm {
-                volume_id: v,
-                mapping: m,
-                source,
-            }
-        };
+        let dm = self.mapper()?;
         let name = naming::choose_name(&req.device_path, req.multipath_id.as_deref(), |n| {
             matches!(dm.info(n), Ok(Some(_)))
         });
-        let existing = match dm.info(&name).map_err(dm_err(&name))? {
+        let existing = match dm.info(&name)? {
             Some(m) => self.settle_existing(vid, &*dm, m)?,
             None => None,
         };
@@ -513,7 +298,7 @@ impl<'k> Volumes<'k> {
         // path may still lead to the old /dev/mapper node; finish the
         // detach before the path is resolved.
         if let Some(r) = self.read_record(vid)
-            && dm.info(&r.mapping).map_err(dm_err(&r.mapping))?.is_none()
+            && dm.info(&r.mapping)?.is_none()
         {
             self.undo_map(vid, &*dm, &r.mapping)?;
         }
@@ -528,20 +313,20 @@ impl<'k> Volumes<'k> {
         }
         // A dm-crypt mapping needs a block device: refused before the key
         // is fetched or anything is opened.
-        let device = resolve_device(vid, &req.device_path, Accept::BlockOnly)?;
-        let (key_id, key) = self.fetch_key(vid, key_id_text, &req.auth).await?;
+        let device = resolve_device(&req.device_path, Accept::BlockOnly)?;
+        let (key_id, key) = self.fetch_key(key_id_text, &req.auth).await?;
         let passphrase = key.passphrase();
 
         if provider == Provider::Plain {
             // cryptsetup create: no header; key derived from the passphrase.
-            let (target, key) = self.plain_target(vid, &device, &req.spec, &name, &passphrase)?;
+            let (target, key) = self.plain_target(&device, &req.spec, &name, &passphrase)?;
             let uuid = naming::dm_uuid("PLAIN", None, &name);
             return self.map(vid, &*dm, &req.device_path, &name, &uuid, &target, key);
         }
         let (header, volume_key, formatted) = self
             .open_or_format(vid, &device, provider, &req.spec, &key_id, &key, &req.auth)
             .await?;
-        let target = self.luks_target(vid, &device, &header, &name)?;
+        let target = self.luks_target(&device, &header, &name)?;
         let kind = if header.version() == LuksVersion::Luks1 {
             "LUKS1"
         } else {
@@ -573,19 +358,13 @@ impl<'k> Volumes<'k> {
         vid: &str,
         dm: &dyn Mapper,
         m: MappingInfo,
-    ) -> Result<Option<MappingInfo>, VolumeError> {
-        let dm_err = |source| VolumeError::Dm {
-            volume_id: vid.into(),
-            mapping: m.name.clone(),
-            source,
-        };
+    ) -> Result<Option<MappingInfo>, Failure> {
         if m.live_table && !m.suspended {
-            dm.ensure_node(&m).map_err(dm_err)?;
+            dm.ensure_node(&m)?;
             return Ok(Some(m));
         }
         if !m.uuid.starts_with("CRYPT-") {
-            return Err(VolumeError::Unsupported {
-                volume_id: vid.into(),
+            return Err(Failure::Unsupported {
                 what: format!(
                     "mapping {} exists {} and is not a crypt mapping (uuid '{}')",
                     m.name,
@@ -604,15 +383,14 @@ impl<'k> Volumes<'k> {
                 mapping = m.name,
                 "resuming a suspended mapping"
             );
-            return dm.resume(&m.name).map_err(dm_err);
+            return Ok(dm.resume(&m.name)?);
         }
         tracing::warn!(
             volume_id = vid,
             mapping = m.name,
             "removing a mapping without a table, left by an interrupted attach"
         );
-        dm.remove(&m.name, self.opts.detach_attempts, self.opts.detach_backoff)
-            .map_err(dm_err)?;
+        dm.remove(&m.name, self.opts.detach_attempts, self.opts.detach_backoff)?;
         Ok(None)
     }
 
@@ -628,25 +406,11 @@ impl<'k> Volumes<'k> {
         uuid: &str,
         target: &CryptTarget,
         volume_key: VolumeKey,
-    ) -> Result<Attached, VolumeError> {
-        let dm_err = |source| VolumeError::Dm {
-            volume_id: vid.into(),
-            mapping: name.into(),
-            source,
-        };
-        let info = dm
-            .create_crypt(name, uuid, target, &volume_key, false)
-            .map_err(dm_err)?;
+    ) -> Result<Attached, Failure> {
+        let info = dm.create_crypt(name, uuid, target, &volume_key, false)?;
         drop(volume_key);
         if let Err(cause) = self.point_symlink(vid, device_path, &info) {
-            let rollback = self.undo_map(vid, dm, name);
-            return Err(match rollback {
-                Ok(_) => cause,
-                Err(r) => VolumeError::Rollback {
-                    cause: Box::new(cause),
-                    rollback: Box::new(r),
-                },
-            });
+            return Err(Failure::with_rollback(cause, self.undo_map(vid, dm, name)));
         }
         Ok(Attached {
             path: info.path(),
@@ -662,22 +426,18 @@ impl<'k> Volumes<'k> {
     /// that was killed. The keyring entry needs no undo: it lives only
     /// while the table loads. Every step is tried; the first failure is
     /// returned.
-    fn undo_map(&self, vid: &str, dm: &dyn Mapper, name: &str) -> Result<(), VolumeError> {
+    fn undo_map(&self, vid: &str, dm: &dyn Mapper, name: &str) -> Result<(), Failure> {
         let mut first = dm
             .remove(name, 3, Duration::from_millis(50))
             .map(|_| ())
-            .map_err(|source| VolumeError::Dm {
-                volume_id: vid.into(),
-                mapping: name.into(),
-                source,
-            });
+            .map_err(Failure::from);
         if let Some(r) = self.read_record(vid).filter(|r| r.mapping == name) {
             let mapped = PathBuf::from(crate::dm::MAPPER_DIR).join(name);
             if let Some(orig) = &r.original_target
                 && fs::read_link(&r.device_path).ok().as_deref() == Some(mapped.as_path())
                 && let Err(e) = replace_symlink(&r.device_path, orig)
             {
-                first = first.and(Err(io_err(vid, FileOp::Restoring, &r.device_path)(e)));
+                first = first.and(Err(io_err(FileOp::Restoring, &r.device_path)(e)));
             }
             if let Err(e) = self.records().remove(vid) {
                 first = first.and(Err(e));
@@ -689,13 +449,11 @@ impl<'k> Volumes<'k> {
     /// The crypt target of a LUKS volume on `device`.
     fn luks_target(
         &self,
-        vid: &str,
         device: &Path,
         header: &Header,
         name: &str,
-    ) -> Result<CryptTarget, VolumeError> {
+    ) -> Result<CryptTarget, Failure> {
         self.target(
-            vid,
             device,
             &header.cipher(),
             header.key_bytes(),
@@ -708,23 +466,17 @@ impl<'k> Volumes<'k> {
     /// The crypt target and key of a plain volume on `device`.
     fn plain_target(
         &self,
-        vid: &str,
         device: &Path,
         spec: &EncryptionSpec,
         name: &str,
         passphrase: &crate::secret::Passphrase,
-    ) -> Result<(CryptTarget, VolumeKey), VolumeError> {
+    ) -> Result<(CryptTarget, VolumeKey), Failure> {
         let cipher = spec.plain_cipher();
-        let bits = spec.plain_key_bits().map_err(|source| VolumeError::Spec {
-            volume_id: vid.into(),
-            source,
-        })?;
-        CipherSpec::parse(cipher, bits / 8).map_err(|e| VolumeError::Unsupported {
-            volume_id: vid.into(),
+        let bits = spec.plain_key_bits()?;
+        CipherSpec::parse(cipher, bits / 8).map_err(|e| Failure::Unsupported {
             what: e.to_string(),
         })?;
         let target = self.target(
-            vid,
             device,
             cipher,
             bits / 8,
@@ -741,25 +493,23 @@ impl<'k> Volumes<'k> {
     #[allow(clippy::too_many_arguments)]
     fn target(
         &self,
-        vid: &str,
         device: &Path,
         cipher: &str,
         key_bytes: usize,
         key_description: String,
         data_offset: u64,
         sector_size: u32,
-    ) -> Result<CryptTarget, VolumeError> {
+    ) -> Result<CryptTarget, Failure> {
         use std::os::unix::fs::MetadataExt;
-        let file = self.open_device(vid, device, false, Accept::BlockOnly)?;
+        let file = self.open_device(device, false, Accept::BlockOnly)?;
         let meta = file
             .metadata()
-            .map_err(io_err(vid, FileOp::Inspecting, device))?;
-        let size = blockdev::size_of(&file).map_err(io_err(vid, FileOp::Sizing, device))?;
+            .map_err(io_err(FileOp::Inspecting, device))?;
+        let size = blockdev::size_of(&file).map_err(io_err(FileOp::Sizing, device))?;
         let sector = u64::from(sector_size);
         let data = size.saturating_sub(data_offset) / sector * sector;
         if data == 0 {
-            return Err(VolumeError::Unsupported {
-                volume_id: vid.into(),
+            return Err(Failure::Unsupported {
                 what: format!(
                     "{} has no room for data after its header",
                     blockdev::device::shown(device)
@@ -783,9 +533,9 @@ impl<'k> Volumes<'k> {
             key_bytes,
             key_description,
             iv_offset: 0,
-            device: format!("{}:{}", libc::major(rdev), libc::minor(rdev)),
-            offset_sectors: data_offset / 512,
-            length_sectors: data / 512,
+            device: crate::dm::Device::from(rdev),
+            offset: crate::dm::Sectors(data_offset / 512),
+            length: crate::dm::Sectors(data / 512),
             options,
         })
     }
@@ -797,7 +547,7 @@ impl<'k> Volumes<'k> {
         vid: &str,
         device_path: &Path,
         info: &MappingInfo,
-    ) -> Result<(), VolumeError> {
+    ) -> Result<(), Failure> {
         let mapping_path = info.path();
         let link = fs::symlink_metadata(device_path)
             .map(|m| m.file_type().is_symlink())
@@ -824,29 +574,36 @@ impl<'k> Volumes<'k> {
         if !link || current.as_deref() == Some(mapping_path.as_path()) {
             return Ok(());
         }
-        replace_symlink(device_path, &mapping_path).map_err(io_err(
-            vid,
-            FileOp::Repointing,
-            device_path,
-        ))
+        replace_symlink(device_path, &mapping_path).map_err(io_err(FileOp::Repointing, device_path))
     }
 
     /// Detaches a volume: removes the mapping (retrying while it is busy)
     /// and restores the device path. Detaching a detached volume succeeds.
     pub async fn detach(
         &self,
-        volume_id: &str,
+        volume_id: &VolumeId,
         device_path: &Path,
         spec: &EncryptionSpec,
         multipath_id: Option<&str>,
     ) -> Result<Detached, VolumeError> {
-        let Some(_begun) = self.begin(volume_id, spec, false, |_, _| Ok(()))? else {
+        self.detach_mapping(volume_id, device_path, spec, multipath_id)
+            .map_err(VolumeError::naming(volume_id))
+    }
+
+    fn detach_mapping(
+        &self,
+        volume_id: &VolumeId,
+        device_path: &Path,
+        spec: &EncryptionSpec,
+        multipath_id: Option<&str>,
+    ) -> Result<Detached, Failure> {
+        let Some(_begun) = self.begin(volume_id, spec, false, |_| Ok(()))? else {
             return Ok(Detached {
                 mapping: None,
                 action: Action::NoOp,
             });
         };
-        let dm = self.mapper(volume_id)?;
+        let dm = self.mapper()?;
         let record = self.read_record(volume_id);
         let name = match &record {
             Some(r) => r.mapping.clone(),
@@ -854,20 +611,11 @@ impl<'k> Volumes<'k> {
                 matches!(dm.info(n), Ok(Some(_)))
             }),
         };
-        let removed = dm
-            .remove(&name, self.opts.detach_attempts, self.opts.detach_backoff)
-            .map_err(|source| VolumeError::Dm {
-                volume_id: volume_id.into(),
-                mapping: name.clone(),
-                source,
-            })?;
+        let removed = dm.remove(&name, self.opts.detach_attempts, self.opts.detach_backoff)?;
         if let Some(r) = &record {
             if let Some(orig) = &r.original_target {
-                replace_symlink(&r.device_path, orig).map_err(io_err(
-                    volume_id,
-                    FileOp::Restoring,
-                    &r.device_path,
-                ))?;
+                replace_symlink(&r.device_path, orig)
+                    .map_err(io_err(FileOp::Restoring, &r.device_path))?;
             }
             self.records().remove(volume_id)?;
         }
@@ -887,18 +635,23 @@ impl Volumes<'_> {
     /// the key is fetched and the header unlocked again, and the table is
     /// reloaded (suspend, resume) at the new length.
     pub async fn extend(&self, req: &AttachRequest) -> Result<Extended, VolumeError> {
+        self.extend_mapping(req)
+            .await
+            .map_err(VolumeError::naming(&req.volume_id))
+    }
+
+    async fn extend_mapping(&self, req: &AttachRequest) -> Result<Extended, Failure> {
         let vid = req.volume_id.as_str();
-        let Some(begun) = self.begin(vid, &req.spec, true, |_, _| Ok(()))? else {
+        let Some(begun) = self.begin(&req.volume_id, &req.spec, true, |_| Ok(()))? else {
             // Nothing of ours sits on the device: its size is the answer,
             // read without opening the path.
             return Ok(Extended {
                 mapping: None,
-                new_size: blockdev::size_without_opening(&req.device_path, Accept::BlockOnly)
-                    .map_err(dev_err(vid))?,
+                new_size: blockdev::size_without_opening(&req.device_path, Accept::BlockOnly)?,
             });
         };
         let (provider, key_id_text) = (begun.provider, begun.key_id);
-        let dm = self.mapper(vid)?;
+        let dm = self.mapper()?;
         let record = self.read_record(vid);
         let name = match &record {
             Some(r) => r.mapping.clone(),
@@ -906,57 +659,34 @@ impl Volumes<'_> {
                 matches!(dm.info(n), Ok(Some(_)))
             }),
         };
-        let dm_err = |source| VolumeError::Dm {
-            volume_id: vid.into(),
-            mapping: name.clone(),
-            source,
-        };
-        if dm.info(&name).map_err(dm_err)?.is_none() {
-            return Err(VolumeError::NotAttached {
-                volume_id: vid.into(),
+        if dm.info(&name)?.is_none() {
+            return Err(Failure::NotAttached {
                 mapping: name.clone(),
             });
         }
         // The lower device: the record's symlink target, else the path.
         let lower = match record.as_ref().and_then(|r| r.original_target.clone()) {
-            Some(t) => resolve_device(vid, &t, Accept::BlockOnly)?,
-            None => resolve_device(vid, &req.device_path, Accept::BlockOnly)?,
+            Some(t) => resolve_device(&t, Accept::BlockOnly)?,
+            None => resolve_device(&req.device_path, Accept::BlockOnly)?,
         };
-        let (_, key) = self.fetch_key(vid, key_id_text, &req.auth).await?;
+        let (_, key) = self.fetch_key(key_id_text, &req.auth).await?;
         let passphrase = key.passphrase();
         let (target, vk) = if provider == Provider::Plain {
-            self.plain_target(vid, &lower, &req.spec, &name, &passphrase)?
+            self.plain_target(&lower, &req.spec, &name, &passphrase)?
         } else {
-            let dev_name = blockdev::device::shown(&lower);
-            let luks_err = |source| VolumeError::Luks {
-                volume_id: vid.into(),
-                device: dev_name.clone(),
-                source,
-            };
-            let file = self.open_device(vid, &lower, false, Accept::BlockOnly)?;
-            let disk = FileDisk::new(file, dev_name.clone());
-            let header = Header::read(&disk).map_err(luks_err)?;
-            let unlocked = header
-                .unlock(&disk, &passphrase, None, &KdfLimits::default())
-                .map_err(luks_err)?;
-            let target = self.luks_target(vid, &lower, &header, &name)?;
+            let file = self.open_device(&lower, false, Accept::BlockOnly)?;
+            let disk = FileDisk::new(file, blockdev::device::shown(&lower));
+            let header = Header::read(&disk)?;
+            let unlocked = header.unlock(&disk, &passphrase, None, &KdfLimits::default())?;
+            let target = self.luks_target(&lower, &header, &name)?;
             (target, unlocked.volume_key)
         };
-        dm.reload_crypt(&name, &target, &vk).map_err(dm_err)?;
+        dm.reload_crypt(&name, &target, &vk)?;
         Ok(Extended {
             mapping: Some(name.clone()),
-            new_size: target.length_sectors * 512,
+            new_size: *target.length * 512,
         })
     }
-}
-
-/// The device-mapper control device, or an error naming the volume.
-fn open_dm(volume_id: &str) -> Result<DeviceMapper, VolumeError> {
-    DeviceMapper::open().map_err(|source| VolumeError::Dm {
-        volume_id: volume_id.into(),
-        mapping: "-".into(),
-        source,
-    })
 }
 
 /// Atomically makes `link` a symlink to `target` (create beside, rename).

@@ -25,11 +25,11 @@ use sha2::{Digest, Sha256};
 
 use super::records::RunRecords;
 use super::{
-    AttachRequest, EncryptionSpec, FileOp, Provider, VolumeError, Volumes, dev_err, io_err,
-    resolve_device,
+    AttachRequest, EncryptionSpec, Failure, FileOp, Provider, VolumeError, VolumeId, Volumes,
+    io_err, resolve_device,
 };
 use crate::blockdev::{self, Accept};
-use crate::libvirt::{self, LibvirtError, SecretFlags, Secrets};
+use crate::libvirt::{self, SecretFlags, Secrets};
 use crate::luks::{FileDisk, Header, LuksVersion};
 use crate::secret::Passphrase;
 
@@ -122,11 +122,10 @@ fn fingerprint(uuid: &str, passphrase: &Passphrase) -> String {
     hex::encode(h.finalize())
 }
 
-fn refuse_provider(vid: &str, provider: Provider) -> Result<(), VolumeError> {
+fn refuse_provider(provider: Provider) -> Result<(), Failure> {
     match provider {
         Provider::Luks1 | Provider::NoOp => Ok(()),
-        other => Err(VolumeError::Unsupported {
-            volume_id: vid.into(),
+        other => Err(Failure::Unsupported {
             what: format!(
                 "provider {} cannot be used in libvirt mode: QEMU opens only LUKS1 volumes natively (use --mode dm); nothing was written",
                 if other == Provider::Plain {
@@ -136,14 +135,6 @@ fn refuse_provider(vid: &str, provider: Provider) -> Result<(), VolumeError> {
                 }
             ),
         }),
-    }
-}
-
-fn lv_err(vid: &str) -> impl FnOnce(LibvirtError) -> VolumeError {
-    let vid = vid.to_string();
-    move |source| VolumeError::Libvirt {
-        volume_id: vid,
-        source: Box::new(source),
     }
 }
 
@@ -185,8 +176,18 @@ impl Volumes<'_> {
         req: &AttachRequest,
         native: &NativeOptions,
     ) -> Result<NativeAttached, VolumeError> {
+        self.attach_secret(req, native)
+            .await
+            .map_err(VolumeError::naming(&req.volume_id))
+    }
+
+    async fn attach_secret(
+        &self,
+        req: &AttachRequest,
+        native: &NativeOptions,
+    ) -> Result<NativeAttached, Failure> {
         let vid = req.volume_id.as_str();
-        let Some(begun) = self.begin(vid, &req.spec, true, refuse_provider)? else {
+        let Some(begun) = self.begin(&req.volume_id, &req.spec, true, refuse_provider)? else {
             return Ok(NativeAttached {
                 path: req.device_path.clone(),
                 secret_uuid: None,
@@ -199,18 +200,17 @@ impl Volumes<'_> {
         let (provider, key_id_text) = (begun.provider, begun.key_id);
         // Connect before anything is fetched or written: with libvirtd
         // down the attach fails with nothing changed.
-        let secrets = Secrets::connect(&native.uri).map_err(lv_err(vid))?;
+        let secrets = Secrets::connect(&native.uri)?;
         // QEMU opens block devices and image files (NFS-backed volumes).
-        let device = resolve_device(vid, &req.device_path, Accept::BlockOrFile)?;
-        let (key_id, key) = self.fetch_key(vid, key_id_text, &req.auth).await?;
+        let device = resolve_device(&req.device_path, Accept::BlockOrFile)?;
+        let (key_id, key) = self.fetch_key(key_id_text, &req.auth).await?;
         let (header, volume_key, formatted) = self
             .open_or_format(vid, &device, provider, &req.spec, &key_id, &key, &req.auth)
             .await?;
         // QEMU only needs the passphrase; the volume key proved it opens.
         drop(volume_key);
         if header.version() != LuksVersion::Luks1 {
-            return Err(VolumeError::Unsupported {
-                volume_id: vid.into(),
+            return Err(Failure::Unsupported {
                 what: format!(
                     "{} holds a LUKS2 header, which QEMU cannot open natively (use --mode dm)",
                     device.display()
@@ -218,7 +218,7 @@ impl Volumes<'_> {
             });
         }
         let passphrase = key.passphrase();
-        let existing = secrets.find(vid).map_err(lv_err(vid))?;
+        let existing = secrets.find(vid)?;
         let record = self.secret_records().read::<SecretRecord>(vid);
         let (uuid, action) = match existing {
             Some(s)
@@ -241,29 +241,20 @@ impl Volumes<'_> {
                     // place would not do: libvirt 9.0 turning a persistent
                     // secret ephemeral deletes its value file but leaves
                     // its XML file, which a libvirtd restart loads again.
-                    secrets.undefine(vid, &s.uuid).map_err(lv_err(vid))?;
-                    secrets
-                        .define(vid, native.flags, Some(&s.uuid))
-                        .map_err(lv_err(vid))?;
+                    secrets.undefine(vid, &s.uuid)?;
+                    secrets.define(vid, native.flags, Some(&s.uuid))?;
                 }
-                secrets
-                    .set_value(vid, &s.uuid, &passphrase)
-                    .map_err(lv_err(vid))?;
+                secrets.set_value(vid, &s.uuid, &passphrase)?;
                 (s.uuid, SecretAction::Replaced)
             }
             None => {
-                let uuid = secrets
-                    .define(vid, native.flags, None)
-                    .map_err(lv_err(vid))?;
+                let uuid = secrets.define(vid, native.flags, None)?;
                 if let Err(e) = secrets.set_value(vid, &uuid, &passphrase) {
-                    let cause = lv_err(vid)(e);
-                    return Err(match secrets.undefine(vid, &uuid) {
-                        Ok(_) => cause,
-                        Err(r) => VolumeError::Rollback {
-                            cause: Box::new(cause),
-                            rollback: Box::new(lv_err(vid)(r)),
-                        },
-                    });
+                    let rollback = secrets
+                        .undefine(vid, &uuid)
+                        .map(drop)
+                        .map_err(Failure::from);
+                    return Err(Failure::with_rollback(e.into(), rollback));
                 }
                 (uuid, SecretAction::Created)
             }
@@ -293,19 +284,30 @@ impl Volumes<'_> {
     /// across a hard reboot). Detaching a detached volume succeeds.
     pub fn detach_native(
         &self,
-        volume_id: &str,
+        volume_id: &VolumeId,
         spec: &EncryptionSpec,
         native: &NativeOptions,
         keep: bool,
     ) -> Result<NativeDetached, VolumeError> {
-        let Some(_begun) = self.begin(volume_id, spec, false, |_, _| Ok(()))? else {
+        self.detach_secret(volume_id, spec, native, keep)
+            .map_err(VolumeError::naming(volume_id))
+    }
+
+    fn detach_secret(
+        &self,
+        volume_id: &VolumeId,
+        spec: &EncryptionSpec,
+        native: &NativeOptions,
+        keep: bool,
+    ) -> Result<NativeDetached, Failure> {
+        let Some(_begun) = self.begin(volume_id, spec, false, |_| Ok(()))? else {
             return Ok(NativeDetached {
                 secret_uuid: None,
                 secret: SecretAction::NoOp,
             });
         };
-        let secrets = Secrets::connect(&native.uri).map_err(lv_err(volume_id))?;
-        let Some(found) = secrets.find(volume_id).map_err(lv_err(volume_id))? else {
+        let secrets = Secrets::connect(&native.uri)?;
+        let Some(found) = secrets.find(volume_id)? else {
             self.secret_records().remove(volume_id)?;
             return Ok(NativeDetached {
                 secret_uuid: None,
@@ -318,9 +320,7 @@ impl Volumes<'_> {
                 secret: SecretAction::Kept,
             });
         }
-        let removed = secrets
-            .undefine(volume_id, &found.uuid)
-            .map_err(lv_err(volume_id))?;
+        let removed = secrets.undefine(volume_id, &found.uuid)?;
         self.secret_records().remove(volume_id)?;
         Ok(NativeDetached {
             secret_uuid: Some(found.uuid),
@@ -336,30 +336,26 @@ impl Volumes<'_> {
     /// size minus the LUKS payload offset, as nova computes it. Reads the
     /// header only; no key is needed and nothing is written.
     pub fn extend_native(&self, req: &AttachRequest) -> Result<NativeExtended, VolumeError> {
-        let vid = req.volume_id.as_str();
+        self.extend_size(req)
+            .map_err(VolumeError::naming(&req.volume_id))
+    }
+
+    fn extend_size(&self, req: &AttachRequest) -> Result<NativeExtended, Failure> {
         let path = &req.device_path;
-        let Some(_begun) = self.begin(vid, &req.spec, false, refuse_provider)? else {
+        let Some(_begun) = self.begin(&req.volume_id, &req.spec, false, refuse_provider)? else {
             // Nothing of ours on the device: its size, without opening it.
-            let device_size =
-                blockdev::size_without_opening(path, Accept::BlockOrFile).map_err(dev_err(vid))?;
+            let device_size = blockdev::size_without_opening(path, Accept::BlockOrFile)?;
             return Ok(NativeExtended {
                 device_size,
                 payload_offset: 0,
                 new_size: device_size,
             });
         };
-        let file = self.open_device(vid, path, false, Accept::BlockOrFile)?;
-        let device_size = blockdev::size_of(&file).map_err(io_err(vid, FileOp::Sizing, path))?;
+        let file = self.open_device(path, false, Accept::BlockOrFile)?;
+        let device_size = blockdev::size_of(&file).map_err(io_err(FileOp::Sizing, path))?;
         let payload_offset = {
-            let dev_name = blockdev::device::shown(path);
-            let disk = FileDisk::new(file, dev_name.clone());
-            Header::read(&disk)
-                .map_err(|source| VolumeError::Luks {
-                    volume_id: vid.into(),
-                    device: dev_name,
-                    source,
-                })?
-                .data_offset()
+            let disk = FileDisk::new(file, blockdev::device::shown(path));
+            Header::read(&disk)?.data_offset()
         };
         Ok(NativeExtended {
             device_size,

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use super::{FileOp, VolumeError, io_err};
+use super::{Failure, FileOp, io_err};
 use crate::state_file::{self, Durability};
 
 /// One kind of record.
@@ -42,22 +42,19 @@ impl RunRecords {
     /// Writes the volume's record beside and renames it: a process killed
     /// mid-write leaves the old record or the new one, never a truncated
     /// one that would lose what detach must restore.
-    pub(crate) fn write<T: Serialize>(&self, volume_id: &str, rec: &T) -> Result<(), VolumeError> {
+    pub(crate) fn write<T: Serialize>(&self, volume_id: &str, rec: &T) -> Result<(), Failure> {
         let path = self.path(volume_id);
         let text = serde_json::to_string(rec).unwrap_or_default();
-        state_file::replace(&path, text.as_bytes(), Durability::ProcessCrash).map_err(io_err(
-            volume_id,
-            FileOp::Writing,
-            &path,
-        ))
+        state_file::replace(&path, text.as_bytes(), Durability::ProcessCrash)
+            .map_err(io_err(FileOp::Writing, &path))
     }
 
     /// Removes the volume's record; an absent one is fine.
-    pub(crate) fn remove(&self, volume_id: &str) -> Result<(), VolumeError> {
+    pub(crate) fn remove(&self, volume_id: &str) -> Result<(), Failure> {
         let path = self.path(volume_id);
         match fs::remove_file(&path) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                Err(io_err(volume_id, FileOp::Removing, &path)(e))
+                Err(io_err(FileOp::Removing, &path)(e))
             }
             _ => Ok(()),
         }

@@ -106,7 +106,9 @@ rc=$?
 set -e
 [ "$rc" -ne 0 ] || fail "busy rollback: attach succeeded"
 grep -q "repointing $LINK" "$W/err" || fail "busy rollback: cause missing: $(cat "$W/err")"
-grep -q "rollback also failed: volume $VID: mapping $MAP: device-mapper .*EBUSY" "$W/err" || fail "busy rollback: rollback failure missing: $(cat "$W/err")"
+grep -q "rollback also failed: device-mapper .* of '$MAP' .*EBUSY" "$W/err" || fail "busy rollback: rollback failure missing: $(cat "$W/err")"
+# The volume is named once, at the front.
+[ "$(grep -o "volume $VID" "$W/err" | wc -l)" = 1 ] || fail "busy rollback: the volume is not named exactly once: $(cat "$W/err")"
 # What could be undone was: the record; the key never outlives the load.
 [ ! -e "$RUN/volumes/$VID.json" ] || fail "busy rollback: record left"
 [ "$(our_keys)" = 0 ] || sleep 0.5
