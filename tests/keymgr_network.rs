@@ -155,6 +155,7 @@ fn barbican(port: u16, http: HttpConfig) -> (Barbican, tempfile::TempDir) {
     let client = build_client(&http).unwrap();
     let cfg = BarbicanConfig {
         endpoint: Some(format!("http://127.0.0.1:{port}")),
+        ..BarbicanConfig::default()
     };
     (
         Barbican::new(cfg, http, client, None, state.path()).unwrap(),

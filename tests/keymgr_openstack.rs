@@ -30,7 +30,8 @@ use luks_agent::keymgr::fixed::FIXED_KEY_ID;
 use luks_agent::keymgr::http::{HttpConfig, build_client};
 use luks_agent::keymgr::keystone::Keystone;
 use luks_agent::keymgr::{
-    FormatIntent, Key, KeyError, KeyId, KeyManager, RequestAuth, SecretKind, SecretString,
+    FormatIntent, Hold, HoldOp, Key, KeyError, KeyHolder, KeyId, KeyManager, RequestAuth,
+    SecretKind, SecretString,
 };
 use luks_agent::secret::SecretBytes;
 
@@ -1114,4 +1115,314 @@ fn legacy_fixed_key() {
         Err(other) => panic!("expected ConfigError::Exposed, got {other:?}"),
         Ok(_) => panic!("a world-readable file with fixed_key was accepted"),
     }
+}
+
+// ---------------------------------------------------------------------------
+// Holding a key while attached: consumers and the read ACL
+// ---------------------------------------------------------------------------
+
+/// The agent of a compute host: the `agent` user, member of the service
+/// project only, with the catalog's Barbican.
+fn agent_user(c: &Cloud, extra: &str) -> Vec<String> {
+    vec![
+        password_section(c, "agent", "service", c.password("agent"), ""),
+        format!(
+            "[key_manager.barbican]\nendpoint = {}\n{extra}",
+            q(c.barbican())
+        ),
+    ]
+}
+
+fn holder(volume_id: &str, host: &str) -> KeyHolder {
+    KeyHolder {
+        volume_id: volume_id.into(),
+        host: host.into(),
+    }
+}
+
+impl Fx {
+    /// One Barbican API call with `token`, at `version` when given: status
+    /// and JSON body (null when there is none).
+    fn api(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: &str,
+        body: Option<Value>,
+        version: Option<&str>,
+    ) -> (u16, Value) {
+        let url = format!("{}{path}", self.cloud.barbican());
+        let client = build_client(&HttpConfig::default()).unwrap();
+        self.rt.block_on(async {
+            let mut rb = client
+                .request(method.clone(), &url)
+                .header("X-Auth-Token", token)
+                .header("Accept", "application/json");
+            if let Some(v) = version {
+                rb = rb.header("OpenStack-API-Version", format!("key-manager {v}"));
+            }
+            if let Some(b) = body {
+                rb = rb.json(&b);
+            }
+            let resp = rb
+                .send()
+                .await
+                .unwrap_or_else(|e| panic!("{method} {url}: {e}"));
+            let status = resp.status().as_u16();
+            let text = resp.text().await.unwrap_or_default();
+            (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+        })
+    }
+
+    fn hold(
+        &self,
+        km: &dyn KeyManager,
+        id: &str,
+        auth: &RequestAuth,
+        h: &KeyHolder,
+        op: HoldOp,
+        revoke_read: bool,
+    ) -> Result<Hold, KeyError> {
+        let id = KeyId::new(id).unwrap();
+        self.rt.block_on(km.hold(&id, auth, h, op, revoke_read))
+    }
+
+    /// The secret's consumers as alice sees them: (service, type, id).
+    fn consumers(&self, id: &str) -> Vec<(String, String, String)> {
+        let token = self.cloud.token("alice");
+        let (status, v) = self.api(
+            reqwest::Method::GET,
+            &format!("/v1/secrets/{id}/consumers"),
+            &token,
+            None,
+            Some("1.1"),
+        );
+        assert_eq!(status, 200, "GET consumers: {v}");
+        let s = |c: &Value, f: &str| c[f].as_str().unwrap_or_default().to_string();
+        let mut out: Vec<_> = v["consumers"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no consumers in {v}"))
+            .iter()
+            .map(|c| (s(c, "service"), s(c, "resource_type"), s(c, "resource_id")))
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// Alice deletes the secret at microversion 1.2, where consumers
+    /// block a delete: the status.
+    fn delete_as_of_1_2(&self, id: &str) -> (u16, Value) {
+        let token = self.cloud.token("alice");
+        self.api(
+            reqwest::Method::DELETE,
+            &format!("/v1/secrets/{id}"),
+            &token,
+            None,
+            Some("1.2"),
+        )
+    }
+
+    /// The secret's read ACL as alice sees it: (users, project-access).
+    fn read_acl(&self, id: &str) -> (Vec<String>, bool) {
+        let token = self.cloud.token("alice");
+        let (status, v) = self.api(
+            reqwest::Method::GET,
+            &format!("/v1/secrets/{id}/acl"),
+            &token,
+            None,
+            None,
+        );
+        assert_eq!(status, 200, "GET acl: {v}");
+        let mut users: Vec<String> = v["read"]["users"]
+            .as_array()
+            .map(|u| u.iter().map(|x| x.as_str().unwrap().to_string()).collect())
+            .unwrap_or_default();
+        users.sort();
+        (users, v["read"]["project-access"].as_bool().unwrap_or(true))
+    }
+}
+
+/// While a volume is attached, its secret has this host's consumer and
+/// Barbican refuses to delete it (microversion 1.2); a repeated attach
+/// keeps one consumer; after the detach the delete succeeds. Two hosts
+/// hold two consumers, and each detach removes only its own.
+#[test]
+fn an_attached_volumes_key_cannot_be_deleted() {
+    let fx = setup();
+    let c = fx.cloud;
+    let (_, id) = c.new_symmetric_key();
+    let km = fx.key_manager("hold", &[alice(c), endpoint_section(c.barbican())]);
+    let svc = RequestAuth::Service;
+    let vol = "0b5e6c2e-7d3a-4a57-9c1e-3f1f4a6b8c01";
+    let (one, two) = (holder(vol, "compute-1"), holder(vol, "compute-2"));
+    assert_eq!(fx.consumers(&id), vec![]);
+    for _ in 0..2 {
+        let h = fx.hold(&*km, &id, &svc, &one, HoldOp::Take, false).unwrap();
+        assert!(matches!(h, Hold::Held { .. }), "{h:?}");
+    }
+    assert_eq!(
+        fx.consumers(&id),
+        vec![(
+            "luks-agent".to_string(),
+            "volume-attachment@compute-1".to_string(),
+            vol.to_string()
+        )]
+    );
+    let (status, body) = fx.delete_as_of_1_2(&id);
+    assert_eq!(status, 400, "delete while attached: {body}");
+    assert!(body.to_string().contains("consumers"), "{body}");
+
+    fx.hold(&*km, &id, &svc, &two, HoldOp::Take, false).unwrap();
+    assert_eq!(fx.consumers(&id).len(), 2);
+    let h = fx
+        .hold(&*km, &id, &svc, &one, HoldOp::Release, false)
+        .unwrap();
+    assert_eq!(
+        h,
+        Hold::Released {
+            revoked_read: false
+        }
+    );
+    assert_eq!(fx.consumers(&id)[0].1, "volume-attachment@compute-2");
+    assert_eq!(fx.delete_as_of_1_2(&id).0, 400, "compute-2 still holds it");
+    // A repeated detach is harmless.
+    fx.hold(&*km, &id, &svc, &one, HoldOp::Release, false)
+        .unwrap();
+    fx.hold(&*km, &id, &svc, &two, HoldOp::Release, false)
+        .unwrap();
+    assert_eq!(fx.consumers(&id), vec![]);
+    let (status, body) = fx.delete_as_of_1_2(&id);
+    assert_eq!(status, 204, "delete after the last detach: {body}");
+}
+
+/// The agent's own user, member of another project, cannot read a user's
+/// key; an attach with the user's token adds it to the key's read ACL (so
+/// a later attach without a token, at host boot, can fetch the key and
+/// hold it), and a detach with the owner's token takes it off again. An
+/// ACL the project had is kept as it was: its users and project access.
+#[test]
+fn the_agent_reads_a_key_only_while_a_volume_using_it_is_attached() {
+    let fx = setup();
+    let c = fx.cloud;
+    let (key, id) = c.new_symmetric_key();
+    let agent = fx.key_manager("agent", &agent_user(c, ""));
+    let svc = RequestAuth::Service;
+    let alice_token = user_token(&c.token("alice"));
+    let me = c.v["users"]["agent"]["id"].as_str().unwrap().to_string();
+    let bob = c.v["users"]["bob"]["id"].as_str().unwrap().to_string();
+    let vol = "9d0c6a8e-1111-4e2f-8a77-5b4c3d2e1f00";
+    let h = holder(vol, "compute-1");
+
+    // A read ACL the project set before: bob, and no project access.
+    let (status, v) = fx.api(
+        reqwest::Method::PUT,
+        &format!("/v1/secrets/{id}/acl"),
+        &c.token("alice"),
+        Some(serde_json::json!({"read": {"users": [bob], "project-access": false}})),
+        None,
+    );
+    assert_eq!(status, 200, "PUT acl: {v}");
+
+    let before = expect_err(fx.fetch(&*agent, &id, &svc));
+    assert!(matches!(before, KeyError::Forbidden { .. }), "{before}");
+    // Without access, holding is refused (logged, not an error).
+    let h0 = fx
+        .hold(&*agent, &id, &svc, &h, HoldOp::Take, false)
+        .unwrap();
+    assert!(matches!(h0, Hold::NotKept { .. }), "{h0:?}");
+
+    let taken = fx
+        .hold(&*agent, &id, &alice_token, &h, HoldOp::Take, false)
+        .unwrap();
+    assert_eq!(taken, Hold::Held { granted_read: true });
+    let mut want = vec![bob.clone(), me.clone()];
+    want.sort();
+    assert_eq!(fx.read_acl(&id), (want, false));
+    // Host boot: no token, the agent's own credentials.
+    assert_symmetric(fx.fetch(&*agent, &id, &svc), &key);
+    assert_eq!(
+        fx.hold(&*agent, &id, &svc, &h, HoldOp::Take, false)
+            .unwrap(),
+        Hold::Held {
+            granted_read: false
+        }
+    );
+    assert_eq!(fx.consumers(&id).len(), 1);
+
+    // A detach without a token removes the consumer; the ACL stays.
+    let r = fx
+        .hold(&*agent, &id, &svc, &h, HoldOp::Release, true)
+        .unwrap();
+    assert_eq!(
+        r,
+        Hold::Released {
+            revoked_read: false
+        }
+    );
+    assert_eq!(fx.consumers(&id), vec![]);
+    // With the owner's token, the agent leaves the ACL as it found it.
+    fx.hold(&*agent, &id, &alice_token, &h, HoldOp::Take, false)
+        .unwrap();
+    let r = fx
+        .hold(&*agent, &id, &alice_token, &h, HoldOp::Release, true)
+        .unwrap();
+    assert_eq!(r, Hold::Released { revoked_read: true });
+    assert_eq!(fx.read_acl(&id), (vec![bob], false));
+    let after = expect_err(fx.fetch(&*agent, &id, &svc));
+    assert!(matches!(after, KeyError::Forbidden { .. }), "{after}");
+    // The secret can go now.
+    assert_eq!(fx.delete_as_of_1_2(&id).0, 204);
+}
+
+/// Another host still attached keeps the agent on the ACL at one host's
+/// detach; `require_consumer` turns a refused hold into a typed error
+/// naming the key; a Barbican that refuses is never an error otherwise.
+#[test]
+fn the_last_host_revokes_and_a_required_hold_fails_loudly() {
+    let fx = setup();
+    let c = fx.cloud;
+    let (_, id) = c.new_symmetric_key();
+    let agent = fx.key_manager("agent2", &agent_user(c, ""));
+    let alice_token = user_token(&c.token("alice"));
+    let me = c.v["users"]["agent"]["id"].as_str().unwrap().to_string();
+    let vol = "5a1e0000-2222-4b3c-9d8e-7f6a5b4c3d2e";
+    let (one, two) = (holder(vol, "compute-1"), holder(vol, "compute-2"));
+    fx.hold(&*agent, &id, &alice_token, &one, HoldOp::Take, false)
+        .unwrap();
+    fx.hold(&*agent, &id, &alice_token, &two, HoldOp::Take, false)
+        .unwrap();
+    let r = fx
+        .hold(&*agent, &id, &alice_token, &one, HoldOp::Release, true)
+        .unwrap();
+    assert_eq!(
+        r,
+        Hold::Released {
+            revoked_read: false
+        }
+    );
+    assert!(fx.read_acl(&id).0.contains(&me), "compute-2 needs the ACL");
+    let r = fx
+        .hold(&*agent, &id, &alice_token, &two, HoldOp::Release, true)
+        .unwrap();
+    assert_eq!(r, Hold::Released { revoked_read: true });
+    assert!(!fx.read_acl(&id).0.contains(&me));
+
+    let strict = fx.key_manager("strict", &agent_user(c, "require_consumer = true"));
+    let e = fx
+        .hold(
+            &*strict,
+            &id,
+            &RequestAuth::Service,
+            &one,
+            HoldOp::Take,
+            false,
+        )
+        .unwrap_err();
+    assert!(matches!(e, KeyError::NotHeld { .. }), "{e}");
+    let shown = e.to_string();
+    assert!(
+        shown.contains(&id) && shown.contains("require_consumer"),
+        "{shown}"
+    );
+    assert_eq!(fx.consumers(&id), vec![]);
 }

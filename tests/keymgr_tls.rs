@@ -180,6 +180,7 @@ fn fetch(port: u16, http: HttpConfig) -> Result<Vec<u8>, KeyError> {
     let client = build_client(&http)?;
     let cfg = BarbicanConfig {
         endpoint: Some(format!("https://127.0.0.1:{port}")),
+        ..BarbicanConfig::default()
     };
     let b = Barbican::new(cfg, http, client, None, state.path())?;
     let auth = RequestAuth::UserToken {

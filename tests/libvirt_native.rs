@@ -707,3 +707,220 @@ fn extend_reports_the_guest_visible_size() {
     assert_eq!(j["payload_offset"], sectors * 512);
     assert_eq!(j["new_size"], 48 * MIB - sectors * 512);
 }
+
+/// Status says which attached volume uses which key, whether the key
+/// manager keeps it (the local store does not: no consumers), and which
+/// use nova's legacy fixed key; `keys fixed-key-in-use` exits 0 only when
+/// no attached volume uses it, and names those that do.
+#[test]
+fn status_names_each_volumes_key_and_the_fixed_key_check_follows_attaches() {
+    let Some(mut fx) = setup(false) else { return };
+    let fixed_hex = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
+    let fixed_id = "00000000-0000-0000-0000-000000000000";
+    let cfg = fx.dir.path().join("fixed.toml");
+    fs::write(
+        &cfg,
+        format!(
+            "state_dir = \"{0}/state\"\nrun_dir = \"{0}/run\"\n[key_manager]\nfixed_key = \"{fixed_hex}\"\n[key_manager.local]\ndir = \"{0}/keys\"\n[libvirt]\nuri = \"{URI}\"\npersistent = false\n",
+            fx.dir.path().display()
+        ),
+    )
+    .unwrap();
+    fs::set_permissions(&cfg, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    fx.config = cfg;
+    fx.passphrase = fixed_hex.to_string();
+    let in_use = |fx: &Fx| {
+        let out = fx.agent(&["keys", "fixed-key-in-use"]);
+        (out.status.code(), text(&out))
+    };
+    let status = |fx: &Fx| -> Value {
+        let out = fx.agent(&["status", "--json", "--local"]);
+        assert!(out.status.success(), "status: {}", text(&out));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let (code, said) = in_use(&fx);
+    assert_eq!(code, Some(0), "{said}");
+
+    let (a, b) = (fx.volume(), fx.volume());
+    let (dev_a, dev_b) = (
+        fx.loop_device("a.img", 16 * MIB),
+        fx.loop_device("b.img", 16 * MIB),
+    );
+    let attached = fx.attach(&a, &dev_a);
+    assert_eq!(attached["key_held"], false, "{attached}");
+    let own_key = fx.key_id.clone();
+    fx.key_id = fixed_id.into();
+    fx.attach(&b, &dev_b);
+
+    let listed = status(&fx);
+    let of = |vid: &str| -> Value {
+        listed["volumes"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no volumes in {listed}"))
+            .iter()
+            .find(|v| v["volume_id"] == vid)
+            .cloned()
+            .unwrap_or_else(|| panic!("{vid} not in {listed}"))
+    };
+    let (va, vb) = (of(&a), of(&b));
+    assert_eq!(va["key"]["key_id"], own_key.as_str(), "{va}");
+    assert_eq!(va["key"]["consumer"], false, "{va}");
+    assert_eq!(va["fixed_key"], false, "{va}");
+    assert_eq!(vb["key"]["key_id"], fixed_id, "{vb}");
+    assert_eq!(vb["fixed_key"], true, "{vb}");
+
+    let (code, said) = in_use(&fx);
+    assert_eq!(code, Some(5), "{said}");
+    assert!(said.contains(&b) && !said.contains(&a), "{said}");
+
+    fx.detach(&b, &dev_b, &[]);
+    let (code, said) = in_use(&fx);
+    assert_eq!(code, Some(0), "after the fixed-key volume's detach: {said}");
+    fx.key_id = own_key;
+    fx.detach(&a, &dev_a, &[]);
+    assert_eq!(status(&fx)["volumes"], serde_json::json!([]));
+}
+
+/// Barbican's answer to one call with `token` (microversion `version`).
+fn barbican_call(
+    endpoint: &str,
+    method: reqwest::Method,
+    path: &str,
+    token: &str,
+    version: &str,
+) -> (u16, Value) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let client = luks_agent::keymgr::http::build_client(&Default::default()).unwrap();
+        let resp = client
+            .request(method, format!("{endpoint}{path}"))
+            .header("X-Auth-Token", token)
+            .header("Accept", "application/json")
+            .header("OpenStack-API-Version", format!("key-manager {version}"))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{path}: {e}"));
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap_or_default();
+        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    })
+}
+
+/// Through the agent's own attach and detach, with a key in the harness's
+/// real Barbican: the attach (with the user's token) registers this host
+/// as a consumer of the secret and puts the agent's user on its read ACL;
+/// status says so; Barbican refuses to delete the secret while the volume
+/// is attached; an attach without a token (host boot) works with the
+/// agent's own credentials, which have no role in the user's project; the
+/// detach (no token) removes the consumer and the delete succeeds.
+#[test]
+fn a_barbican_key_is_held_while_the_volume_is_attached() {
+    let Some(mut fx) = setup(false) else { return };
+    let cloud = common::harness::test_cloud()
+        .unwrap_or_else(|e| panic!("the Keystone + Barbican test cloud could not start:\n{e}"));
+    let state = cloud["state_dir"].as_str().unwrap();
+    let endpoint = cloud["barbican"]["endpoint"].as_str().unwrap();
+    let harness = |args: &[&str]| {
+        let mut all = vec![args[0], "--state", state];
+        all.extend_from_slice(&args[1..]);
+        common::harness::openstack_py(&all).unwrap_or_else(|e| panic!("{e}"))
+    };
+    let key = [0x5au8; 32];
+    let id = harness(&[
+        "create-secret",
+        "--user",
+        "alice",
+        "--payload-hex",
+        &hex::encode(key),
+        "--secret-type",
+        "symmetric",
+    ])
+    .trim()
+    .to_string();
+    let alice = harness(&["token", "--user", "alice"]).trim().to_string();
+    let token_file = fx.dir.path().join("token");
+    fs::write(&token_file, &alice).unwrap();
+    let cfg = fx.dir.path().join("barbican.toml");
+    fs::write(
+        &cfg,
+        format!(
+            "state_dir = \"{0}/bstate\"\nrun_dir = \"{0}/brun\"\n[key_manager]\nbackend = \"barbican\"\n\
+             [key_manager.keystone]\nauth_url = \"{1}\"\nauth_type = \"password\"\nusername = \"agent\"\n\
+             password = \"{2}\"\nproject_name = \"service\"\n[key_manager.barbican]\nendpoint = \"{endpoint}\"\n\
+             [libvirt]\nuri = \"{URI}\"\npersistent = false\n",
+            fx.dir.path().display(),
+            cloud["keystone"]["auth_url"].as_str().unwrap(),
+            cloud["users"]["agent"]["password"].as_str().unwrap(),
+        ),
+    )
+    .unwrap();
+    fs::set_permissions(&cfg, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    fx.config = cfg;
+    fx.passphrase = hex::encode(key);
+    fx.key_id = id.clone();
+    // A cinder volume id: a UUID, which Barbican keeps as the consumer's
+    // resource id as it is.
+    let vid = uuid::Uuid::new_v4().to_string();
+    fx.volumes.push(vid.clone());
+    let dev = fx.loop_device("held.img", 16 * MIB);
+    let consumers = || {
+        let (status, v) = barbican_call(
+            endpoint,
+            reqwest::Method::GET,
+            &format!("/v1/secrets/{id}/consumers"),
+            &alice,
+            "1.1",
+        );
+        assert_eq!(status, 200, "{v}");
+        v["consumers"].as_array().cloned().unwrap_or_default()
+    };
+
+    let out = fx.volume_op(
+        "attach",
+        &vid,
+        &dev,
+        "luks",
+        &["--json", "--token-file", token_file.to_str().unwrap()],
+    );
+    assert!(out.status.success(), "attach: {}", text(&out));
+    let attached: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(attached["key_held"], true, "{attached}");
+    let listed = consumers();
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0]["service"], "luks-agent");
+    assert_eq!(listed[0]["resource_id"], vid.as_str());
+
+    let out = fx.agent(&["status", "--json", "--local"]);
+    let status: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = &status["volumes"][0];
+    assert_eq!(v["volume_id"], vid.as_str(), "{status}");
+    assert_eq!(v["key"]["key_id"], id.as_str(), "{status}");
+    assert_eq!(v["key"]["consumer"], true, "{status}");
+    assert_eq!(v["key"]["granted_read"], true, "{status}");
+
+    // Alice deletes the secret at microversion 1.2, where consumers count.
+    let delete = || {
+        barbican_call(
+            endpoint,
+            reqwest::Method::DELETE,
+            &format!("/v1/secrets/{id}"),
+            &alice,
+            "1.2",
+        )
+    };
+    let (code, body) = delete();
+    assert_eq!(code, 400, "a delete while attached: {body}");
+
+    // Host boot: the same attach without the user's token.
+    let again = fx.attach(&vid, &dev);
+    assert_eq!(again["key_held"], true, "{again}");
+    assert_eq!(consumers().len(), 1);
+
+    fx.detach(&vid, &dev, &[]);
+    assert_eq!(consumers(), Vec::<Value>::new());
+    let (code, body) = delete();
+    assert_eq!(code, 204, "a delete after the detach: {body}");
+}

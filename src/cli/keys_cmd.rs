@@ -8,6 +8,7 @@ use luks_agent::config::Config;
 use luks_agent::keymgr::{KeyId, RequestAuth, SecretKind, SecretString};
 
 use super::{EXIT_OK, UsageError};
+use luks_agent::service::codes::EXIT_REFUSED;
 
 #[derive(Subcommand, Debug)]
 pub enum KeysCommand {
@@ -20,6 +21,11 @@ pub enum KeysCommand {
     /// Fetch a key from the configured key manager and say whether it can
     /// open a volume. Prints metadata only, unless --reveal.
     Fetch(FetchArgs),
+    /// Say whether an attached volume on this host uses nova's legacy fixed
+    /// key (the all-zeros key id). Exits 0 only when none does, so that
+    /// `fixed_key` can go from the configuration; else names the volumes
+    /// that still depend on it (exit 5).
+    FixedKeyInUse,
 }
 
 #[derive(Args, Debug)]
@@ -77,7 +83,45 @@ pub fn run(cmd: KeysCommand, config: &Config) -> anyhow::Result<u8> {
             Ok(EXIT_OK)
         }
         KeysCommand::Fetch(a) => fetch(a, config),
+        KeysCommand::FixedKeyInUse => fixed_key_in_use(config),
     }
+}
+
+/// Reads this host's attach records (no agent or key manager needed): a
+/// volume attached before keys were recorded counts as unknown, which is
+/// not safe either.
+fn fixed_key_in_use(config: &Config) -> anyhow::Result<u8> {
+    let listing = luks_agent::service::status::volumes_now(&config.run_dir, None);
+    let (mut using, mut unknown) = (vec![], vec![]);
+    for v in &listing.volumes {
+        match v.fixed_key {
+            Some(true) => using.push(v.volume_id.as_str()),
+            Some(false) => {}
+            None => unknown.push(v.volume_id.as_str()),
+        }
+    }
+    if using.is_empty() && unknown.is_empty() {
+        println!(
+            "no attached volume uses the fixed key ({} attached); fixed_key can be removed from this host's configuration",
+            listing.volumes.len()
+        );
+        return Ok(EXIT_OK);
+    }
+    if !using.is_empty() {
+        println!(
+            "the fixed key is in use by {} attached volume(s): {}",
+            using.len(),
+            using.join(" ")
+        );
+    }
+    if !unknown.is_empty() {
+        println!(
+            "the key of {} attached volume(s) is not recorded (attached by an older agent; detach and attach again to record it): {}",
+            unknown.len(),
+            unknown.join(" ")
+        );
+    }
+    Ok(EXIT_REFUSED)
 }
 
 fn read_token(path: &Path) -> anyhow::Result<SecretString> {

@@ -234,6 +234,13 @@ mod tests {
                 reason: "r".into(),
             })),
             vol(key(KeyError::Config("c".into()))),
+            vol(Failure::KeyHold {
+                source: KeyError::NotHeld {
+                    key_id: "k".into(),
+                    endpoint: "e".into(),
+                    reason: "r".into(),
+                },
+            }),
             vol(key(KeyError::Local {
                 key_id: "k".into(),
                 op: "o".into(),

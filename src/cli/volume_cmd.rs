@@ -356,6 +356,23 @@ pub fn status(a: StatusArgs, config: &Config) -> anyhow::Result<u8> {
         Some(l) => l,
         None => luks_agent::service::status::volumes_now(&config.run_dir, None),
     };
+    if a.json {
+        // Everything: attached volumes (with their keys' holds) and the
+        // kernel's mappings, or why device-mapper could not be asked.
+        println!("{}", serde_json::to_string(&listing)?);
+        return Ok(EXIT_OK);
+    }
+    for v in &listing.volumes {
+        let key = v.key.as_ref();
+        println!(
+            "volume\t{}\t{}\tkey={}\tconsumer={}\tfixed_key={}",
+            v.volume_id,
+            v.mode.name(),
+            key.map_or("-", |k| k.key_id.as_str()),
+            key.map_or("-", |k| if k.consumer { "yes" } else { "no" }),
+            v.fixed_key.map_or("-", |f| if f { "yes" } else { "no" }),
+        );
+    }
     let maps = match listing {
         VolumesResponse {
             mappings: Some(m), ..
@@ -372,16 +389,11 @@ pub fn status(a: StatusArgs, config: &Config) -> anyhow::Result<u8> {
             .into());
         }
     };
-    if a.json {
-        let v: Vec<_> = maps.iter().map(|m| serde_json::json!({"name": m.name, "uuid": m.uuid, "device": m.device.to_string(), "open_count": m.open_count})).collect();
-        println!("{}", serde_json::Value::Array(v));
-    } else {
-        for m in maps {
-            println!(
-                "{}\t{}\t{}\topen={}",
-                m.name, m.device, m.uuid, m.open_count
-            );
-        }
+    for m in maps {
+        println!(
+            "{}\t{}\t{}\topen={}",
+            m.name, m.device, m.uuid, m.open_count
+        );
     }
     Ok(EXIT_OK)
 }

@@ -35,14 +35,20 @@ pub struct BarbicanConfig {
     /// (service type `key-manager`) when unset.
     #[serde(default)]
     pub endpoint: Option<String>,
+    /// Fail an attach when Barbican does not register the agent as a
+    /// consumer of the volume's secret (no consumer support, or policy
+    /// refuses). Off: such an attach goes on and the refusal is logged once
+    /// per volume.
+    #[serde(default)]
+    pub require_consumer: bool,
 }
 
 /// A Barbican client.
 pub struct Barbican {
-    cfg: BarbicanConfig,
-    http: HttpConfig,
+    pub(super) cfg: BarbicanConfig,
+    pub(super) http: HttpConfig,
     client: reqwest::Client,
-    keystone: Option<Keystone>,
+    pub(super) keystone: Option<Keystone>,
     discovered: tokio::sync::Mutex<Option<String>>,
     markers: LocalMarkers,
     metadata_refused: AtomicBool,
@@ -57,17 +63,19 @@ enum Auth {
 }
 
 /// One Barbican API request.
-struct ApiRequest<'a> {
-    method: reqwest::Method,
-    path: &'a str,
-    accept: &'a str,
-    body: Option<&'a Value>,
+pub(super) struct ApiRequest<'a> {
+    pub(super) method: reqwest::Method,
+    pub(super) path: &'a str,
+    pub(super) accept: &'a str,
+    pub(super) body: Option<&'a Value>,
+    /// The microversion to ask for (`OpenStack-API-Version`), if any.
+    pub(super) api_version: Option<&'a str>,
 }
 
-struct Answer {
-    status: u16,
+pub(super) struct Answer {
+    pub(super) status: u16,
     content_type: String,
-    body: SecretBytes,
+    pub(super) body: SecretBytes,
 }
 
 impl Barbican {
@@ -102,7 +110,7 @@ impl Barbican {
         self.keystone.as_ref()
     }
 
-    fn endpoint_label(&self) -> String {
+    pub(super) fn endpoint_label(&self) -> String {
         self.cfg
             .endpoint
             .clone()
@@ -195,7 +203,7 @@ impl Barbican {
 
     /// One API call with authentication, re-authenticating once on 401
     /// when using the agent's own credentials.
-    async fn call(
+    pub(super) async fn call(
         &self,
         req: &RequestAuth,
         key_id: &str,
@@ -207,6 +215,7 @@ impl Barbican {
             path,
             accept,
             body,
+            api_version,
         } = api;
         for round in 0..2 {
             let (auth, catalog) = self.auth(req, key_id, budget).await?;
@@ -225,6 +234,9 @@ impl Barbican {
                     .header("Accept", accept);
                 if let Some(s) = service_token {
                     rb = rb.header("X-Service-Token", s.expose());
+                }
+                if let Some(v) = api_version {
+                    rb = rb.header("OpenStack-API-Version", format!("key-manager {v}"));
                 }
                 if let Some(b) = body {
                     rb = rb.json(b);
@@ -265,7 +277,13 @@ impl Barbican {
         unreachable!("the loop returns or continues once")
     }
 
-    fn status_error(&self, a: &Answer, key_id: &str, endpoint: &str, what: &str) -> KeyError {
+    pub(super) fn status_error(
+        &self,
+        a: &Answer,
+        key_id: &str,
+        endpoint: &str,
+        what: &str,
+    ) -> KeyError {
         let (key_id, endpoint, status) = (key_id.to_string(), endpoint.to_string(), a.status);
         match a.status {
             401 => KeyError::Unauthenticated {
@@ -307,6 +325,7 @@ impl Barbican {
                     path: &meta_path,
                     accept: "application/json",
                     body: None,
+                    api_version: None,
                 },
                 budget,
             )
@@ -359,6 +378,7 @@ impl Barbican {
                     path: &format!("{meta_path}/payload"),
                     accept: &accept,
                     body: None,
+                    api_version: None,
                 },
                 budget,
             )
@@ -425,6 +445,7 @@ impl Barbican {
                 path: &path,
                 accept: "application/json",
                 body,
+                api_version: None,
             },
             budget,
         )
@@ -680,6 +701,17 @@ impl KeyManager for Barbican {
 
     fn describe(&self) -> String {
         format!("barbican {}", self.endpoint_label())
+    }
+
+    fn hold<'a>(
+        &'a self,
+        id: &'a KeyId,
+        auth: &'a RequestAuth,
+        holder: &'a super::KeyHolder,
+        op: super::HoldOp,
+        revoke_read: bool,
+    ) -> BoxFuture<'a, Result<super::Hold, KeyError>> {
+        Box::pin(self.keep(id, auth, holder, op, revoke_read))
     }
 
     fn fetch<'a>(

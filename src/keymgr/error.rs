@@ -90,6 +90,19 @@ pub enum KeyError {
         /// What is wrong (lengths and types, never bytes).
         reason: String,
     },
+    /// The key manager did not register this host as a user of the key,
+    /// and the configuration requires it.
+    #[error(
+        "key {key_id} is not protected against deletion at {endpoint}: {reason} (require_consumer is set)"
+    )]
+    NotHeld {
+        /// Key id.
+        key_id: String,
+        /// Where we asked.
+        endpoint: String,
+        /// Why not (status and what it means).
+        reason: String,
+    },
     /// Configuration that cannot work.
     #[error("key manager configuration: {0}")]
     Config(String),

@@ -65,6 +65,22 @@ impl KeyManager for WithFixedKey {
         format!("fixed key + {}", self.inner.describe())
     }
 
+    /// The fixed key lives in the configuration: nothing can delete it
+    /// from a key manager, and no holder is kept.
+    fn hold<'a>(
+        &'a self,
+        id: &'a KeyId,
+        auth: &'a RequestAuth,
+        holder: &'a super::KeyHolder,
+        op: super::HoldOp,
+        revoke_read: bool,
+    ) -> BoxFuture<'a, Result<super::Hold, KeyError>> {
+        if !Self::is_fixed(id) {
+            return self.inner.hold(id, auth, holder, op, revoke_read);
+        }
+        Box::pin(async { Ok(super::Hold::NoHolders) })
+    }
+
     fn fetch<'a>(
         &'a self,
         id: &'a KeyId,

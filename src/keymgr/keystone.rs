@@ -85,6 +85,7 @@ struct CachedToken {
     token: SecretString,
     refresh_after: SystemTime,
     catalog: Value,
+    user_id: Option<String>,
 }
 
 /// The agent's Keystone session.
@@ -236,12 +237,30 @@ impl Keystone {
             .unwrap_or_default();
         let margin = EXPIRY_MARGIN.min(lifetime / 10);
         let catalog = body["token"]["catalog"].clone();
+        let user_id = body["token"]["user"]["id"].as_str().map(str::to_string);
         *cache = Some(CachedToken {
             token: token.clone(),
             refresh_after: expires - margin,
             catalog: catalog.clone(),
+            user_id,
         });
         Ok((token, catalog))
+    }
+
+    /// The Keystone user id of the agent's own credentials, as its token
+    /// names it (fetching a token when none is cached).
+    pub async fn user_id(&self, key_id: &str, budget: &Budget) -> Result<String, KeyError> {
+        self.token(key_id, budget).await?;
+        let cache = self.cache.lock().await;
+        cache
+            .as_ref()
+            .and_then(|c| c.user_id.clone())
+            .ok_or_else(|| KeyError::Protocol {
+                key_id: key_id.into(),
+                endpoint: self.cfg.auth_url.clone(),
+                status: 201,
+                reason: "the agent's token names no user id".into(),
+            })
     }
 
     /// Forgets the cached token (after a 401 from a service).

@@ -6,6 +6,7 @@
 //! consults (see `volume/guard.rs`).
 
 pub mod barbican;
+mod consumers;
 pub mod error;
 pub mod fixed;
 pub mod http;
@@ -358,6 +359,63 @@ fn answer<'a, T: 'a>(
     Box::pin(async move { state.await.map(pick) })
 }
 
+/// This host's attachment of a volume, as the holder of the volume's key:
+/// while it lasts, the key manager is asked to keep the key (Barbican: a
+/// secret consumer, which refuses a delete of the secret).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyHolder {
+    /// The attached volume's id.
+    pub volume_id: String,
+    /// This host, as [`FormatIntent`] names hosts.
+    pub host: String,
+}
+
+impl KeyHolder {
+    /// The holder for `volume_id` on this host.
+    pub fn here(volume_id: &str) -> KeyHolder {
+        KeyHolder {
+            volume_id: volume_id.into(),
+            host: clean_host(&this_host()),
+        }
+    }
+}
+
+/// What [`KeyManager::hold`] is asked to do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HoldOp {
+    /// Register the holder (at attach; again at a repeated attach).
+    Take,
+    /// Remove the holder (at detach).
+    Release,
+}
+
+/// What came of a [`KeyManager::hold`] request that did not fail.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Hold {
+    /// The key manager keeps the key for this holder. `granted_read`: the
+    /// agent's own user was added to the key's read ACL now (so that
+    /// attaches without a caller's token can fetch it).
+    Held {
+        /// Whether this request added the agent to the key's read ACL.
+        granted_read: bool,
+    },
+    /// The holder is gone. `revoked_read`: the agent's own user was taken
+    /// off the key's read ACL as well.
+    Released {
+        /// Whether this request removed the agent from the key's read ACL.
+        revoked_read: bool,
+    },
+    /// This key manager has no notion of holders (the local store, the
+    /// fixed key): nothing to take or release, nothing to warn about.
+    NoHolders,
+    /// The key manager refused to keep the key here (the reason says why;
+    /// it names no key bytes).
+    NotKept {
+        /// Why not.
+        reason: String,
+    },
+}
+
 /// A source of volume keys.
 pub trait KeyManager: Send + Sync {
     /// A short description for logs and errors (backend and endpoint).
@@ -380,6 +438,23 @@ pub trait KeyManager: Send + Sync {
         auth: &'a RequestAuth,
         op: FormatStateOp<'a>,
     ) -> BoxFuture<'a, Result<FormatState, KeyError>>;
+
+    /// Registers or removes `holder` as a user of the key, so that the key
+    /// cannot be deleted while a volume using it is attached. `revoke_read`
+    /// (at release): the agent's own read access, granted at an earlier
+    /// take, may go when no other host of the agent holds the key. Key
+    /// managers without such a notion answer [`Hold::NotKept`].
+    fn hold<'a>(
+        &'a self,
+        id: &'a KeyId,
+        auth: &'a RequestAuth,
+        holder: &'a KeyHolder,
+        op: HoldOp,
+        revoke_read: bool,
+    ) -> BoxFuture<'a, Result<Hold, KeyError>> {
+        let _ = (id, auth, holder, op, revoke_read);
+        Box::pin(async { Ok(Hold::NoHolders) })
+    }
 
     /// Whether a volume using this key was formatted before.
     fn is_marked_formatted<'a>(

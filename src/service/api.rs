@@ -168,6 +168,10 @@ pub struct AttachResponse {
     /// libvirt mode: whether the secret's value cannot be read back.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub private: Option<bool>,
+    /// Whether the key manager keeps the volume's key while it is attached
+    /// here (Barbican: this host is a consumer of the secret).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_held: Option<bool>,
 }
 
 /// Answer to a detach.
@@ -243,6 +247,15 @@ pub struct VolumeStatus {
     /// libvirt mode: the secret QEMU reads the passphrase from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_uuid: Option<String>,
+    /// The volume's key, and whether the key manager keeps it while the
+    /// volume is attached here (Barbican: this host is a consumer of the
+    /// secret); absent when the attach recorded no key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<crate::volume::KeyHoldRecord>,
+    /// Whether the volume uses nova's legacy fixed key (the all-zeros key
+    /// id); absent when the attach recorded no key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fixed_key: Option<bool>,
 }
 
 /// Answer to `GET /v1/volumes`.

@@ -115,6 +115,7 @@ api_codes! {
     KeyStoreError = "key_store_error", 500, EXIT_DEVICE, "the local key store or marker files failed";
     KeyManagerUnavailable = "key_manager_unavailable", 502, EXIT_KEY_UNAVAILABLE, "the key manager cannot be reached (after retries)";
     KeyManagerError = "key_manager_error", 502, EXIT_KEY_INVALID, "the key manager answered nonsense";
+    KeyNotHeld = "key_not_held", 502, EXIT_KEY_ACCESS, "require_consumer is set and Barbican did not register this host as a consumer of the key";
     LibvirtError = "libvirt_error", 502, EXIT_LIBVIRT, "libvirt refused or failed an operation on a secret";
     OutOfMemory = "out_of_memory", 503, EXIT_NO_MEMORY, "not enough memory for the KDF";
     TooManyConnections = "too_many_connections", 503, EXIT_AGENT, "more connections than max_connections";
@@ -141,6 +142,7 @@ impl ApiCode {
             KeyError::Unavailable { .. } => ApiCode::KeyManagerUnavailable,
             KeyError::TimedOut { .. } => ApiCode::KeyManagerTimeout,
             KeyError::Protocol { .. } => ApiCode::KeyManagerError,
+            KeyError::NotHeld { .. } => ApiCode::KeyNotHeld,
             KeyError::InvalidKeyMaterial { .. } => ApiCode::InvalidKeyMaterial,
             KeyError::Config(_) => ApiCode::KeyManagerConfig,
             KeyError::Local { .. } => ApiCode::KeyStoreError,
@@ -198,7 +200,7 @@ impl ApiCode {
     pub fn of_failure(f: &Failure) -> ApiCode {
         match f {
             Failure::Spec { .. } => ApiCode::InvalidSpec,
-            Failure::Key { source } => ApiCode::of_key(source),
+            Failure::Key { source } | Failure::KeyHold { source } => ApiCode::of_key(source),
             Failure::Luks { source } => ApiCode::of_luks(source),
             Failure::FormatRefused { .. } => ApiCode::FormatRefused,
             Failure::Dm { source } => match source {

@@ -9,7 +9,9 @@ use super::api::{self, AttachResponse, DetachResponse, ExtendResponse, Mode, Vol
 use super::codes::ApiCode;
 use crate::text::error_chain;
 use crate::volume::native::{NativeOptions, SecretAction};
-use crate::volume::{Action, AttachRequest, EncryptionSpec, VolumeError, VolumeId, Volumes};
+use crate::volume::{
+    Action, AttachRequest, EncryptionSpec, Failure, VolumeError, VolumeId, Volumes,
+};
 
 /// What a caller asks of a volume.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -159,6 +161,7 @@ async fn run(
     let (body, action) = match (op, mode) {
         (Op::Attach, Mode::Dm) => {
             let out = volumes.attach(request).await?;
+            let key_held = hold_or_undo(volumes, native, mode, request).await?;
             let action = action_name(out.action);
             let r = AttachResponse {
                 volume_id: vid.to_string(),
@@ -167,12 +170,14 @@ async fn run(
                 action: action.into(),
                 formatted: out.formatted,
                 duration_ms: ms(),
+                key_held,
                 ..AttachResponse::default()
             };
             (serde_json::to_value(r), action)
         }
         (Op::Attach, Mode::Libvirt) => {
             let out = volumes.attach_native(request, native).await?;
+            let key_held = hold_or_undo(volumes, native, mode, request).await?;
             let action = secret_action_name(out.secret);
             let r = AttachResponse {
                 volume_id: vid.to_string(),
@@ -185,6 +190,7 @@ async fn run(
                 encryption_xml: out.encryption_xml,
                 ephemeral: out.flags.map(|f| f.ephemeral),
                 private: out.flags.map(|f| f.private),
+                key_held,
             };
             (serde_json::to_value(r), action)
         }
@@ -197,6 +203,7 @@ async fn run(
                     request.multipath_id.as_deref(),
                 )
                 .await?;
+            release(volumes, request).await;
             let action = action_name(out.action);
             let r = DetachResponse {
                 volume_id: vid.to_string(),
@@ -209,6 +216,7 @@ async fn run(
         }
         (Op::Detach, Mode::Libvirt) => {
             let out = volumes.detach_native(vid, &request.spec, native, keep_secret)?;
+            release(volumes, request).await;
             let action = secret_action_name(out.secret);
             let r = DetachResponse {
                 volume_id: vid.to_string(),
@@ -247,4 +255,62 @@ async fn run(
         body: body.unwrap_or_default(),
         action,
     })
+}
+
+/// After an attach: asks the key manager to keep the volume's key while it
+/// is attached here (`Some(kept)`; `None`: no key to keep). When the
+/// configuration requires that and it was refused, the attach is undone
+/// and the refusal is the answer. A local failure to record the hold is
+/// logged: the attach itself stands.
+async fn hold_or_undo(
+    volumes: &Volumes<'_>,
+    native: &NativeOptions,
+    mode: Mode,
+    request: &AttachRequest,
+) -> Result<Option<bool>, VolumeError> {
+    let vid = &request.volume_id;
+    match volumes.hold_key(vid, &request.spec, &request.auth).await {
+        Ok(held) => Ok(held.map(|h| h.consumer)),
+        Err(cause @ Failure::KeyHold { .. }) => {
+            let undone = match mode {
+                Mode::Dm => volumes
+                    .detach(
+                        vid,
+                        &request.device_path,
+                        &request.spec,
+                        request.multipath_id.as_deref(),
+                    )
+                    .await
+                    .map(drop),
+                Mode::Libvirt => volumes
+                    .detach_native(vid, &request.spec, native, false)
+                    .map(drop),
+            };
+            Err(VolumeError::new(
+                vid,
+                Failure::with_rollback(cause, undone.map_err(|e| e.failure)),
+            ))
+        }
+        Err(other) => {
+            tracing::warn!(
+                volume_id = vid.as_str(),
+                error = %error_chain(&other),
+                "the hold on the volume's key was not recorded"
+            );
+            Ok(None)
+        }
+    }
+}
+
+/// After a detach: releases the hold its attach took. Failures are logged
+/// (the detach has happened); a later detach of the volume tries again.
+async fn release(volumes: &Volumes<'_>, request: &AttachRequest) {
+    let vid = &request.volume_id;
+    if let Err(e) = volumes.release_key(vid, &request.spec, &request.auth).await {
+        tracing::warn!(
+            volume_id = vid.as_str(),
+            error = %error_chain(&e),
+            "the hold on the volume's key was not released"
+        );
+    }
 }

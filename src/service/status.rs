@@ -31,6 +31,15 @@ pub fn volumes_now(run_dir: &Path, only: Option<&str>) -> api::VolumesResponse {
         Ok(m) => (Some(m), None),
         Err(e) => (None, Some(error_chain(&e))),
     };
+    let holds: std::collections::BTreeMap<String, volume::KeyHoldRecord> =
+        volume::key_holds(run_dir).into_iter().collect();
+    let key = |id: &str| holds.get(id).cloned();
+    let fixed = |id: &str| {
+        holds.get(id).map(|h| {
+            crate::keymgr::KeyId::new(&h.key_id)
+                .is_ok_and(|k| k.last_segment() == crate::keymgr::fixed::FIXED_KEY_ID)
+        })
+    };
     let volumes = records
         .into_iter()
         .map(|r| api::VolumeStatus {
@@ -38,6 +47,8 @@ pub fn volumes_now(run_dir: &Path, only: Option<&str>) -> api::VolumesResponse {
                 .as_ref()
                 .and_then(|ms| ms.iter().find(|m| m.name == r.mapping))
                 .map(mapping_json),
+            key: key(&r.volume_id),
+            fixed_key: fixed(&r.volume_id),
             volume_id: r.volume_id,
             mode: Mode::Dm,
             mapping: Some(r.mapping),
@@ -50,6 +61,8 @@ pub fn volumes_now(run_dir: &Path, only: Option<&str>) -> api::VolumesResponse {
                 .into_iter()
                 .filter(|v| only.is_none_or(|id| v.volume_id == id))
                 .map(|v| api::VolumeStatus {
+                    key: key(&v.volume_id),
+                    fixed_key: fixed(&v.volume_id),
                     volume_id: v.volume_id,
                     mode: Mode::Libvirt,
                     mapping: None,

@@ -70,6 +70,13 @@ pub enum Failure {
         #[from]
         source: KeyError,
     },
+    /// The key manager did not keep the key for this attachment, and the
+    /// configuration requires it (the attach was undone).
+    #[error("keeping its key while attached")]
+    KeyHold {
+        /// Why.
+        source: KeyError,
+    },
     /// The LUKS header could not be read, unlocked or written (the source
     /// names the device).
     #[error(transparent)]

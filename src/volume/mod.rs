@@ -6,6 +6,7 @@
 mod error;
 mod first_use;
 pub mod guard;
+mod holds;
 pub mod id;
 pub mod naming;
 pub mod native;
@@ -27,6 +28,7 @@ use crate::secret::VolumeKey;
 use error::io_err;
 pub use error::{Failure, FileOp, VolumeError};
 use guard::FormatRecords;
+pub use holds::{KeyHoldRecord, key_holds};
 pub use id::VolumeId;
 pub use records::{AttachedVolume, attached_volumes, volume_of_mapping};
 use records::{RunRecords, VolumeRecord};

@@ -161,7 +161,7 @@ pub fn native_volumes(run_dir: &std::path::Path) -> Vec<NativeVolume> {
 }
 
 /// The run directory's subdirectory of secret records.
-const SECRET_RECORDS: &str = "secrets";
+pub(super) const SECRET_RECORDS: &str = "secrets";
 
 impl Volumes<'_> {
     fn secret_records(&self) -> RunRecords {

@@ -749,6 +749,9 @@ def _start(state, venv, args, t0):
                 ('alice', 'proj-a', ['member']),
                 ('bob', 'proj-b', ['member']),
                 ('rita', 'proj-a', ['reader']),
+                # A compute host's agent with no role beyond its own
+                # project: it reads a user's key only through the key's ACL.
+                ('agent', 'service', ['member']),
                 ('barbican', 'service', ['admin', 'service']))},
     }
     for name, info in cloud['users'].items():
