@@ -423,3 +423,63 @@ fn ids_that_are_not_secret_uuids_are_refused_without_a_request() {
     assert!(matches!(r, Err(KeyError::InvalidKeyId { .. })), "{r:?}");
     assert_eq!(s.requests.load(Ordering::SeqCst), 0);
 }
+
+/// The most requests the server had in flight at once while `fetches`
+/// keys were fetched at the same time through one client with
+/// `max_concurrent_requests = cap`; every fetch must succeed.
+fn peak_in_flight(cap: u32, fetches: usize) -> usize {
+    let key = vec![4u8; 32];
+    let (now, peak) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (n2, p2) = (now.clone(), peak.clone());
+    let answer = standard(key.clone(), "symmetric", 256);
+    let s = serve(move |n, path| {
+        let in_flight = n2.fetch_add(1, Ordering::SeqCst) + 1;
+        p2.fetch_max(in_flight, Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(60));
+        n2.fetch_sub(1, Ordering::SeqCst);
+        answer(n, path)
+    });
+    let cfg = HttpConfig {
+        max_concurrent_requests: cap,
+        ..http(20_000, 1)
+    };
+    let (b, _state) = barbican(s.port, cfg);
+    let b = Arc::new(b);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut all = tokio::task::JoinSet::new();
+        for _ in 0..fetches {
+            let b = b.clone();
+            all.spawn(async move {
+                let id = KeyId::new(SECRET).unwrap();
+                b.fetch(&id, &user()).await.map(|k| k.expose().to_vec())
+            });
+        }
+        while let Some(r) = all.join_next().await {
+            assert_eq!(r.unwrap().unwrap(), key, "a fetch in the storm failed");
+        }
+    });
+    assert_eq!(s.requests.load(Ordering::SeqCst), 2 * fetches);
+    peak.load(Ordering::SeqCst)
+}
+
+/// A storm of fetches queues behind the host's cap on requests in flight
+/// (and all succeed); without the cap the same storm reaches the server
+/// at once, so the check can see the difference.
+#[test]
+fn a_storm_of_fetches_queues_behind_the_cap() {
+    let capped = peak_in_flight(3, 24);
+    assert!(
+        (1..=3).contains(&capped),
+        "{capped} requests in flight with a cap of 3"
+    );
+    let uncapped = peak_in_flight(64, 24);
+    assert!(
+        uncapped > 3,
+        "only {uncapped} requests in flight without a cap: the test cannot tell"
+    );
+}

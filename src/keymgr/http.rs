@@ -30,6 +30,9 @@ fn default_backoff_max_ms() -> u64 {
 fn default_deadline_ms() -> u64 {
     30_000
 }
+fn default_max_concurrent_requests() -> u32 {
+    16
+}
 
 /// Timeouts, retries and TLS for calls to Keystone and Barbican.
 #[derive(Clone, Debug, Deserialize)]
@@ -68,6 +71,30 @@ pub struct HttpConfig {
     /// Do not verify server certificates. Dangerous; logged as a warning.
     #[serde(default)]
     pub insecure_skip_verify: bool,
+    /// Requests to Keystone and Barbican this host has in flight at most;
+    /// more wait in a queue (within their deadline). After a rack's power
+    /// returns, every volume of every host attaches at once: the cap turns
+    /// that storm into queueing instead of errors.
+    #[serde(default = "default_max_concurrent_requests")]
+    pub max_concurrent_requests: u32,
+    /// The queue behind `max_concurrent_requests`: one per loaded
+    /// configuration, shared by its copies (Keystone's and Barbican's
+    /// clients alike), so one per host.
+    #[serde(skip)]
+    pub queue: RequestQueue,
+}
+
+/// The host's queue of key-manager requests, made at first use with the
+/// configured size; clones share it.
+#[derive(Clone, Debug, Default)]
+pub struct RequestQueue(Arc<std::sync::OnceLock<Arc<tokio::sync::Semaphore>>>);
+
+impl RequestQueue {
+    fn semaphore(&self, size: u32) -> Arc<tokio::sync::Semaphore> {
+        self.0
+            .get_or_init(|| Arc::new(tokio::sync::Semaphore::new(size.max(1) as usize)))
+            .clone()
+    }
 }
 
 impl Default for HttpConfig {
@@ -83,6 +110,8 @@ impl Default for HttpConfig {
             client_cert: None,
             client_key: None,
             insecure_skip_verify: false,
+            max_concurrent_requests: default_max_concurrent_requests(),
+            queue: RequestQueue::default(),
         }
     }
 }
@@ -153,6 +182,8 @@ pub fn build_client(cfg: &HttpConfig) -> Result<reqwest::Client, KeyError> {
         }
     };
     reqwest::Client::builder()
+        // Who calls, in Keystone's and Barbican's access logs.
+        .user_agent(concat!("luks-agent/", env!("CARGO_PKG_VERSION")))
         .use_preconfigured_tls(tls)
         .connect_timeout(Duration::from_millis(cfg.connect_timeout_ms))
         .pool_idle_timeout(Duration::from_secs(60))
@@ -304,12 +335,26 @@ pub async fn send(
         }
         let left = deadline - now;
         let mut wait = backoff(cfg, attempt);
+        // A place in the host's queue first, within the deadline.
+        let Ok(Ok(_permit)) = tokio::time::timeout(
+            left,
+            cfg.queue
+                .semaphore(cfg.max_concurrent_requests)
+                .acquire_owned(),
+        )
+        .await
+        else {
+            return Err(CallFailure::TimedOut(started.elapsed()));
+        };
+        let left = deadline.saturating_duration_since(Instant::now());
         match make().timeout(per_request.min(left)).send().await {
             Ok(resp) if !retryable_status(resp.status()) => return Ok(resp),
             Ok(resp) => {
                 last = format!("HTTP {}", resp.status().as_u16());
+                // The server's Retry-After, plus jitter: hosts that were
+                // all told the same wait must not all come back at once.
                 if let Some(after) = retry_after(&resp) {
-                    wait = after;
+                    wait = after + wait;
                 }
             }
             Err(e) if e.is_timeout() => {
