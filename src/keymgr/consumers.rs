@@ -94,7 +94,13 @@ impl Barbican {
     ) -> Result<Hold, KeyError> {
         let granted_read = match auth {
             RequestAuth::UserToken { .. } if self.keystone.is_some() => {
-                match self.acl_change(id, auth, true, budget).await? {
+                // Barbican failing here must not keep the consumer from
+                // being registered: both are attempted.
+                let changed = self
+                    .acl_change(id, auth, true, budget)
+                    .await
+                    .unwrap_or_else(|e| Err(crate::text::error_chain(&e)));
+                match changed {
                     Ok(changed) => changed,
                     Err(r) => {
                         tracing::warn!(
