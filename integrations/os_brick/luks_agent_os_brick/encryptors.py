@@ -26,6 +26,7 @@ cryptsetup.
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any, Dict, Optional
 
 from os_brick import exception as brick_exception
@@ -67,6 +68,21 @@ def _volume_id(connection_info: Dict[str, Any]) -> Optional[str]:
     data = connection_info.get("data") or {}
     vid = data.get("volume_id")
     return str(vid) if vid else None
+
+
+def _current_context() -> Any:
+    """The request context of the operation under way, as nova and cinder
+    keep it (oslo.context's per-thread store, filled by every
+    ``RequestContext``), or ``None``. Only a module the service already
+    imported is read: nothing new is imported here."""
+    store = sys.modules.get("oslo_context.context")
+    get_current = getattr(store, "get_current", None)
+    if get_current is None:
+        return None
+    try:
+        return get_current()
+    except Exception:  # a context store we do not know: no token, as before
+        return None
 
 
 def _service_token(source: str) -> Optional[str]:
@@ -167,8 +183,11 @@ class _AgentEncryptor(base.VolumeEncryptor):
 
     def detach_volume(self, **kwargs: Any) -> None:
         """Removes the mapping (dm mode) or the secret (libvirt mode);
-        detaching a detached volume succeeds."""
-        answer = self._call("detach", self._body(kwargs))
+        detaching a detached volume succeeds. nova passes no context here;
+        the one its request stored is used when it carries the user's
+        token, so that the agent can take itself off the key's read ACL,
+        which only the key's owner may change."""
+        answer = self._call("detach", self._body(kwargs, _current_context()))
         LOG.info("luks-agent detached volume %s (%s, %s)", self.volume_id,
                  self.settings.mode, answer.get("action"))
 

@@ -508,9 +508,75 @@ class EarlyAnswer(unittest.TestCase):
         self.assertEqual(cm.exception.status, 403)
 
 
+class DetachToken(unittest.TestCase):
+    """nova calls ``detach_volume(**encryption)`` without a context; the
+    request context nova stored for the operation (its own
+    ``RequestContext``, through oslo.context's store) gives the user's
+    token, which the agent needs to take itself off the key's read ACL. A
+    context without a token sends none. A socket that records the request
+    stands in for the agent."""
+
+    def detach_body(self) -> Dict[str, Any]:
+        from luks_agent_os_brick.encryptors import LuksEncryptor
+        d = tempfile.mkdtemp(prefix="luks-agent-detach.")
+        self.addCleanup(shutil.rmtree, d, True)
+        path = os.path.join(d, "agent.sock")
+        conf = os.path.join(d, "os-brick.conf")
+        with open(conf, "w", encoding="utf-8") as f:
+            f.write(f"[agent]\nsocket = {path}\nmode = libvirt\n")
+        old = os.environ.get("LUKS_AGENT_OS_BRICK_CONF")
+        os.environ["LUKS_AGENT_OS_BRICK_CONF"] = conf
+        self.addCleanup(lambda: os.environ.pop("LUKS_AGENT_OS_BRICK_CONF") if old is None
+                        else os.environ.__setitem__("LUKS_AGENT_OS_BRICK_CONF", old))
+        srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        srv.bind(path)
+        srv.listen(1)
+        self.addCleanup(srv.close)
+        seen: Dict[str, Any] = {}
+
+        def agent() -> None:
+            conn, _ = srv.accept()
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += conn.recv(4096)
+            head, rest = data.split(b"\r\n\r\n", 1)
+            length = int([line.split(b":", 1)[1] for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length:")][0])
+            while len(rest) < length:
+                rest += conn.recv(4096)
+            seen["body"] = json.loads(rest)
+            answer = json.dumps({"volume_id": "v1", "action": "removed"}).encode()
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(answer)
+                         + answer)
+            conn.close()
+
+        t = threading.Thread(target=agent)
+        t.start()
+        enc = LuksEncryptor(root_helper="sudo", keymgr=None,
+                            connection_info={"serial": "v1", "data": {"device_path": "/dev/x"}},
+                            encryption_key_id="00000000-0000-0000-0000-0000000000aa")
+        enc.detach_volume(provider="luks", control_location="front-end")
+        t.join()
+        return seen["body"]
+
+    def test_a_users_detach_carries_the_users_token(self) -> None:
+        from nova import context as nova_context
+        nova_context.RequestContext(user_id="u", project_id="p", is_admin=False,
+                                    auth_token="user-token-1")
+        self.assertEqual(self.detach_body().get("auth"), {"token": "user-token-1"})
+
+    def test_a_context_without_a_token_sends_none(self) -> None:
+        from nova import context as nova_context
+        nova_context.RequestContext(user_id="u", project_id="p", is_admin=False,
+                                    auth_token=None)
+        self.assertNotIn("auth", self.detach_body())
+
+
 def load_tests(loader: unittest.TestLoader, tests: Any, pattern: Any) -> unittest.TestSuite:
     suite = unittest.TestSuite()
     suite.addTests(loader.loadTestsFromTestCase(EarlyAnswer))
+    suite.addTests(loader.loadTestsFromTestCase(DetachToken))
     for mode in MODES:
         cls = type(f"Plugin_{mode}", (PluginTestCase,), {"mode": mode})
         suite.addTests(loader.loadTestsFromTestCase(cls))
