@@ -54,6 +54,7 @@ libvirt-daemon    a real libvirtd for the libvirt-mode tests
 libvirt-daemon-driver-qemu  libvirtd's QEMU driver (secrets, domains)
 libvirt-clients   virsh, to check libvirt's view in the tests
 mmdebstrap        the clean-root tier builds a fresh Debian 12 root
+mariadb-server    the test Keystone and Barbican run on MariaDB, as production does
 "
 
 installed() { # PKG -> success when dpkg reports the package installed

@@ -51,7 +51,8 @@ from pathlib import Path
 
 HARNESS_DIR = Path(__file__).resolve().parent
 REQUIREMENTS = HARNESS_DIR / 'requirements.lock'
-PINS = {'keystone': '30.0.0', 'barbican': '23.0.0', 'gunicorn': '27.0.1'}
+PINS = {'keystone': '30.0.0', 'barbican': '23.0.0', 'gunicorn': '27.0.1',
+        'PyMySQL': '1.2.4'}
 DEFAULT_VENV = os.environ.get('LUKS_AGENT_TEST_VENV') or \
     '/var/cache/luks-agent-tests/openstack-venv'
 STAMP_NAME = '.luks-agent-harness-stamp'
@@ -60,8 +61,9 @@ REGION = 'RegionOne'
 DOMAIN = {'id': 'default', 'name': 'Default'}
 APP_CRED_NAME = 'luks-agent-test'
 # cloud.json layout and provisioning version; a running cloud of another
-# version is replaced by `start` (2: the barbican user has the service role).
-CLOUD_FORMAT = 2
+# version is replaced by `start` (2: the barbican user has the service role;
+# 3: the agent user, and the database in cloud.json).
+CLOUD_FORMAT = 3
 HTTP_TIMEOUT = 10.0          # seconds, for every request made by this script
 PROBE_TIMEOUT = 3.0          # seconds, for one readiness probe
 STOP_GRACE = 10.0            # seconds between SIGTERM and SIGKILL
@@ -73,8 +75,13 @@ STATE_ENTRIES = (
     'keystone', 'barbican', 'cloud.json', 'cloud.json.tmp',
     'keystone.pid', 'barbican.pid',
     'keystone.log', 'keystone-access.log', 'keystone-manage.log',
-    'barbican.log', 'barbican-access.log',
+    'barbican.log', 'barbican-access.log', 'barbican-manage.log',
+    'mariadb',
 )
+# The database of both services: MariaDB (a private server, as production
+# runs them on a real database) or SQLite (quicker to start).
+DATABASES = ('mariadb', 'sqlite')
+DEFAULT_DATABASE = os.environ.get('LUKS_AGENT_TEST_DB') or 'mariadb'
 
 
 class HarnessError(Exception):
@@ -500,12 +507,13 @@ def stop_services(state, services, cloud=None):
         (state / (service + '.pid')).unlink(missing_ok=True)
 
 
-def spawn(state, venv, service, port, env_extra):
+def spawn(state, venv, service, port, env_extra, workers=1):
     app = {'keystone': 'keystone_wsgi:application',
            'barbican': 'barbican_wsgi:application'}[service]
     cmd = [str(venv / 'bin' / 'gunicorn'),
            '--bind', '127.0.0.1:%d' % port,
-           '--workers', '1', '--worker-class', 'gthread', '--threads', '4',
+           '--workers', str(workers), '--worker-class', 'gthread',
+           '--threads', '4',
            '--no-control-socket',
            '--timeout', '120', '--graceful-timeout', '5',
            '--access-logfile', str(state / (service + '-access.log')),
@@ -574,10 +582,29 @@ def barbican_env(cloud):
             'BARBICAN_PASTE_INI': cloud['barbican']['paste_ini']}
 
 
+def barbican_schema(state, cloud, venv, deadline):
+    """Creates Barbican's tables once, before its workers start."""
+    log = state / 'barbican-manage.log'
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE='1', **barbican_env(cloud))
+    with open(log, 'ab') as f:
+        try:
+            r = subprocess.run([str(venv / 'bin' / 'barbican-manage'), 'db',
+                                'upgrade'], stdin=subprocess.DEVNULL,
+                               stdout=f, stderr=subprocess.STDOUT, env=env,
+                               cwd=str(state),
+                               timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            raise HarnessError('barbican-manage db upgrade did not finish in '
+                               'time', [log])
+    if r.returncode != 0:
+        raise HarnessError('barbican-manage db upgrade failed (exit %d)'
+                           % r.returncode, [log])
+
+
 def spawn_barbican(state, cloud, venv):
     bb = cloud['barbican']
     proc = spawn(state, venv, 'barbican', bb['port'],
-                 barbican_env(cloud))
+                 barbican_env(cloud), cloud.get('workers', 1))
     bb['pid'] = proc['pid']
     return proc
 
@@ -634,6 +661,9 @@ def render(template, dest, **values):
 
 
 def healthy(cloud):
+    db = cloud.get('database') or {}
+    if db.get('kind') == 'mariadb' and not db_running(db):
+        return False
     for service in SERVICES:
         s = cloud.get(service) or {}
         if not s.get('pid') or not is_our_gunicorn(s['pid'], service,
@@ -645,6 +675,93 @@ def healthy(cloud):
         return status == 200
     except (OSError, http.client.HTTPException):
         return False
+
+
+# --------------------------------------------------------------------------
+# MariaDB: a private server in the state directory, on loopback
+
+def db_run(cmd, log, what, timeout=60):
+    with open(log, 'ab') as f:
+        r = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=f,
+                           stderr=subprocess.STDOUT, timeout=timeout)
+    if r.returncode != 0:
+        raise HarnessError('%s failed (exit %d)' % (what, r.returncode),
+                           [log])
+
+
+def mariadb_start(state, port, deadline):
+    """Initialises and starts a MariaDB server of its own (the `mysql` user
+    the package creates owns its files when run as root); creates the
+    services' databases and a user for them. Returns the `database` entry
+    of cloud.json."""
+    home = state / 'mariadb'
+    data, sock = home / 'data', home / 'mariadb.sock'
+    log, pidfile = home / 'mariadb.log', home / 'mariadb.pid'
+    home.mkdir()
+    log.touch()
+    for tool in ('/usr/bin/mariadb-install-db', '/usr/sbin/mariadbd',
+                 '/usr/bin/mariadb'):
+        if not Path(tool).exists():
+            raise HarnessError('MariaDB is not installed (%s is missing; '
+                               'scripts/install-deps.sh installs '
+                               'mariadb-server)' % tool)
+    user = []
+    if os.geteuid() == 0:
+        pw = pwd.getpwnam('mysql')
+        for p in (home, log):
+            os.chown(p, pw.pw_uid, pw.pw_gid)
+        user = ['--user=mysql']
+    db_run(['/usr/bin/mariadb-install-db', '--no-defaults',
+            '--datadir=%s' % data, '--auth-root-authentication-method=normal',
+            '--skip-test-db'] + user, log, 'mariadb-install-db', timeout=120)
+    subprocess.Popen(
+        ['/usr/sbin/mariadbd', '--no-defaults', '--datadir=%s' % data,
+         '--socket=%s' % sock, '--port=%d' % port,
+         '--bind-address=127.0.0.1', '--pid-file=%s' % pidfile,
+         '--log-error=%s' % log, '--skip-name-resolve',
+         # Keystone and Barbican each keep a pool per worker process.
+         '--max-connections=400'] + user,
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True)
+    while not (sock.exists() and port_open(port)):
+        if time.monotonic() > deadline:
+            raise HarnessError('mariadbd did not start in time', [log])
+        time.sleep(0.1)
+    sql = ("CREATE DATABASE keystone; CREATE DATABASE barbican; "
+           "CREATE USER 'harness'@'127.0.0.1'; "
+           "GRANT ALL ON keystone.* TO 'harness'@'127.0.0.1'; "
+           "GRANT ALL ON barbican.* TO 'harness'@'127.0.0.1';")
+    db_run(['/usr/bin/mariadb', '--no-defaults', '--socket=%s' % sock,
+            '-u', 'root', '-e', sql], log, 'creating the databases')
+    db = {'kind': 'mariadb', 'port': port, 'data': str(data),
+          'socket': str(sock), 'pid_file': str(pidfile), 'log': str(log)}
+    for name in SERVICES:
+        db[name] = ('mysql+pymysql://harness@127.0.0.1:%d/%s?charset=utf8mb4'
+                    % (port, name))
+    return db
+
+
+def db_pid(state):
+    try:
+        return int((state / 'mariadb' / 'mariadb.pid').read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def db_running(db):
+    pid = db_pid(Path(db['data']).parent.parent)
+    return bool(pid) and _proc_stat(pid) is not None and port_open(db['port'])
+
+
+def db_stop(state):
+    """Stops the MariaDB server of the state directory, if it runs."""
+    pid = db_pid(state)
+    if not pid or _proc_stat(pid) is None:
+        return
+    note('stopping mariadb (pid %d)' % pid)
+    left = kill_groups([pid])
+    if left:
+        raise HarnessError('could not stop mariadbd (pid %d)' % pid)
 
 
 def run_manage(venv, conf, log, commands, deadline, env=None):
@@ -687,6 +804,7 @@ def cmd_start(args):
             print(state / 'cloud.json')
             return
         stop_services(state, SERVICES, existing)
+        db_stop(state)
         for name in STATE_ENTRIES:
             p = state / name
             if p.is_dir() and not p.is_symlink():
@@ -701,6 +819,7 @@ def cmd_start(args):
         except BaseException:
             try:
                 stop_services(state, SERVICES)
+                db_stop(state)
             except HarnessError as e:
                 note(str(e))
             raise
@@ -708,7 +827,7 @@ def cmd_start(args):
 
 def _start(state, venv, args, t0):
     deadline = t0 + args.timeout
-    ks_port, bb_port = free_ports(2)
+    ks_port, bb_port, db_port = free_ports(3)
     ks_dir, bb_dir = state / 'keystone', state / 'barbican'
     bb_home = bb_dir / 'home'
     me = pwd.getpwuid(os.getuid()).pw_name
@@ -759,19 +878,38 @@ def _start(state, venv, args, t0):
         info['domain_id'] = DOMAIN['id']
         info['password'] = secrets.token_urlsafe(18)
 
+    # The database: MariaDB with several workers per service, as
+    # production runs them, or SQLite with one.
+    if args.db == 'mariadb':
+        cloud['database'] = mariadb_start(state, db_port, deadline)
+        ks_db, bb_db = cloud['database']['keystone'], cloud['database']['barbican']
+        cloud['workers'] = args.workers or 4
+    else:
+        cloud['database'] = {'kind': 'sqlite'}
+        ks_db = 'sqlite:///%s/keystone/keystone.sqlite' % state
+        bb_db = 'sqlite:///%s/barbican/barbican.sqlite' % state
+        cloud['workers'] = args.workers or 1
+    note('database: %s; %d worker(s) per service'
+         % (args.db, cloud['workers']))
+
     # Barbican's config; it boots while Keystone is being bootstrapped (it
     # needs Keystone only when the first authenticated request comes in).
     bb_home.mkdir(parents=True)
     render('barbican.conf.in', Path(cloud['barbican']['config']),
            state=state, barbican_port=bb_port, keystone_port=ks_port,
            barbican_password=cloud['users']['barbican']['password'],
-           kek=base64.urlsafe_b64encode(os.urandom(32)).decode())
+           kek=base64.urlsafe_b64encode(os.urandom(32)).decode(),
+           database=bb_db,
+           # Several workers must not each create the schema at once.
+           db_auto_create='False' if args.db == 'mariadb' else 'True')
     shutil.copyfile(venv / 'etc' / 'barbican' / 'barbican-api-paste.ini',
                     cloud['barbican']['paste_ini'])
+    if args.db == 'mariadb':
+        barbican_schema(state, cloud, venv, deadline)
     bb_proc = spawn_barbican(state, cloud, venv)
 
     render('keystone.conf.in', ks_dir / 'keystone.conf', state=state,
-           token_expiration=args.token_expiration)
+           token_expiration=args.token_expiration, database=ks_db)
     conf = ks_dir / 'keystone.conf'
     url = cloud['keystone']['auth_url']
     owner = '--keystone-user %s --keystone-group %s' % (me, my_group)
@@ -790,7 +928,8 @@ def _start(state, venv, args, t0):
     t_boot = time.monotonic()
 
     ks_proc = spawn(state, venv, 'keystone', ks_port,
-                    {'OS_KEYSTONE_CONFIG_DIR': str(ks_dir)})
+                    {'OS_KEYSTONE_CONFIG_DIR': str(ks_dir)},
+                    cloud['workers'])
     cloud['keystone']['pid'] = ks_proc['pid']
     wait_http('keystone', ks_proc, url, deadline, lambda st: st == 200)
     t_ks = time.monotonic()
@@ -817,6 +956,7 @@ def cmd_stop(args):
         return
     cloud = load_cloud(state, missing_ok=True)
     stop_services(state, SERVICES, cloud)
+    db_stop(state)
 
 
 def cmd_stop_barbican(args):
@@ -943,6 +1083,12 @@ def main(argv=None):
                     help='seconds until both services must answer')
     sp.add_argument('--token-expiration', type=int, default=3600,
                     help='Keystone token lifetime in seconds')
+    sp.add_argument('--db', choices=DATABASES, default=DEFAULT_DATABASE,
+                    help='database of both services (default %(default)s; '
+                    'LUKS_AGENT_TEST_DB sets the default)')
+    sp.add_argument('--workers', type=int, default=0,
+                    help='gunicorn workers per service (default: 4 on '
+                    'MariaDB, 1 on SQLite)')
 
     add('stop', cmd_stop, help='stop both services (idempotent)')
     add('stop-barbican', cmd_stop_barbican, help='stop Barbican only')
