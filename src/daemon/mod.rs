@@ -50,10 +50,23 @@ pub fn hold_agent_lock(socket: &std::path::Path) -> std::io::Result<()> {
 }
 
 /// Whether an agent process serving `socket` is still alive (it holds the
-/// socket's agent lock), whether or not it still answers there.
+/// socket's agent lock), whether or not it still answers there. The probe
+/// takes the lock exclusively for an instant, so other commands probing
+/// at the same moment make it fail now and then: only a lock that stays
+/// held through half a second of tries is an agent's (an agent holds it
+/// as long as it lives; this path is taken only when the socket does not
+/// answer).
 pub fn agent_process_alive(socket: &std::path::Path) -> bool {
     let Ok(f) = std::fs::File::open(agent_lock_path(socket)) else {
         return false;
     };
-    matches!(f.try_lock(), Err(std::fs::TryLockError::WouldBlock))
+    for _ in 0..25 {
+        match f.try_lock() {
+            Err(std::fs::TryLockError::WouldBlock) => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            _ => return false,
+        }
+    }
+    true
 }
