@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 
 use luks_agent::keymgr::barbican::{Barbican, BarbicanConfig};
 use luks_agent::keymgr::http::{HttpConfig, build_client};
-use luks_agent::keymgr::{KeyError, KeyId, KeyManager, RequestAuth, SecretKind, SecretString};
+use luks_agent::keymgr::{
+    Hold, HoldOp, KeyError, KeyHolder, KeyId, KeyManager, RequestAuth, SecretKind, SecretString,
+};
 
 const SECRET: &str = "6f1c1f1e-0000-4000-8000-00000000abcd";
 
@@ -151,11 +153,19 @@ fn http(deadline_ms: u64, attempts: u32) -> HttpConfig {
 }
 
 fn barbican(port: u16, http: HttpConfig) -> (Barbican, tempfile::TempDir) {
+    barbican_with(port, http, false)
+}
+
+fn barbican_with(
+    port: u16,
+    http: HttpConfig,
+    require_consumer: bool,
+) -> (Barbican, tempfile::TempDir) {
     let state = tempfile::tempdir().unwrap();
     let client = build_client(&http).unwrap();
     let cfg = BarbicanConfig {
         endpoint: Some(format!("http://127.0.0.1:{port}")),
-        ..BarbicanConfig::default()
+        require_consumer,
     };
     (
         Barbican::new(cfg, http, client, None, state.path()).unwrap(),
@@ -482,4 +492,73 @@ fn a_storm_of_fetches_queues_behind_the_cap() {
         uncapped > 3,
         "only {uncapped} requests in flight without a cap: the test cannot tell"
     );
+}
+
+/// Taking the hold on a key (the Barbican consumer) against a server that
+/// fails at it: `status` for every consumer request. The outcome, and the
+/// server's requests.
+fn take_hold_against(status: u16, require: bool) -> (Result<Hold, KeyError>, Vec<String>) {
+    let s = serve(move |_, path| {
+        Some(if path.contains("/consumers") {
+            reply(status, "application/json", r#"{"code": 1, "title": "no"}"#)
+        } else {
+            reply(200, "application/json", "{}")
+        })
+    });
+    let (b, _state) = barbican_with(s.port, http(3000, 2), require);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let id = KeyId::new(SECRET).unwrap();
+    let holder = KeyHolder {
+        volume_id: "vol-1".into(),
+        host: "compute-1".into(),
+    };
+    let r = rt.block_on(b.hold(&id, &user(), &holder, HoldOp::Take, false));
+    let seen = s.seen.lock().unwrap().clone();
+    (r, seen)
+}
+
+/// A Barbican that refuses consumers (policy), has no such API, or fails
+/// at it (500 after the retries) never fails the attach's hold unless
+/// `require_consumer` is set; then the error is typed and names the key: a
+/// refusal is `NotHeld`, a failing Barbican `Unavailable`. The consumer
+/// request carries the microversion that has consumers and the caller's
+/// token.
+#[test]
+fn a_refused_or_failing_consumer_is_not_an_error_unless_required() {
+    for status in [403, 404, 500] {
+        let (r, seen) = take_hold_against(status, false);
+        match r {
+            Ok(Hold::NotKept { reason }) => {
+                assert!(!reason.contains("user-token-123"), "{reason}");
+            }
+            other => panic!("HTTP {status}: {other:?}"),
+        }
+        let post = seen
+            .iter()
+            .find(|r| r.starts_with("POST /v1/secrets/") && r.contains("/consumers"))
+            .unwrap_or_else(|| panic!("no consumer request in {seen:?}"));
+        let lower = post.to_ascii_lowercase();
+        assert!(
+            lower.contains("openstack-api-version: key-manager 1.1"),
+            "{post}"
+        );
+        assert!(lower.contains("x-auth-token: user-token-123"), "{post}");
+        let (r, _) = take_hold_against(status, true);
+        match (status, r) {
+            (403 | 404, Err(e @ KeyError::NotHeld { .. })) => {
+                let shown = e.to_string();
+                assert!(
+                    shown.contains(SECRET) && shown.contains("require_consumer"),
+                    "{shown}"
+                );
+            }
+            (500, Err(e @ KeyError::Unavailable { .. })) => {
+                assert!(e.to_string().contains(SECRET), "{e}");
+            }
+            (_, other) => panic!("HTTP {status}, required: {other:?}"),
+        }
+    }
 }
