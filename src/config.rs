@@ -328,6 +328,15 @@ pub struct LibvirtConfig {
     /// secrets live in libvirtd's memory only.
     #[serde(default)]
     pub persistent: bool,
+    /// How often the agent looks for QEMU-native volumes that nova
+    /// detached by deleting their secret itself (nova does not call the
+    /// encryptor then), to release their keys' holds; seconds, 0: never.
+    #[serde(default = "default_reconcile_interval_secs")]
+    pub reconcile_interval_secs: u64,
+}
+
+fn default_reconcile_interval_secs() -> u64 {
+    60
 }
 
 impl Default for LibvirtConfig {
@@ -335,6 +344,7 @@ impl Default for LibvirtConfig {
         LibvirtConfig {
             uri: default_libvirt_uri(),
             persistent: false,
+            reconcile_interval_secs: default_reconcile_interval_secs(),
         }
     }
 }

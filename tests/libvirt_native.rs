@@ -809,6 +809,118 @@ fn barbican_call(
     })
 }
 
+/// The harness's Keystone and Barbican for one test: a secret of alice's
+/// (key bytes `key`), her token in a file, and the agent configured with
+/// the `agent` user (member of the service project only); a UUID volume id.
+struct BarbicanFx {
+    endpoint: String,
+    alice: String,
+    id: String,
+    vid: String,
+    token_file: PathBuf,
+}
+
+impl BarbicanFx {
+    fn new(fx: &mut Fx) -> BarbicanFx {
+        Self::with(fx, "")
+    }
+
+    /// As `new`, with `extra` lines at the end of the agent's
+    /// configuration.
+    fn with(fx: &mut Fx, extra: &str) -> BarbicanFx {
+        let cloud = common::harness::test_cloud()
+            .unwrap_or_else(|e| panic!("the Keystone + Barbican test cloud could not start:\n{e}"));
+        let state = cloud["state_dir"].as_str().unwrap();
+        let endpoint = cloud["barbican"]["endpoint"].as_str().unwrap().to_string();
+        let harness = |args: &[&str]| {
+            let mut all = vec![args[0], "--state", state];
+            all.extend_from_slice(&args[1..]);
+            common::harness::openstack_py(&all).unwrap_or_else(|e| panic!("{e}"))
+        };
+        let key = [0x5au8; 32];
+        let id = harness(&[
+            "create-secret",
+            "--user",
+            "alice",
+            "--payload-hex",
+            &hex::encode(key),
+            "--secret-type",
+            "symmetric",
+        ])
+        .trim()
+        .to_string();
+        let alice = harness(&["token", "--user", "alice"]).trim().to_string();
+        let token_file = fx.dir.path().join("token");
+        fs::write(&token_file, &alice).unwrap();
+        let cfg = fx.dir.path().join("barbican.toml");
+        fs::write(
+            &cfg,
+            format!(
+                "state_dir = \"{0}/bstate\"\nrun_dir = \"{0}/brun\"\n[key_manager]\nbackend = \"barbican\"\n\
+                 [key_manager.keystone]\nauth_url = \"{1}\"\nauth_type = \"password\"\nusername = \"agent\"\n\
+                 password = \"{2}\"\nproject_name = \"service\"\n[key_manager.barbican]\nendpoint = \"{endpoint}\"\n\
+                 [libvirt]\nuri = \"{URI}\"\npersistent = false\n{extra}\n",
+                fx.dir.path().display(),
+                cloud["keystone"]["auth_url"].as_str().unwrap(),
+                cloud["users"]["agent"]["password"].as_str().unwrap(),
+            ),
+        )
+        .unwrap();
+        fs::set_permissions(&cfg, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+        fx.config = cfg;
+        fx.passphrase = hex::encode(key);
+        fx.key_id = id.clone();
+        // A cinder volume id: a UUID, which Barbican keeps as the
+        // consumer's resource id as it is.
+        let vid = uuid::Uuid::new_v4().to_string();
+        fx.volumes.push(vid.clone());
+        BarbicanFx {
+            endpoint,
+            alice,
+            id,
+            vid,
+            token_file,
+        }
+    }
+
+    /// The secret's consumers, as alice sees them.
+    fn consumers(&self) -> Vec<Value> {
+        let (status, v) = barbican_call(
+            &self.endpoint,
+            reqwest::Method::GET,
+            &format!("/v1/secrets/{}/consumers", self.id),
+            &self.alice,
+            "1.1",
+        );
+        assert_eq!(status, 200, "{v}");
+        v["consumers"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// Alice deletes the secret at microversion 1.2, where consumers count.
+    fn delete(&self) -> (u16, Value) {
+        barbican_call(
+            &self.endpoint,
+            reqwest::Method::DELETE,
+            &format!("/v1/secrets/{}", self.id),
+            &self.alice,
+            "1.2",
+        )
+    }
+
+    /// Attach in libvirt mode with alice's token; the answer.
+    fn attach(&self, fx: &Fx, dev: &Path) -> Value {
+        let out = fx.volume_op(
+            "attach",
+            &self.vid,
+            dev,
+            "luks",
+            &["--json", "--token-file", self.token_file.to_str().unwrap()],
+        );
+        assert!(out.status.success(), "attach: {}", text(&out));
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+}
+
 /// Through the agent's own attach and detach, with a key in the harness's
 /// real Barbican: the attach (with the user's token) registers this host
 /// as a consumer of the secret and puts the agent's user on its read ACL;
@@ -819,74 +931,12 @@ fn barbican_call(
 #[test]
 fn a_barbican_key_is_held_while_the_volume_is_attached() {
     let Some(mut fx) = setup(false) else { return };
-    let cloud = common::harness::test_cloud()
-        .unwrap_or_else(|e| panic!("the Keystone + Barbican test cloud could not start:\n{e}"));
-    let state = cloud["state_dir"].as_str().unwrap();
-    let endpoint = cloud["barbican"]["endpoint"].as_str().unwrap();
-    let harness = |args: &[&str]| {
-        let mut all = vec![args[0], "--state", state];
-        all.extend_from_slice(&args[1..]);
-        common::harness::openstack_py(&all).unwrap_or_else(|e| panic!("{e}"))
-    };
-    let key = [0x5au8; 32];
-    let id = harness(&[
-        "create-secret",
-        "--user",
-        "alice",
-        "--payload-hex",
-        &hex::encode(key),
-        "--secret-type",
-        "symmetric",
-    ])
-    .trim()
-    .to_string();
-    let alice = harness(&["token", "--user", "alice"]).trim().to_string();
-    let token_file = fx.dir.path().join("token");
-    fs::write(&token_file, &alice).unwrap();
-    let cfg = fx.dir.path().join("barbican.toml");
-    fs::write(
-        &cfg,
-        format!(
-            "state_dir = \"{0}/bstate\"\nrun_dir = \"{0}/brun\"\n[key_manager]\nbackend = \"barbican\"\n\
-             [key_manager.keystone]\nauth_url = \"{1}\"\nauth_type = \"password\"\nusername = \"agent\"\n\
-             password = \"{2}\"\nproject_name = \"service\"\n[key_manager.barbican]\nendpoint = \"{endpoint}\"\n\
-             [libvirt]\nuri = \"{URI}\"\npersistent = false\n",
-            fx.dir.path().display(),
-            cloud["keystone"]["auth_url"].as_str().unwrap(),
-            cloud["users"]["agent"]["password"].as_str().unwrap(),
-        ),
-    )
-    .unwrap();
-    fs::set_permissions(&cfg, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
-    fx.config = cfg;
-    fx.passphrase = hex::encode(key);
-    fx.key_id = id.clone();
-    // A cinder volume id: a UUID, which Barbican keeps as the consumer's
-    // resource id as it is.
-    let vid = uuid::Uuid::new_v4().to_string();
-    fx.volumes.push(vid.clone());
+    let b = BarbicanFx::new(&mut fx);
+    let (id, vid) = (b.id.clone(), b.vid.clone());
     let dev = fx.loop_device("held.img", 16 * MIB);
-    let consumers = || {
-        let (status, v) = barbican_call(
-            endpoint,
-            reqwest::Method::GET,
-            &format!("/v1/secrets/{id}/consumers"),
-            &alice,
-            "1.1",
-        );
-        assert_eq!(status, 200, "{v}");
-        v["consumers"].as_array().cloned().unwrap_or_default()
-    };
+    let consumers = || b.consumers();
 
-    let out = fx.volume_op(
-        "attach",
-        &vid,
-        &dev,
-        "luks",
-        &["--json", "--token-file", token_file.to_str().unwrap()],
-    );
-    assert!(out.status.success(), "attach: {}", text(&out));
-    let attached: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let attached = b.attach(&fx, &dev);
     assert_eq!(attached["key_held"], true, "{attached}");
     let listed = consumers();
     assert_eq!(listed.len(), 1, "{listed:?}");
@@ -901,16 +951,7 @@ fn a_barbican_key_is_held_while_the_volume_is_attached() {
     assert_eq!(v["key"]["consumer"], true, "{status}");
     assert_eq!(v["key"]["granted_read"], true, "{status}");
 
-    // Alice deletes the secret at microversion 1.2, where consumers count.
-    let delete = || {
-        barbican_call(
-            endpoint,
-            reqwest::Method::DELETE,
-            &format!("/v1/secrets/{id}"),
-            &alice,
-            "1.2",
-        )
-    };
+    let delete = || b.delete();
     let (code, body) = delete();
     assert_eq!(code, 400, "a delete while attached: {body}");
 
@@ -923,4 +964,89 @@ fn a_barbican_key_is_held_while_the_volume_is_attached() {
     assert_eq!(consumers(), Vec::<Value>::new());
     let (code, body) = delete();
     assert_eq!(code, 204, "a delete after the detach: {body}");
+}
+
+/// nova detaches a QEMU-native volume by deleting the volume's libvirt
+/// secret itself (`_detach_encryptor`), without calling the encryptor. The
+/// agent's reconciliation finds that and releases the key's consumer, but
+/// only once no domain names the secret: a guest still defined with the
+/// disk (or running after a libvirtd restart lost an ephemeral secret)
+/// still uses the key.
+#[test]
+fn a_secret_nova_deleted_releases_the_key_once_no_domain_uses_it() {
+    let Some(mut fx) = setup(false) else { return };
+    let b = BarbicanFx::new(&mut fx);
+    let dev = fx.loop_device("nova-detach.img", 16 * MIB);
+    let attached = b.attach(&fx, &dev);
+    assert_eq!(attached["key_held"], true, "{attached}");
+    let uuid = attached["secret_uuid"].as_str().unwrap().to_string();
+    let xml = attached["encryption_xml"].as_str().unwrap().to_string();
+    let domain = fx.define_domain(&dev, &xml);
+    let reconcile = |fx: &Fx| {
+        let out = fx.agent(&["secrets", "reconcile"]);
+        assert!(out.status.success(), "reconcile: {}", text(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    // Nothing to find while the secret is there.
+    assert_eq!(reconcile(&fx), "");
+    // What nova's _detach_encryptor does in this mode.
+    let out = virsh(&["secret-undefine", &uuid]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        reconcile(&fx),
+        "",
+        "a defined domain still names the secret"
+    );
+    assert_eq!(b.consumers().len(), 1);
+    assert_eq!(b.delete().0, 400);
+    let out = virsh(&["undefine", &domain]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        reconcile(&fx).trim(),
+        b.vid,
+        "the detach nova made was not found"
+    );
+    assert_eq!(b.consumers(), Vec::<Value>::new());
+    let out = fx.agent(&["status", "--json", "--local"]);
+    let status: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["volumes"], serde_json::json!([]), "{status}");
+    assert_eq!(reconcile(&fx), "", "found twice");
+    assert_eq!(b.delete().0, 204);
+}
+
+/// The running agent finds such a detach by itself, every
+/// `reconcile_interval_secs`, while requests go on being served.
+#[test]
+fn the_running_agent_finds_a_nova_detach_by_itself() {
+    let Some(mut fx) = setup(false) else { return };
+    let socket = fx.dir.path().join("agent.sock");
+    let extra = format!(
+        "reconcile_interval_secs = 1\n[server]\nsocket = \"{}\"",
+        socket.display()
+    );
+    let b = BarbicanFx::with(&mut fx, &extra);
+    let dev = fx.loop_device("daemon-detach.img", 16 * MIB);
+    let _agent = common::serve::Server::start(
+        &fx.config,
+        &socket,
+        &fx.dir.path().join("agent.log"),
+        std::time::Duration::from_secs(30),
+    );
+    let attached = b.attach(&fx, &dev);
+    assert_eq!(attached["key_held"], true, "{attached}");
+    let uuid = attached["secret_uuid"].as_str().unwrap().to_string();
+    // Held across reconciliations while the secret is there.
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    assert_eq!(b.consumers().len(), 1);
+    let out = virsh(&["secret-undefine", &uuid]);
+    assert!(out.status.success(), "{}", text(&out));
+    let end = Instant::now() + std::time::Duration::from_secs(10);
+    while !b.consumers().is_empty() {
+        assert!(
+            Instant::now() < end,
+            "the agent did not release the key within 10 s of nova's detach"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert_eq!(b.delete().0, 204);
 }

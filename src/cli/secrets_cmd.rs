@@ -13,6 +13,11 @@ pub enum SecretsCommand {
     /// List our volume secrets: volume id, UUID, ephemeral and private
     /// flags (never values).
     List(ListArgs),
+    /// Find the QEMU-native volumes nova detached by deleting their secret
+    /// itself (no domain uses the secret any more): remove their records
+    /// and release their keys' holds (Barbican consumers). The agent does
+    /// this every `reconcile_interval_secs`; prints the volumes found.
+    Reconcile,
 }
 
 #[derive(Args, Debug)]
@@ -27,6 +32,21 @@ pub struct ListArgs {
 
 pub fn run(cmd: SecretsCommand, config: &Config) -> anyhow::Result<u8> {
     match cmd {
+        SecretsCommand::Reconcile => {
+            let keys = config.key_manager()?;
+            let volumes = luks_agent::volume::Volumes::new(
+                keys.as_ref(),
+                luks_agent::service::volume_options(config),
+            );
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let native = luks_agent::service::native_options(config);
+            for v in runtime.block_on(volumes.reconcile_native(&native))? {
+                println!("{v}");
+            }
+            Ok(EXIT_OK)
+        }
         SecretsCommand::List(a) => {
             let secrets = Secrets::connect(&config.libvirt.uri)?;
             let list: Vec<_> = secrets

@@ -91,6 +91,9 @@ struct Shared {
     keys: Arc<dyn KeyManager>,
     opts: VolumeOptions,
     native: NativeOptions,
+    /// How often to look for QEMU-native volumes nova detached behind the
+    /// agent's back (zero: never).
+    reconcile_every: Duration,
     locks: VolumeLocks,
     metrics: Metrics,
     shutdown: Shutdown,
@@ -218,6 +221,7 @@ pub fn serve(config: &Config) -> Result<(), ServeError> {
         keys,
         opts: service::volume_options(config),
         native: service::native_options(config),
+        reconcile_every: Duration::from_secs(config.libvirt.reconcile_interval_secs),
         locks: VolumeLocks::default(),
         metrics: Metrics::default(),
         shutdown: Shutdown::new(),
@@ -236,6 +240,40 @@ pub fn serve(config: &Config) -> Result<(), ServeError> {
     result
 }
 
+/// nova detaches a QEMU-native volume by deleting its libvirt secret
+/// itself; this finds such detaches now and then and releases their keys'
+/// holds (see `Volumes::reconcile_native`).
+async fn reconcile_periodically(shared: AppState) {
+    if shared.reconcile_every.is_zero() {
+        return;
+    }
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(shared.reconcile_every) => {}
+            _ = shared.shutdown.stopping() => return,
+        }
+        let st = shared.clone();
+        let handle = tokio::runtime::Handle::current();
+        let found = tokio::task::spawn_blocking(move || {
+            let volumes = Volumes::new(st.keys.as_ref(), st.opts.clone());
+            handle.block_on(volumes.reconcile_native(&st.native))
+        })
+        .await;
+        match found {
+            Ok(Ok(detached)) if !detached.is_empty() => tracing::info!(
+                volumes = ?detached,
+                "QEMU-native volumes detached by nova: their records removed and keys released"
+            ),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(
+                error = %crate::text::error_chain(&e),
+                "looking for QEMU-native volumes detached by nova failed; trying again later"
+            ),
+            Err(e) => tracing::warn!(error = %e, "the reconciliation task failed"),
+        }
+    }
+}
+
 async fn run(
     shared: AppState,
     std_listener: std::os::unix::net::UnixListener,
@@ -248,6 +286,7 @@ async fn run(
     })?;
     let shutdown = shared.shutdown.clone();
     let signals = tokio::spawn(shutdown.clone().on_signals());
+    let reconciler = tokio::spawn(reconcile_periodically(shared.clone()));
     tracing::info!(
         socket = %own_socket.map(|p| p.display().to_string()).unwrap_or_else(|| "systemd (fd 3)".into()),
         version = env!("CARGO_PKG_VERSION"),
@@ -305,6 +344,7 @@ async fn run(
         });
     }
     drop(listener);
+    reconciler.abort();
     if let Some(p) = own_socket {
         let _ = std::fs::remove_file(p);
     }

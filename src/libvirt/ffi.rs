@@ -31,7 +31,10 @@ const UUID_STRING_BUFLEN: usize = 37;
 
 type ConnectPtr = *mut c_void;
 type SecretPtr = *mut c_void;
+type DomainPtr = *mut c_void;
 type ErrorFunc = unsafe extern "C" fn(*mut c_void, *mut c_void);
+/// `virConnectListAllSecrets` and `virConnectListAllDomains`.
+type ListAllFn = unsafe extern "C" fn(ConnectPtr, *mut *mut *mut c_void, c_uint) -> c_int;
 
 /// A libvirt call that failed: libvirt's error code and message.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -49,7 +52,7 @@ struct Api {
     _lib: Library,
     connect_open: unsafe extern "C" fn(*const c_char) -> ConnectPtr,
     connect_close: unsafe extern "C" fn(ConnectPtr) -> c_int,
-    list_all_secrets: unsafe extern "C" fn(ConnectPtr, *mut *mut SecretPtr, c_uint) -> c_int,
+    list_all_secrets: ListAllFn,
     lookup_by_usage: unsafe extern "C" fn(ConnectPtr, c_int, *const c_char) -> SecretPtr,
     lookup_by_uuid_string: unsafe extern "C" fn(ConnectPtr, *const c_char) -> SecretPtr,
     define_xml: unsafe extern "C" fn(ConnectPtr, *const c_char, c_uint) -> SecretPtr,
@@ -59,6 +62,9 @@ struct Api {
     set_value: unsafe extern "C" fn(SecretPtr, *const u8, usize, c_uint) -> c_int,
     undefine: unsafe extern "C" fn(SecretPtr) -> c_int,
     secret_free: unsafe extern "C" fn(SecretPtr) -> c_int,
+    list_all_domains: ListAllFn,
+    domain_get_xml_desc: unsafe extern "C" fn(DomainPtr, c_uint) -> *mut c_char,
+    domain_free: unsafe extern "C" fn(DomainPtr) -> c_int,
     last_error_code: unsafe extern "C" fn() -> c_int,
     last_error_message: unsafe extern "C" fn() -> *const c_char,
     reset_last_error: unsafe extern "C" fn(),
@@ -104,6 +110,9 @@ impl Api {
             set_value: sym!("virSecretSetValue"),
             undefine: sym!("virSecretUndefine"),
             secret_free: sym!("virSecretFree"),
+            list_all_domains: sym!("virConnectListAllDomains"),
+            domain_get_xml_desc: sym!("virDomainGetXMLDesc"),
+            domain_free: sym!("virDomainFree"),
             last_error_code: sym!("virGetLastErrorCode"),
             last_error_message: sym!("virGetLastErrorMessage"),
             reset_last_error: sym!("virResetLastError"),
@@ -212,7 +221,63 @@ impl Drop for SecretHandle {
     }
 }
 
+/// A reference to one domain, freed on drop.
+pub struct DomainHandle {
+    api: &'static Api,
+    ptr: DomainPtr,
+}
+
+impl Drop for DomainHandle {
+    fn drop(&mut self) {
+        // SAFETY: `ptr` is a domain reference we own, freed only here.
+        unsafe {
+            (self.api.domain_free)(self.ptr);
+        }
+    }
+}
+
+impl DomainHandle {
+    /// The domain's XML definition (its live one when it runs).
+    pub fn xml(&self) -> Result<String, Failure> {
+        // SAFETY: a live domain reference; the result is ours to free.
+        unsafe { take_c_string((self.api.domain_get_xml_desc)(self.ptr, 0)) }
+            .ok_or_else(|| self.api.last_failure())
+    }
+}
+
 impl Connection {
+    /// Every domain libvirt knows, running or only defined.
+    pub fn list_all_domains(&self) -> Result<Vec<DomainHandle>, Failure> {
+        self.list_all(self.api.list_all_domains, |api, ptr| DomainHandle {
+            api,
+            ptr,
+        })
+    }
+
+    /// Calls one of libvirt's `virConnectListAll*` functions, which store
+    /// a malloc'd array of `n` owned references; each becomes a handle
+    /// (which frees it) and the array is freed here.
+    fn list_all<T>(
+        &self,
+        list: ListAllFn,
+        wrap: impl Fn(&'static Api, *mut c_void) -> T,
+    ) -> Result<Vec<T>, Failure> {
+        let mut array: *mut *mut c_void = std::ptr::null_mut();
+        // SAFETY: a live connection; on success `array` holds `n` valid
+        // references that nothing else owns, handed to `wrap` once each.
+        unsafe {
+            let n = list(self.ptr, &mut array, 0);
+            if n < 0 {
+                return Err(self.api.last_failure());
+            }
+            let handles = (0..n as usize)
+                .map(|i| wrap(self.api, *array.add(i)))
+                .collect();
+            libc::free(array.cast());
+            Ok(handles)
+        }
+    }
+
     /// Connects to `uri`, loading libvirt first if needed.
     pub fn open(uri: &str) -> Result<Connection, Failure> {
         let api = api()?;
@@ -264,24 +329,10 @@ impl Connection {
 
     /// Every secret libvirt holds.
     pub fn list_all_secrets(&self) -> Result<Vec<SecretHandle>, Failure> {
-        let mut array: *mut SecretPtr = std::ptr::null_mut();
-        // SAFETY: libvirt stores a malloc'd array of `n` references in
-        // `array`; each is handed to a SecretHandle (which frees it) and
-        // the array itself is freed here.
-        unsafe {
-            let n = (self.api.list_all_secrets)(self.ptr, &mut array, 0);
-            if n < 0 {
-                return Err(self.api.last_failure());
-            }
-            let handles = (0..n as usize)
-                .map(|i| SecretHandle {
-                    api: self.api,
-                    ptr: *array.add(i),
-                })
-                .collect();
-            libc::free(array.cast());
-            Ok(handles)
-        }
+        self.list_all(self.api.list_all_secrets, |api, ptr| SecretHandle {
+            api,
+            ptr,
+        })
     }
 }
 

@@ -238,6 +238,27 @@ impl Secrets {
         }
     }
 
+    /// Whether a domain, running or only defined, names the secret `uuid`
+    /// (a disk's `<secret ... uuid='...'/>`): a guest may still use it
+    /// although the secret itself is gone (an ephemeral secret after a
+    /// libvirtd restart).
+    pub fn used_by_a_domain(&self, volume_id: &str, uuid: &str) -> Result<bool, LibvirtError> {
+        let domains =
+            self.conn
+                .list_all_domains()
+                .map_err(Self::err(volume_id, uuid, "listing domains"))?;
+        for d in &domains {
+            // A domain that vanished between the listing and this call
+            // uses nothing.
+            if let Ok(xml) = d.xml()
+                && xml.contains(uuid)
+            {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
     /// Every secret of usage type `volume`, ours and others'.
     pub fn list(&self) -> Result<Vec<SecretInfo>, LibvirtError> {
         let all = self

@@ -134,6 +134,16 @@ impl Volumes<'_> {
         if is_attached(&self.opts.run_dir, volume_id) {
             return Ok(None);
         }
+        self.release_recorded(volume_id, auth).await
+    }
+
+    /// Releases the hold its record names, the volume's lock held by the
+    /// caller and the volume known to be detached.
+    pub(super) async fn release_recorded(
+        &self,
+        volume_id: &str,
+        auth: &RequestAuth,
+    ) -> Result<Option<Hold>, Failure> {
         let Some(record) = self.hold_records().read::<KeyHoldRecord>(volume_id) else {
             return Ok(None);
         };
@@ -151,7 +161,7 @@ impl Volumes<'_> {
             Ok(hold) => {
                 if let Hold::NotKept { reason } = &hold {
                     tracing::warn!(
-                        volume_id = volume_id.as_str(),
+                        volume_id,
                         key_id = key_id.as_str(),
                         "this host's consumer of the key could not be removed: {reason}"
                     );
@@ -162,7 +172,7 @@ impl Volumes<'_> {
                     && record.granted_read
                 {
                     tracing::info!(
-                        volume_id = volume_id.as_str(),
+                        volume_id,
                         key_id = key_id.as_str(),
                         "the agent stays on the key's read ACL (a detach without the owner's token cannot change it)"
                     );
@@ -172,7 +182,7 @@ impl Volumes<'_> {
             }
             Err(e) => {
                 tracing::warn!(
-                    volume_id = volume_id.as_str(),
+                    volume_id,
                     key_id = key_id.as_str(),
                     error = %crate::text::error_chain(&e),
                     "this host's consumer of the key was not removed; the next detach of the volume tries again"

@@ -332,6 +332,44 @@ impl Volumes<'_> {
         })
     }
 
+    /// nova detaches a QEMU-native volume by deleting its libvirt secret
+    /// itself, without calling the encryptor: the agent learns of it here.
+    /// A secret record whose secret is gone and that no domain names any
+    /// more (a guest still running after a libvirtd restart lost an
+    /// ephemeral secret still names it) is such a detach: the record is
+    /// removed and the key's hold released with the agent's own
+    /// credentials. Returns the volumes found detached.
+    pub async fn reconcile_native(&self, native: &NativeOptions) -> Result<Vec<String>, Failure> {
+        let records = self.secret_records().all::<SecretRecord>();
+        if records.is_empty() {
+            return Ok(vec![]);
+        }
+        let secrets = Secrets::connect(&native.uri)?;
+        let mut detached = vec![];
+        for (volume_id, _) in records {
+            let _lock = self.lock(&volume_id)?;
+            // Again under the lock: an attach or a detach may have run.
+            let Some(rec) = self.secret_records().read::<SecretRecord>(&volume_id) else {
+                continue;
+            };
+            if secrets.find(&volume_id)?.is_some()
+                || secrets.used_by_a_domain(&volume_id, &rec.uuid)?
+            {
+                continue;
+            }
+            self.secret_records().remove(&volume_id)?;
+            tracing::info!(
+                volume_id = volume_id.as_str(),
+                secret_uuid = rec.uuid.as_str(),
+                "the volume's libvirt secret was removed and no domain uses it: detached"
+            );
+            self.release_recorded(&volume_id, &crate::keymgr::RequestAuth::Service)
+                .await?;
+            detached.push(volume_id);
+        }
+        Ok(detached)
+    }
+
     /// The guest-visible size of a grown QEMU-native volume: the device's
     /// size minus the LUKS payload offset, as nova computes it. Reads the
     /// header only; no key is needed and nothing is written.
