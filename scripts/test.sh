@@ -49,9 +49,13 @@ trap 'stop_cloud; report' EXIT
 tier "lint"
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
+replay_tool=(--manifest-path tools/dm-log-replay/Cargo.toml --target-dir target --locked)
+cargo fmt --manifest-path tools/dm-log-replay/Cargo.toml -- --check
+cargo clippy "${replay_tool[@]}" --all-targets -- -D warnings
 
 tier "unit and host tiers"
 cargo test --locked --all-targets
+cargo test "${replay_tool[@]}"
 
 tier "os-brick plug-in with nova's and os-brick's own code (libvirt mode, real libvirtd)"
 cargo build --release --locked
@@ -65,9 +69,12 @@ vm/run.sh --timeout 600 -- /bin/sh tests/vm/osbrick_dropin.sh
 # The os-brick plug-in in dm mode, driven by os-brick's and nova's code,
 # and drop-in both ways with os-brick's own encryptor.
 vm/run.sh --timeout 900 --console target/vm/console-plugin.log -- /bin/sh integrations/os_brick/tests/run.sh dm
-# SIGKILL at every state-changing call of an attach, concurrency, rollback
-# of a failed attach, dm-crypt options.
-for t in format_guard cipher_interop kill_format concurrency rollback crypt_options; do
+# SIGKILL at every state-changing call of an attach, power loss at every
+# write of a format or keyslot change (dm-log-writes, replayed by
+# tools/dm-log-replay), concurrency, rollback of a failed attach, dm-crypt
+# options.
+cargo build --release "${replay_tool[@]}"
+for t in format_guard cipher_interop kill_format power_loss concurrency rollback crypt_options; do
     vm/run.sh --timeout 900 --console "target/vm/console-$t.log" -- /bin/sh "tests/vm/$t.sh"
 done
 

@@ -21,7 +21,7 @@ MODULES=(
     netfs fscache 9pnet 9pnet_virtio 9p
     virtio_rng
     loop
-    dm-mod dm-crypt
+    dm-mod dm-crypt dm-log-writes
     cryptd crypto_simd aesni-intel ecb xts
     af_alg algif_skcipher algif_hash
     # The other block ciphers, modes, IV generators and hashes LUKS headers

@@ -77,7 +77,10 @@
 //! entry to each state-changing system call of a first-use attach and of
 //! a normal one, and after increasing delays, then attach again; for some
 //! kills during the format writes also without the local record, as on
-//! another host. `tests/vm/format_guard.sh` and `tests/hostile_input.rs`
+//! another host. `tests/vm/power_loss.sh` replays every crash state a
+//! power cut can leave during a format (dm-log-writes: unflushed writes
+//! lost or torn, the key manager's state of that moment) and attaches
+//! again. `tests/vm/format_guard.sh` and `tests/hostile_input.rs`
 //! attach a volume whose first attempt failed on a device that holds data.
 
 use std::fs;
