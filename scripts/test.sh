@@ -74,6 +74,9 @@ vm/run.sh --timeout 900 --console target/vm/console-plugin.log -- /bin/sh integr
 # tools/dm-log-replay), concurrency, rollback of a failed attach, dm-crypt
 # options.
 cargo build --release "${replay_tool[@]}"
+# power_loss.sh runs a libvirtd of its own in the guest: the user, group
+# and directories must exist on the (shared, read-only) root.
+tests/harness/libvirtd.sh prepare
 for t in format_guard cipher_interop kill_format power_loss concurrency rollback crypt_options; do
     vm/run.sh --timeout 900 --console "target/vm/console-$t.log" -- /bin/sh "tests/vm/$t.sh"
 done

@@ -2,6 +2,7 @@
 # A real libvirtd (and the virtlogd that starting domains needs) for the
 # libvirt-mode tests, from Debian's packages, without systemd.
 #
+#   libvirtd.sh prepare                             user, group, directories only
 #   libvirtd.sh start [--state DIR] [--owner PID]   start both (idempotent)
 #   libvirtd.sh restart [--state DIR]               restart libvirtd only
 #   libvirtd.sh stop [--state DIR]                  stop what start started
@@ -65,11 +66,15 @@ wait_answers() {
     return 1
 }
 
-start_libvirtd() {
+prepare() {
     # Debian's QEMU driver refuses to start without this user and group.
     getent group libvirt-qemu >/dev/null || groupadd -r libvirt-qemu
     id libvirt-qemu >/dev/null 2>&1 || useradd -r -g libvirt-qemu -d /var/lib/libvirt -s /usr/sbin/nologin libvirt-qemu
-    mkdir -p /var/log/libvirt /run/libvirt /var/lib/libvirt
+    mkdir -p /var/log/libvirt /run/libvirt /var/lib/libvirt /var/cache/libvirt
+}
+
+start_libvirtd() {
+    prepare
     if ! alive "$state/virtlogd.pid" && [ ! -S /run/libvirt/virtlogd-sock ]; then
         virtlogd -d -p "$state/virtlogd.pid" 9>&-
     fi
@@ -102,6 +107,12 @@ stop_pid() {
 }
 
 case $cmd in
+prepare)
+    # The user, group and directories only: what a guest whose root is
+    # this host's, read-only, needs to run its own libvirtd
+    # (tests/vm/power_loss.sh).
+    prepare
+    ;;
 start)
     exec 9>"$state/lock"
     flock 9

@@ -16,7 +16,8 @@
 # written onto a copy of the device as it was before the operation, the
 # key-manager state of its last mark is put back, /run is emptied (a
 # power cut clears it), and then:
-# - first-use format (LUKS1 and LUKS2, dm mode): the next attach succeeds
+# - first-use format (LUKS1 and LUKS2 in dm mode, LUKS1 in libvirt mode
+#   with a libvirtd of the guest's own): the next attach succeeds
 #   (a redo keeps the intent's LUKS UUID), a header that opened before it
 #   is kept as it was, and the marker is set; for the states where the
 #   format's writes were under way, also as another host, without the
@@ -119,25 +120,54 @@ crash_image() { # spec
 header_uuid() { $BIN luks dump --json "$1" 2>/dev/null | sed -n 's/^{"version":[0-9]*,"uuid":"\([^"]*\)".*/\1/p'; }
 
 # --- first-use format --------------------------------------------------------
-format_case() { # provider
-    PROV=$1
-    VID=pl-$PROV
+# What an attach leaves: a dm-crypt mapping, or in libvirt mode the
+# volume's secret in libvirtd (and no mapping).
+attached_check() { # context
+    if [ "$MODE" = dm ]; then
+        [ -b "/dev/mapper/$MAP" ] || fail "$1: no mapping"
+    else
+        [ "$(virsh -q -c qemu:///system secret-list | grep -c .)" = 1 ] || fail "$1: no secret: $(virsh -c qemu:///system secret-list)"
+        [ ! -e "/dev/mapper/$MAP" ] || fail "$1: a mapping in libvirt mode"
+    fi
+}
+
+# A libvirtd of the guest's own (libvirt mode): its state on tmpfs, the
+# host's configuration copied (the root is the host's, read-only).
+start_libvirtd() {
+    for d in /var/lib/libvirt /var/cache/libvirt /var/log/libvirt; do
+        [ -d "$d" ] || fail "$d missing on the host (tests/harness/libvirtd.sh prepare)"
+        mount -t tmpfs tmpfs "$d"
+    done
+    mkdir -p "$W/etc-libvirt"
+    cp -a /etc/libvirt/. "$W/etc-libvirt/"
+    mount --bind "$W/etc-libvirt" /etc/libvirt
+    LIBVIRT_LOG_OUTPUTS="3:file:$W/libvirtd.log" libvirtd -d
+    i=0
+    until virsh -q -c qemu:///system secret-list >/dev/null 2>&1; do
+        i=$((i + 1))
+        [ $i -lt 100 ] || fail "libvirtd does not answer: $(tail -5 "$W/libvirtd.log")"
+        sleep 0.2
+    done
+}
+format_case() { # provider mode
+    PROV=$1 MODE=$2
+    VID=pl-$PROV-$MODE
     KEY=$($A keys create)
     ENC="{\"provider\": \"$PROV\", \"control_location\": \"front-end\", \"encryption_key_id\": \"$KEY\"}"
     LINK=/dev/disk/by-id/os-brick+$VID
     MAP=crypt-os-brick+$VID
     new_logged
     ln -sfn "$LW" "$LINK"
-    run_marked $A attach --volume-id "$VID" --device "$LINK" --encryption "$ENC" --json
-    grep -q '"formatted":true' "$W/out" || fail "$PROV: the logged attach did not format: $(cat "$W/out")"
-    $A detach --volume-id "$VID" --device "$LINK" --encryption "$ENC" >/dev/null 2>&1
+    run_marked $A attach --mode "$MODE" --volume-id "$VID" --device "$LINK" --encryption "$ENC" --json
+    grep -q '"formatted":true' "$W/out" || fail "$PROV $MODE: the logged attach did not format: $(cat "$W/out")"
+    $A detach --mode "$MODE" --volume-id "$VID" --device "$LINK" --encryption "$ENC" >/dev/null 2>&1
     end_logged
     cp -a "$W/state" "$W/state-after"
     ENTRIES=$("$REPLAY" list "$LOG" | grep -vc '^#')
     WRITES=$("$REPLAY" list "$LOG" | awk -F'\t' '!/^#/ && $2 !~ /MARK|DISCARD/ && $4 > 0' | wc -l)
     FLUSHES=$("$REPLAY" list "$LOG" | awk -F'\t' '$2 ~ /FLUSH/' | wc -l)
-    [ "$WRITES" -gt 0 ] && [ "$FLUSHES" -gt 0 ] || fail "$PROV: the log has $WRITES writes and $FLUSHES flushes"
-    [ "$MARKS" -ge 3 ] || fail "$PROV: only $MARKS key-manager writes were marked"
+    [ "$WRITES" -gt 0 ] && [ "$FLUSHES" -gt 0 ] || fail "$PROV $MODE: the log has $WRITES writes and $FLUSHES flushes"
+    [ "$MARKS" -ge 3 ] || fail "$PROV $MODE: only $MARKS key-manager writes were marked"
     TOTAL=$(states)
     ATTACHED=0 REDONE=0 KEPT=0 OTHER_REFUSED=0 OTHER_FORMATTED=0
     t0=$(ms)
@@ -150,8 +180,8 @@ format_case() { # provider
         ln -sfn "$DEV" "$LINK"
         BEFORE=$(header_uuid "$DEV")
         INTENT=$(cut -d, -f1 "$W/state/format-intents/$KEY" 2>/dev/null || true)
-        ctx="$PROV $name ($kind, $mark, writes $spec)"
-        OUT=$($A attach --volume-id "$VID" --device "$LINK" --encryption "$ENC" --json 2>"$W/err") \
+        ctx="$PROV $MODE $name ($kind, $mark, writes $spec)"
+        OUT=$($A attach --mode "$MODE" --volume-id "$VID" --device "$LINK" --encryption "$ENC" --json 2>"$W/err") \
             || fail "$ctx: the next attach failed: $(cat "$W/err")"
         ATTACHED=$((ATTACHED + 1))
         NOW=$(header_uuid "$DEV")
@@ -167,8 +197,8 @@ format_case() { # provider
             REDONE=$((REDONE + 1))
         fi
         [ -e "$W/state/formatted/$KEY" ] || fail "$ctx: no marker after the attach"
-        [ -b "/dev/mapper/$MAP" ] || fail "$ctx: no mapping"
-        $A detach --volume-id "$VID" --device "$LINK" --encryption "$ENC" >/dev/null 2>"$W/err" || fail "$ctx: detach failed: $(cat "$W/err")"
+        attached_check "$ctx"
+        $A detach --mode "$MODE" --volume-id "$VID" --device "$LINK" --encryption "$ENC" >/dev/null 2>"$W/err" || fail "$ctx: detach failed: $(cat "$W/err")"
         losetup -d "$DEV"
         # As another host, where a format was under way (an intent, no
         # marker, no valid header): without this host's format record.
@@ -180,17 +210,17 @@ format_case() { # provider
             DEV=$(losetup --find --show "$W/crash.img")
             ln -sfn "$DEV" "$LINK"
             SUM=$(sha256sum <"$DEV")
-            if $BIN --config "$W/young.toml" attach --volume-id "$VID" --device "$LINK" --encryption "$ENC" --json >"$W/o2" 2>"$W/err"; then
+            if $BIN --config "$W/young.toml" attach --mode "$MODE" --volume-id "$VID" --device "$LINK" --encryption "$ENC" --json >"$W/o2" 2>"$W/err"; then
                 fail "$ctx, other host: attached under a young intent: $(cat "$W/o2")"
             fi
             grep -q "attach again after" "$W/err" || fail "$ctx, other host: refused without saying when to retry: $(cat "$W/err")"
             [ "$(sha256sum <"$DEV")" = "$SUM" ] || fail "$ctx, other host: the refusal wrote to the device"
             OTHER_REFUSED=$((OTHER_REFUSED + 1))
-            $BIN --config "$W/aged.toml" attach --volume-id "$VID" --device "$LINK" --encryption "$ENC" --json >"$W/o2" 2>"$W/err" \
+            $BIN --config "$W/aged.toml" attach --mode "$MODE" --volume-id "$VID" --device "$LINK" --encryption "$ENC" --json >"$W/o2" 2>"$W/err" \
                 || fail "$ctx, other host, intent old enough: attach failed: $(cat "$W/err")"
             grep -q '"formatted":true' "$W/o2" && [ "$(header_uuid "$DEV")" = "$INTENT" ] \
                 || fail "$ctx, other host: not formatted with the intent's UUID $INTENT: $(cat "$W/o2")"
-            $BIN --config "$W/aged.toml" detach --volume-id "$VID" --device "$LINK" --encryption "$ENC" >/dev/null 2>"$W/err" || fail "$ctx: detach failed: $(cat "$W/err")"
+            $BIN --config "$W/aged.toml" detach --mode "$MODE" --volume-id "$VID" --device "$LINK" --encryption "$ENC" >/dev/null 2>"$W/err" || fail "$ctx: detach failed: $(cat "$W/err")"
             OTHER_FORMATTED=$((OTHER_FORMATTED + 1))
             losetup -d "$DEV"
         fi
@@ -199,8 +229,8 @@ format_case() { # provider
     rm -rf "$W/state"
     mv "$W/state-after" "$W/state"
     ln -sfn /dev/null "$LINK"
-    echo "format $PROV: $ENTRIES log entries ($WRITES writes, $FLUSHES flushes, $MARKS key-manager writes), $TOTAL crash states in $((t1 - t0)) ms: attached $ATTACHED (header kept $KEPT, format redone $REDONE); as another host $OTHER_REFUSED refused while young, $OTHER_FORMATTED formatted once old"
-    pass "power loss at any write of a first-use $PROV format: all $TOTAL states attach again, none formatted over a header that opens"
+    echo "format $PROV ($MODE mode): $ENTRIES log entries ($WRITES writes, $FLUSHES flushes, $MARKS key-manager writes), $TOTAL crash states in $((t1 - t0)) ms: attached $ATTACHED (header kept $KEPT, format redone $REDONE); as another host $OTHER_REFUSED refused while young, $OTHER_FORMATTED formatted once old"
+    pass "power loss at any write of a first-use $PROV format in $MODE mode: all $TOTAL states attach again, none formatted over a header that opens"
 }
 
 # --- keyslot changes --------------------------------------------------------
@@ -284,11 +314,16 @@ for age in young:86400 aged:0; do
     chmod 600 "$W/${age%:*}.toml"
 done
 # POWER_LOSS_CASES picks cases (default all): format-luks2 format-luks
-# luks2-add-key ... luks1-remove-key extend.
-CASES=${POWER_LOSS_CASES:-"format-luks2 format-luks luks2-add-key luks2-change-key luks2-remove-key luks1-add-key luks1-change-key luks1-remove-key extend"}
+# (dm mode), format-luks-libvirt, luks2-add-key ... luks1-remove-key, extend.
+CASES=${POWER_LOSS_CASES:-"format-luks2 format-luks format-luks-libvirt luks2-add-key luks2-change-key luks2-remove-key luks1-add-key luks1-change-key luks1-remove-key extend"}
 for c in $CASES; do
     case $c in
-        format-*) format_case "${c#format-}" ;;
+        format-*-libvirt)
+            virsh -q -c qemu:///system secret-list >/dev/null 2>&1 || start_libvirtd
+            p=${c#format-}
+            format_case "${p%-libvirt}" libvirt
+            ;;
+        format-*) format_case "${c#format-}" dm ;;
         luks?-*) keyslot_case "${c%%-*}" "${c#*-}" ;;
         extend) extend_case ;;
         *) fail "unknown case $c" ;;
