@@ -313,7 +313,7 @@ impl Barbican {
 
     async fn fetch_key(&self, id: &KeyId, auth: &RequestAuth) -> Result<Key, KeyError> {
         let budget = &Budget::start(&self.http);
-        let uuid = id.uuid()?.hyphenated().to_string();
+        let uuid = id.uuid_text()?;
         let key_id = id.as_str();
         let meta_path = format!("/v1/secrets/{uuid}");
         let (meta, base) = self
@@ -432,7 +432,7 @@ impl Barbican {
                 &own
             }
         };
-        let uuid = id.uuid()?.hyphenated().to_string();
+        let uuid = id.uuid_text()?;
         let path = match key {
             Some(k) => format!("/v1/secrets/{uuid}/metadata/{k}"),
             None => format!("/v1/secrets/{uuid}/metadata"),

@@ -201,7 +201,7 @@ impl Barbican {
         auth: &RequestAuth,
         budget: &Budget,
     ) -> Result<Vec<Value>, KeyError> {
-        let path = format!("/v1/secrets/{}/consumers?limit=100", secret_uuid(id)?);
+        let path = format!("/v1/secrets/{}/consumers?limit=100", id.uuid_text()?);
         let (a, base) = self
             .call(
                 auth,
@@ -231,7 +231,7 @@ impl Barbican {
         body: &Value,
         budget: &Budget,
     ) -> Result<(Answer, String), KeyError> {
-        let path = format!("/v1/secrets/{}/consumers", secret_uuid(id)?);
+        let path = format!("/v1/secrets/{}/consumers", id.uuid_text()?);
         self.call(
             auth,
             id.as_str(),
@@ -262,7 +262,7 @@ impl Barbican {
             return Ok(Ok(false));
         };
         let me = ks.user_id(id.as_str(), budget).await?;
-        let path = format!("/v1/secrets/{}/acl", secret_uuid(id)?);
+        let path = format!("/v1/secrets/{}/acl", id.uuid_text()?);
         let request = |method, body| ApiRequest {
             method,
             path: &path,
@@ -334,10 +334,6 @@ impl Barbican {
             reason: format!("{what} is not JSON: {e}"),
         })
     }
-}
-
-fn secret_uuid(id: &KeyId) -> Result<String, KeyError> {
-    Ok(id.uuid()?.hyphenated().to_string())
 }
 
 #[cfg(test)]

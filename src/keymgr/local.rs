@@ -52,7 +52,7 @@ impl LocalKeyStore {
     }
 
     fn path_of(&self, id: &KeyId) -> Result<PathBuf, KeyError> {
-        Ok(self.dir.join(id.uuid()?.hyphenated().to_string()))
+        Ok(self.dir.join(id.uuid_text()?))
     }
 
     /// Creates a random key of `bits` bits and returns its id. The file is

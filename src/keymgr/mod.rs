@@ -63,6 +63,12 @@ impl KeyId {
             key_id: self.0.clone(),
         })
     }
+
+    /// [`uuid`](Self::uuid) as Barbican's URLs and the local store's file
+    /// names spell it (lowercase, hyphenated).
+    pub fn uuid_text(&self) -> Result<String, KeyError> {
+        Ok(self.uuid()?.hyphenated().to_string())
+    }
 }
 
 impl fmt::Display for KeyId {
