@@ -72,6 +72,18 @@ pub(super) struct ApiRequest<'a> {
     pub(super) api_version: Option<&'a str>,
 }
 
+/// A secret as [`Barbican::fetch_secret`] returns it.
+struct FetchedSecret<T> {
+    /// What `kind_of` made of the secret type.
+    kind: T,
+    /// The secret's metadata.
+    meta: Value,
+    /// The payload.
+    payload: SecretBytes,
+    /// The endpoint it came from (for errors).
+    base: String,
+}
+
 pub(super) struct Answer {
     pub(super) status: u16,
     content_type: String,
@@ -312,6 +324,59 @@ impl Barbican {
     }
 
     async fn fetch_key(&self, id: &KeyId, auth: &RequestAuth) -> Result<Key, KeyError> {
+        let secret = self
+            .fetch_secret(id, auth, |secret_type| match secret_type {
+                Some("passphrase") => Ok(SecretKind::Passphrase),
+                Some("symmetric") | Some("opaque") | None => Ok(SecretKind::Symmetric),
+                Some(other) => Err(format!("secret type '{other}' cannot be a volume key")),
+            })
+            .await?;
+        let key_id = id.as_str();
+        let key = Key::new(id.clone(), secret.kind, secret.payload)
+            .map_err(|e| e.at(key_id, &secret.base))?;
+        if let Some(bits) = secret.meta["bit_length"].as_u64()
+            && key.kind() == &SecretKind::Symmetric
+            && bits != key.bits() as u64
+        {
+            return Err(InvalidMaterial(format!(
+                "payload has {} bits but the secret says {bits}",
+                key.bits()
+            ))
+            .at(key_id, &secret.base));
+        }
+        Ok(key)
+    }
+
+    /// A certificate secret's payload as DER. Barbican keeps what was
+    /// stored; castellan reads it as PEM only and hands DER to its
+    /// callers, so a payload that is not PEM is refused as it refuses it.
+    async fn fetch_certificate_der(
+        &self,
+        id: &KeyId,
+        auth: &RequestAuth,
+    ) -> Result<Vec<u8>, KeyError> {
+        let secret = self
+            .fetch_secret(id, auth, |secret_type| match secret_type {
+                Some("certificate") => Ok(()),
+                other => Err(format!(
+                    "secret type '{}' is not a certificate",
+                    other.unwrap_or("none")
+                )),
+            })
+            .await?;
+        super::certificate_from_pem(secret.payload.expose())
+            .map_err(|reason| InvalidMaterial(reason).at(id.as_str(), &secret.base))
+    }
+
+    /// A secret's metadata and payload. `kind_of` reads the secret type
+    /// (absent: `None`) and refuses, before the payload is fetched, a
+    /// secret that cannot be what the caller wants.
+    async fn fetch_secret<T>(
+        &self,
+        id: &KeyId,
+        auth: &RequestAuth,
+        kind_of: impl Fn(Option<&str>) -> Result<T, String>,
+    ) -> Result<FetchedSecret<T>, KeyError> {
         let budget = &Budget::start(&self.http);
         let uuid = id.uuid_text()?;
         let key_id = id.as_str();
@@ -346,16 +411,8 @@ impl Barbican {
         {
             return Err(InvalidMaterial(format!("secret status is {state}")).at(key_id, &base));
         }
-        let kind = match meta_json["secret_type"].as_str() {
-            Some("passphrase") => SecretKind::Passphrase,
-            Some("symmetric") | Some("opaque") | None => SecretKind::Symmetric,
-            Some(other) => {
-                return Err(InvalidMaterial(format!(
-                    "secret type '{other}' cannot be a volume key"
-                ))
-                .at(key_id, &base));
-            }
-        };
+        let kind = kind_of(meta_json["secret_type"].as_str())
+            .map_err(|reason| InvalidMaterial(reason).at(key_id, &base))?;
         let accept = meta_json["content_types"]["default"]
             .as_str()
             .unwrap_or("application/octet-stream")
@@ -401,18 +458,12 @@ impl Barbican {
                 ),
             ));
         }
-        let key = Key::new(id.clone(), kind, payload.body).map_err(|e| e.at(key_id, &base))?;
-        if let Some(bits) = meta_json["bit_length"].as_u64()
-            && key.kind() == &SecretKind::Symmetric
-            && bits != key.bits() as u64
-        {
-            return Err(InvalidMaterial(format!(
-                "payload has {} bits but the secret says {bits}",
-                key.bits()
-            ))
-            .at(key_id, &base));
-        }
-        Ok(key)
+        Ok(FetchedSecret {
+            kind,
+            meta: meta_json,
+            payload: payload.body,
+            base,
+        })
     }
 
     /// `METHOD /v1/secrets/<uuid>/metadata[/<key>]` with `body`, within
@@ -720,5 +771,13 @@ impl KeyManager for Barbican {
         auth: &'a RequestAuth,
     ) -> BoxFuture<'a, Result<Key, KeyError>> {
         Box::pin(self.fetch_key(id, auth))
+    }
+
+    fn fetch_certificate<'a>(
+        &'a self,
+        id: &'a KeyId,
+        auth: &'a RequestAuth,
+    ) -> BoxFuture<'a, Result<Vec<u8>, KeyError>> {
+        Box::pin(self.fetch_certificate_der(id, auth))
     }
 }

@@ -94,4 +94,12 @@ impl KeyManager for WithFixedKey {
         }
         self.inner.fetch(id, auth)
     }
+
+    fn fetch_certificate<'a>(
+        &'a self,
+        id: &'a KeyId,
+        auth: &'a RequestAuth,
+    ) -> BoxFuture<'a, Result<Vec<u8>, KeyError>> {
+        self.inner.fetch_certificate(id, auth)
+    }
 }

@@ -1,6 +1,8 @@
 //! The built-in local key store: one 0600 file of raw key bytes per key in
 //! a 0700 directory, named by the key's UUID. For machines without a cloud
-//! and for demos; operators manage it with `luks-agent keys`.
+//! and for demos; operators manage it with `luks-agent keys`. Image
+//! signing certificates (public, so not secret) live beside the keys in
+//! `certificates/`, one DER file per certificate, named by a UUID.
 
 use std::fs::{self, OpenOptions};
 use std::io::Write;
@@ -83,6 +85,83 @@ impl LocalKeyStore {
             .and_then(|_| f.sync_all())
             .map_err(|e| Self::local_err(id.as_str(), "writing key file", &path, e))?;
         Ok(id)
+    }
+
+    fn certificate_dir(&self) -> PathBuf {
+        self.dir.join("certificates")
+    }
+
+    /// Stores an X.509 certificate (PEM or DER, as `payload` holds it) and
+    /// returns its new id. The payload must parse as one certificate.
+    pub fn import_certificate(&self, payload: &[u8]) -> Result<KeyId, KeyError> {
+        let der = super::certificate_pem_or_der(payload)
+            .map_err(|reason| super::InvalidMaterial(reason).at("-", &self.describe()))?;
+        <x509_cert::Certificate as x509_cert::der::Decode>::from_der(&der).map_err(|e| {
+            super::InvalidMaterial(format!("not an X.509 certificate: {e}"))
+                .at("-", &self.describe())
+        })?;
+        crate::state_file::private_dir(&self.dir)
+            .map_err(|e| Self::local_err("-", "creating key directory", &self.dir, e))?;
+        self.check_dir()?;
+        let dir = self.certificate_dir();
+        match fs::create_dir(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(Self::local_err("-", "creating", &dir, e)),
+        }
+        let id = KeyId::new(&uuid::Uuid::new_v4().hyphenated().to_string())?;
+        let path = dir.join(id.uuid_text()?);
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .open(&path)
+            .map_err(|e| Self::local_err(id.as_str(), "creating certificate file", &path, e))?;
+        f.write_all(&der)
+            .and_then(|_| f.sync_all())
+            .map_err(|e| Self::local_err(id.as_str(), "writing certificate file", &path, e))?;
+        Ok(id)
+    }
+
+    /// Reads a certificate stored by [`import_certificate`](Self::import_certificate).
+    fn read_certificate(&self, id: &KeyId) -> Result<Vec<u8>, KeyError> {
+        let path = self.certificate_dir().join(id.uuid_text()?);
+        let (f, _) = self.open_stored(id, &path, "certificate")?;
+        let bytes = SecretBytes::read_all(f)
+            .map_err(|e| Self::local_err(id.as_str(), "reading certificate", &path, e))?
+            .ok_or_else(|| {
+                super::InvalidMaterial("certificate file is too large".into())
+                    .at(id.as_str(), &self.describe())
+            })?;
+        Ok(bytes.expose().to_vec())
+    }
+
+    /// Opens the regular file that holds `id`'s `what` (key or
+    /// certificate) for reading: never through a symlink out of the store,
+    /// never blocking on a FIFO planted in it. A missing file is the key
+    /// manager's "not found".
+    fn open_stored(
+        &self,
+        id: &KeyId,
+        path: &Path,
+        what: &str,
+    ) -> Result<(fs::File, fs::Metadata), KeyError> {
+        let f = match Self::open_key_file(path, false) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(KeyError::NotFound {
+                    key_id: id.to_string(),
+                    endpoint: self.describe(),
+                    status: 0,
+                });
+            }
+            Err(e) => {
+                let op = format!("opening {what} file");
+                return Err(Self::local_err(id.as_str(), &op, path, e));
+            }
+        };
+        let meta = Self::regular_file(id, path, &f)?;
+        Ok((f, meta))
     }
 
     /// The stored keys.
@@ -176,20 +255,7 @@ impl LocalKeyStore {
 
     fn read(&self, id: &KeyId) -> Result<Key, KeyError> {
         let path = self.path_of(id)?;
-        // Never follow a symlink out of the store, and never block on a
-        // FIFO planted in it: only a regular file is read.
-        let f = match Self::open_key_file(&path, false) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(KeyError::NotFound {
-                    key_id: id.to_string(),
-                    endpoint: self.describe(),
-                    status: 0,
-                });
-            }
-            Err(e) => return Err(Self::local_err(id.as_str(), "opening key file", &path, e)),
-        };
-        let meta = Self::regular_file(id, &path, &f)?;
+        let (f, meta) = self.open_stored(id, &path, "key")?;
         if meta.mode() & 0o077 != 0 {
             return Err(KeyError::Config(format!(
                 "key file {} is accessible to group or others (mode {:o}); it must be 0600",
@@ -228,5 +294,13 @@ impl KeyManager for LocalKeyStore {
         _auth: &'a RequestAuth,
     ) -> BoxFuture<'a, Result<Key, KeyError>> {
         Box::pin(async move { self.read(id) })
+    }
+
+    fn fetch_certificate<'a>(
+        &'a self,
+        id: &'a KeyId,
+        _auth: &'a RequestAuth,
+    ) -> BoxFuture<'a, Result<Vec<u8>, KeyError>> {
+        Box::pin(async move { self.read_certificate(id) })
     }
 }

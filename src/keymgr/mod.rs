@@ -22,6 +22,38 @@ pub use error::{InvalidMaterial, KeyError};
 
 use crate::secret::{Passphrase, SecretBytes};
 
+/// The first `CERTIFICATE` block of a PEM payload, as DER: what castellan
+/// makes of a Barbican `certificate` secret (cryptography's
+/// `load_pem_x509_certificate`: text before the block and further blocks
+/// are ignored; a payload without one, DER included, is refused).
+pub fn certificate_from_pem(payload: &[u8]) -> Result<Vec<u8>, String> {
+    const BEGIN: &[u8] = b"-----BEGIN CERTIFICATE-----";
+    const END: &[u8] = b"-----END CERTIFICATE-----";
+    let find = |hay: &[u8], needle: &[u8]| hay.windows(needle.len()).position(|w| w == needle);
+    let start = find(payload, BEGIN).ok_or(
+        "the payload holds no PEM CERTIFICATE block (castellan reads certificates only as PEM)",
+    )?;
+    let end = find(&payload[start..], END)
+        .map(|e| start + e + END.len())
+        .ok_or("the PEM CERTIFICATE block has no END line")?;
+    let (label, der) = x509_cert::der::pem::decode_vec(&payload[start..end])
+        .map_err(|e| format!("the PEM CERTIFICATE block cannot be decoded: {e}"))?;
+    if label != "CERTIFICATE" {
+        return Err(format!("the PEM block is a {label}, not a CERTIFICATE"));
+    }
+    Ok(der)
+}
+
+/// A certificate file as an operator hands it over: PEM (the first
+/// CERTIFICATE block) or DER.
+pub fn certificate_pem_or_der(payload: &[u8]) -> Result<Vec<u8>, String> {
+    if payload.windows(10).any(|w| w == b"-----BEGIN") {
+        certificate_from_pem(payload)
+    } else {
+        Ok(payload.to_vec())
+    }
+}
+
 /// A boxed future, so that the trait stays object safe.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -434,6 +466,24 @@ pub trait KeyManager: Send + Sync {
         auth: &'a RequestAuth,
     ) -> BoxFuture<'a, Result<Key, KeyError>>;
 
+    /// Fetches the X.509 certificate named by `id` (a secret of type
+    /// `certificate`), as DER. Key managers without certificates answer
+    /// that they hold none.
+    fn fetch_certificate<'a>(
+        &'a self,
+        id: &'a KeyId,
+        _auth: &'a RequestAuth,
+    ) -> BoxFuture<'a, Result<Vec<u8>, KeyError>> {
+        let endpoint = self.describe();
+        Box::pin(async move {
+            Err(KeyError::NotFound {
+                key_id: id.to_string(),
+                endpoint,
+                status: 0,
+            })
+        })
+    }
+
     /// Reads or changes what the key manager records about the format of
     /// the volume using this key (the "formatted" marker and the format
     /// intent). The one method each key manager implements; the methods
@@ -533,6 +583,29 @@ pub trait KeyManager: Send + Sync {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn certificates_come_out_of_pem_as_castellan_reads_them() {
+        use base64::Engine;
+        let block = |der: &[u8]| {
+            format!(
+                "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
+                base64::engine::general_purpose::STANDARD.encode(der)
+            )
+        };
+        let (first, second) = (b"first der".as_slice(), b"second der".as_slice());
+        let bundle = format!("Subject: x\n{}{}", block(first), block(second));
+        assert_eq!(certificate_from_pem(bundle.as_bytes()).unwrap(), first);
+        assert_eq!(certificate_pem_or_der(bundle.as_bytes()).unwrap(), first);
+        // DER is not PEM: castellan refuses it, so does Barbican's path;
+        // an operator's file may be either.
+        assert!(certificate_from_pem(first).is_err());
+        assert_eq!(certificate_pem_or_der(first).unwrap(), first);
+        let key = "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n";
+        assert!(certificate_from_pem(key.as_bytes()).is_err());
+        let cut = &block(first)[..40];
+        assert!(certificate_from_pem(cut.as_bytes()).is_err());
+    }
 
     #[test]
     fn href_and_uuid_ids() {
