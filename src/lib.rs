@@ -6,6 +6,7 @@ pub mod blockdev;
 pub mod config;
 pub mod daemon;
 pub mod dm;
+pub mod image;
 pub mod keymgr;
 pub mod libvirt;
 pub mod luks;

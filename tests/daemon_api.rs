@@ -764,3 +764,168 @@ fn logs_hold_no_credentials_or_keys() {
     needles.push(("service token".into(), service.as_bytes().to_vec()));
     common::assert_none_in(&log, &needles, "the logs");
 }
+
+/// `openssl ARGS` in `dir`.
+fn openssl_in(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn image_verify_reads_the_file_as_the_caller() {
+    let d = Daemon::start(&format!(
+        "socket_group = \"{NOBODY}\"\nallowed_uids = [{NOBODY}]"
+    ));
+    let dir = d.dir.path();
+    std::fs::write(dir.join("image.raw"), common::garbage(1 << 20, 3)).unwrap();
+    std::fs::set_permissions(
+        dir.join("image.raw"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    openssl_in(dir, &["genrsa", "-out", "signer.key", "2048"]);
+    openssl_in(
+        dir,
+        &[
+            "req",
+            "-new",
+            "-x509",
+            "-key",
+            "signer.key",
+            "-out",
+            "signer.pem",
+            "-days",
+            "30",
+            "-subj",
+            "/CN=signer",
+        ],
+    );
+    openssl_in(
+        dir,
+        &[
+            "dgst",
+            "-sha256",
+            "-sign",
+            "signer.key",
+            "-sigopt",
+            "rsa_padding_mode:pss",
+            "-out",
+            "sig.bin",
+            "image.raw",
+        ],
+    );
+    let (code, out, err) = cli(
+        &d.config(),
+        &[
+            "keys",
+            "import-certificate",
+            common::s(&dir.join("signer.pem")),
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let cert = out.trim().to_string();
+    use base64::Engine;
+    let sig = base64::engine::general_purpose::STANDARD
+        .encode(std::fs::read(dir.join("sig.bin")).unwrap());
+    let props = json!({
+        "img_signature": sig,
+        "img_signature_hash_method": "SHA-256",
+        "img_signature_key_type": "RSA-PSS",
+        "img_signature_certificate_uuid": cert,
+    });
+    let body =
+        |file: &Path| serde_json::to_vec(&json!({"file": file, "properties": props})).unwrap();
+    let image = dir.join("image.raw");
+
+    let r = d.post("/v1/images/img-7/verify", &body(&image));
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["result"], "verified");
+    assert_eq!(r.json()["bytes"], 1 << 20);
+    assert!(
+        d.log()
+            .contains("Image signature verification succeeded for image img-7"),
+        "{}",
+        d.log()
+    );
+
+    // As nobody: a file it may read verifies, one behind a directory it
+    // may not enter is refused before anything else happens.
+    let raw = request_bytes("POST", "/v1/images/img-7/verify", &body(&image), None);
+    let r = Answer::parse(&request_as(NOBODY, NOBODY, &d.socket, &raw));
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let private = dir.join("private");
+    std::fs::create_dir(&private).unwrap();
+    std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700)).unwrap();
+    std::fs::copy(&image, private.join("image.raw")).unwrap();
+    std::fs::set_permissions(
+        private.join("image.raw"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    let raw = request_bytes(
+        "POST",
+        "/v1/images/img-7/verify",
+        &body(&private.join("image.raw")),
+        None,
+    );
+    let r = Answer::parse(&request_as(NOBODY, NOBODY, &d.socket, &raw));
+    r.expect(422, "image_file_unusable");
+    assert!(
+        r.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("the caller may not read it"),
+        "{}",
+        r.json()
+    );
+    // Root reads it.
+    let r = d.post("/v1/images/img-7/verify", &body(&private.join("image.raw")));
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+
+    // Tampered, unsigned, partial, malformed.
+    let mut tampered = std::fs::read(&image).unwrap();
+    tampered[0] ^= 1;
+    std::fs::write(dir.join("tampered.raw"), tampered).unwrap();
+    d.post("/v1/images/img-7/verify", &body(&dir.join("tampered.raw")))
+        .expect(422, "signature_mismatch");
+    assert!(
+        d.log()
+            .contains("Image signature verification failed for image img-7"),
+        "{}",
+        d.log()
+    );
+    let r = d.post(
+        "/v1/images/img-7/verify",
+        &serde_json::to_vec(&json!({"file": image, "properties": {"os_distro": "x"}})).unwrap(),
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["result"], "not_signed");
+    d.post(
+        "/v1/images/img-7/verify",
+        &serde_json::to_vec(&json!({"file": image, "properties": {"img_signature": "AA=="}}))
+            .unwrap(),
+    )
+    .expect(422, "invalid_image_properties");
+    d.post(
+        "/v1/images/img-7/verify",
+        &serde_json::to_vec(&json!({"file": image, "properties": props, "extra": 1})).unwrap(),
+    )
+    .expect(400, "unknown_field");
+    d.post("/v1/images/a..%2Fb/verify", &body(&image))
+        .expect(400, "invalid_request");
+    d.post("/v1/images/img-7/verify", &body(Path::new("/dev/zero")))
+        .expect(422, "image_file_unusable");
+    let metrics = String::from_utf8_lossy(&d.get("/metrics").body).into_owned();
+    assert!(
+        metrics.contains("route=\"/v1/images/{id}/verify\""),
+        "{metrics}"
+    );
+}

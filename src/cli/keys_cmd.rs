@@ -18,6 +18,9 @@ pub enum KeysCommand {
     List,
     /// Delete a key from the local key store.
     Delete(KeyIdArg),
+    /// Store an X.509 certificate (PEM or DER) in the local key store,
+    /// for image signatures; prints its new id.
+    ImportCertificate(ImportCertificateArgs),
     /// Fetch a key from the configured key manager and say whether it can
     /// open a volume. Prints metadata only, unless --reveal.
     Fetch(FetchArgs),
@@ -33,6 +36,13 @@ pub struct CreateArgs {
     /// Key size in bits.
     #[arg(long, default_value_t = 256)]
     bits: usize,
+}
+
+#[derive(Args, Debug)]
+pub struct ImportCertificateArgs {
+    /// The certificate file (`-`: stdin).
+    #[arg(value_name = "PATH")]
+    file: PathBuf,
 }
 
 #[derive(Args, Debug)]
@@ -82,6 +92,20 @@ pub fn run(cmd: KeysCommand, config: &Config) -> anyhow::Result<u8> {
             eprintln!("deleted key {id}");
             Ok(EXIT_OK)
         }
+        KeysCommand::ImportCertificate(a) => {
+            let payload = if a.file == Path::new("-") {
+                let mut v = vec![];
+                std::io::Read::read_to_end(&mut std::io::stdin().lock(), &mut v)
+                    .map_err(|e| UsageError(format!("cannot read stdin: {e}")))?;
+                v
+            } else {
+                std::fs::read(&a.file)
+                    .map_err(|e| UsageError(format!("cannot read {}: {e}", a.file.display())))?
+            };
+            let id = config.local_store().import_certificate(&payload)?;
+            println!("{id}");
+            Ok(EXIT_OK)
+        }
         KeysCommand::Fetch(a) => fetch(a, config),
         KeysCommand::FixedKeyInUse => fixed_key_in_use(config),
     }
@@ -124,7 +148,7 @@ fn fixed_key_in_use(config: &Config) -> anyhow::Result<u8> {
     Ok(EXIT_REFUSED)
 }
 
-fn read_token(path: &Path) -> anyhow::Result<SecretString> {
+pub(super) fn read_token(path: &Path) -> anyhow::Result<SecretString> {
     let shown = path.display();
     let token = if path == Path::new("-") {
         SecretString::from_reader(std::io::stdin().lock())

@@ -1,6 +1,7 @@
 //! Command-line definitions and the mapping from errors to exit codes.
 
 mod docs_cmd;
+mod image_cmd;
 mod keys_cmd;
 mod luks_cmd;
 mod secrets_cmd;
@@ -11,6 +12,7 @@ use clap::{Parser, Subcommand};
 
 use luks_agent::blockdev::DeviceError;
 use luks_agent::config;
+use luks_agent::image::ImageError;
 use luks_agent::keymgr::KeyError;
 use luks_agent::libvirt::LibvirtError;
 use luks_agent::luks::LuksError;
@@ -39,6 +41,10 @@ Exit codes:
      could not be talked to
  11  libvirtd cannot be reached (--mode libvirt, secrets)
  12  libvirt refused or failed an operation on a secret
+ 13  image verify: the image is not signed (no signature properties)
+ 14  image verify: the signature does not match the image
+ 15  image verify: the signature properties are incomplete or invalid
+ 16  image verify: the signing certificate is not usable or not trusted
 
 attach, detach, extend and status ask the agent when it answers on its
 socket and act directly otherwise (or with --local); the exit codes are the
@@ -91,6 +97,10 @@ enum Command {
     /// Manage the local key store and check keys of the key manager.
     #[command(subcommand, after_help = EXIT_CODES_HELP)]
     Keys(keys_cmd::KeysCommand),
+    /// Verify glance image signatures with certificates from the key
+    /// manager, as nova and cinder do.
+    #[command(subcommand, after_help = EXIT_CODES_HELP)]
+    Image(image_cmd::ImageCommand),
     /// Run the agent: an HTTP/JSON API on a Unix socket that attaches,
     /// detaches and extends volumes for its callers, until SIGTERM.
     Serve(serve_cmd::ServeArgs),
@@ -125,6 +135,7 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Luks(cmd) => luks_cmd::run(cmd, &cfg),
         Command::Keys(cmd) => keys_cmd::run(cmd, &cfg),
         Command::Secrets(cmd) => secrets_cmd::run(cmd, &cfg),
+        Command::Image(cmd) => image_cmd::run(cmd, &cfg),
         Command::Attach(a) => volume_cmd::attach(a, &cfg),
         Command::Detach(a) => volume_cmd::detach(a, &cfg),
         Command::Extend(a) => volume_cmd::extend(a, &cfg),
@@ -172,6 +183,9 @@ fn api_code(err: &anyhow::Error) -> Option<ApiCode> {
     if let Some(e) = err.downcast_ref::<KeyError>() {
         return Some(ApiCode::of_key(e));
     }
+    if let Some(e) = err.downcast_ref::<ImageError>() {
+        return Some(ApiCode::of_image(e));
+    }
     if err.downcast_ref::<InvalidVolumeId>().is_some() {
         return Some(ApiCode::InvalidVolumeId);
     }
@@ -188,12 +202,22 @@ fn api_code(err: &anyhow::Error) -> Option<ApiCode> {
 mod tests {
     use super::*;
     use luks_agent::dm::DmError;
+    use luks_agent::image::ImageFailure;
+    use luks_agent::image::certificate::CertificateError;
+    use luks_agent::image::file::FileError;
+    use luks_agent::image::properties::BadProperties;
     use luks_agent::volume::Failure;
 
     /// A local error for every code the volume layer and its key manager,
     /// engine and device checks can produce.
     fn local_errors() -> Vec<anyhow::Error> {
         let vol = |failure| anyhow::Error::new(VolumeError::new("v", failure));
+        let image = |failure| {
+            anyhow::Error::new(ImageError {
+                image_id: "i".into(),
+                failure,
+            })
+        };
         let key = |source| Failure::Key { source };
         let luks = |source| Failure::Luks { source };
         let dev = |source| Failure::Device { source };
@@ -305,6 +329,26 @@ mod tests {
                 mapping: "m".into(),
             }),
             vol(Failure::Unsupported { what: "w".into() }),
+            image(ImageFailure::Properties(BadProperties("p".into()))),
+            image(ImageFailure::Mismatch {
+                certificate_id: "c".into(),
+            }),
+            image(ImageFailure::Certificate(CertificateError {
+                id: "c".into(),
+                reason: "r".into(),
+            })),
+            image(ImageFailure::File(FileError::Unusable {
+                path: "p".into(),
+                reason: "r".into(),
+            })),
+            image(ImageFailure::Key {
+                certificate_id: "c".into(),
+                source: KeyError::NotFound {
+                    key_id: "c".into(),
+                    endpoint: "e".into(),
+                    status: 404,
+                },
+            }),
             vol(Failure::Libvirt {
                 // Whatever libvirt says about a URI nobody serves, or that
                 // libvirt.so is missing: unavailable either way.

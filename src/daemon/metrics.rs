@@ -53,6 +53,7 @@ pub const ROUTES: &[&str] = &[
     "/v1/volumes/{id}/attach",
     "/v1/volumes/{id}/detach",
     "/v1/volumes/{id}/extend",
+    "/v1/images/{id}/verify",
 ];
 
 /// The route label of a request path: the pattern of [`ROUTES`] it

@@ -21,7 +21,8 @@ use tokio::net::UnixListener;
 use tower::ServiceExt;
 
 use crate::config::{Config, ServerConfig};
-use crate::keymgr::KeyManager;
+use crate::image;
+use crate::keymgr::{KeyId, KeyManager};
 use crate::luks::kdf;
 use crate::service::api::{self, VolumeBody};
 use crate::service::errors::{ApiCode, ApiError, ErrorCode};
@@ -463,6 +464,7 @@ fn handler(route: &str) -> axum::routing::MethodRouter<AppState> {
         "/v1/volumes/{id}/attach" => post(attach),
         "/v1/volumes/{id}/detach" => post(detach),
         "/v1/volumes/{id}/extend" => post(extend),
+        "/v1/images/{id}/verify" => post(verify_image),
         other => unreachable!("route {other} in ROUTES has no handler"),
     }
 }
@@ -565,7 +567,10 @@ async fn show_volume(
 }
 
 /// Reads and parses a body within the size and time limits.
-async fn read_body(st: &Shared, req: Request<Body>) -> Result<VolumeBody, ApiError> {
+async fn read_body<T: serde::de::DeserializeOwned + api::KnownFields>(
+    st: &Shared,
+    req: Request<Body>,
+) -> Result<T, ApiError> {
     let limit = st.cfg.max_body_bytes;
     let too_large = || {
         ApiError::new(
@@ -609,7 +614,7 @@ async fn read_body(st: &Shared, req: Request<Body>) -> Result<VolumeBody, ApiErr
         }
         Ok(Ok(b)) => b,
     };
-    let body = serde_json::from_slice::<VolumeBody>(&bytes).map_err(|e| {
+    let body = serde_json::from_slice::<T>(&bytes).map_err(|e| {
         use serde_json::error::Category;
         let code = match e.classify() {
             Category::Syntax | Category::Eof | Category::Io => ApiCode::MalformedJson,
@@ -669,7 +674,7 @@ async fn operate_inner(
     req: Request<Body>,
 ) -> Result<Response<Body>, ApiError> {
     let peer = req.extensions().get::<Peer>().cloned();
-    let body = read_body(&st, req).await?;
+    let body: VolumeBody = read_body(&st, req).await?;
     if body.keep_secret && !(op == Op::Detach && body.mode == api::Mode::Libvirt) {
         return Err(ApiError::new(
             ApiCode::InvalidRequest,
@@ -723,6 +728,54 @@ async fn operate_inner(
             ApiCode::Internal,
             format!("the operation failed unexpectedly: {e}"),
         )),
+    }
+}
+
+/// `POST /v1/images/{id}/verify`: the image file is opened with the
+/// caller's permissions, the certificates come from the agent's key
+/// manager with the body's credentials (or the agent's own).
+async fn verify_image(st: State<AppState>, id: IdParam, req: Request<Body>) -> Response<Body> {
+    let st = st.0;
+    let image_id = match id {
+        Ok(UrlPath(id)) if image::valid_image_id(&id) => id,
+        _ => {
+            return ApiError::new(ApiCode::InvalidRequest, image::IMAGE_ID_RULE).into_response();
+        }
+    };
+    if st.shutdown.is_stopping() {
+        return ApiError::shutting_down().into_response();
+    }
+    let peer = req.extensions().get::<Peer>().cloned();
+    let body: api::ImageVerifyBody = match read_body(&st, req).await {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
+    };
+    let trusted: Result<Vec<KeyId>, _> = body
+        .trusted_certificate_ids
+        .iter()
+        .map(|t| KeyId::new(t))
+        .collect();
+    let trusted = match trusted {
+        Ok(t) => t,
+        Err(e) => return ApiError::new(ApiCode::InvalidRequest, e.to_string()).into_response(),
+    };
+    // Root may read anything anyway; anyone else reads as themselves.
+    let caller = peer.filter(|p| p.uid != 0).map(|p| image::file::Caller {
+        uid: p.uid,
+        gid: p.gid,
+        groups: p.groups.to_vec(),
+    });
+    let auth = api::Auth::to_request_auth(body.auth.as_ref());
+    let request = image::VerifyRequest {
+        image_id: &image_id,
+        path: &body.file,
+        properties: &body.properties,
+        trusted: &trusted,
+        caller,
+    };
+    match image::verify(st.keys.as_ref(), &auth, request).await {
+        Ok(v) => json(StatusCode::OK, &api::ImageVerdict::of(&image_id, &v)),
+        Err(e) => ApiError::new(ApiCode::of_image(&e), error_chain(&e)).into_response(),
     }
 }
 

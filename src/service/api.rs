@@ -302,3 +302,101 @@ pub struct ErrorDetail {
     /// The volume, when the request named one.
     pub volume_id: Option<String>,
 }
+
+/// Body of `POST /v1/images/{id}/verify`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ImageVerifyBody {
+    /// The image file; the caller must be able to read it.
+    pub file: PathBuf,
+    /// The image's glance properties (the `img_signature*` ones matter).
+    pub properties: serde_json::Map<String, serde_json::Value>,
+    /// Trusted certificate ids: when given, the signing certificate must
+    /// chain to one of them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub trusted_certificate_ids: Vec<String>,
+    /// Whose credentials fetch the certificates; absent: the agent's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<Auth>,
+    /// Fields the API does not know (a request with any is refused).
+    #[serde(flatten, skip_serializing)]
+    pub unknown: std::collections::BTreeMap<String, serde_json::Value>,
+}
+
+impl ImageVerifyBody {
+    /// The fields the API knows.
+    pub const FIELDS: &'static [&'static str] =
+        &["file", "properties", "trusted_certificate_ids", "auth"];
+}
+
+/// A request body whose unknown fields are refused.
+pub trait KnownFields {
+    /// The first field, here or in `auth`, that the API does not know,
+    /// and the fields it expected there.
+    fn unknown_field(&self) -> Option<(&str, &'static [&'static str])>;
+}
+
+impl KnownFields for VolumeBody {
+    fn unknown_field(&self) -> Option<(&str, &'static [&'static str])> {
+        VolumeBody::unknown_field(self)
+    }
+}
+
+impl KnownFields for ImageVerifyBody {
+    fn unknown_field(&self) -> Option<(&str, &'static [&'static str])> {
+        if let Some(f) = self.unknown.keys().next() {
+            return Some((f, Self::FIELDS));
+        }
+        let a = self.auth.as_ref()?;
+        a.unknown.keys().next().map(|f| (f.as_str(), Auth::FIELDS))
+    }
+}
+
+/// Answer of `POST /v1/images/{id}/verify` (and the CLI's output).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageVerdict {
+    /// Glance's image id.
+    pub image_id: String,
+    /// `verified` or `not_signed`.
+    pub result: String,
+    /// The hash method (verified images).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash_method: Option<String>,
+    /// The key type (verified images).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_type: Option<String>,
+    /// The signing certificate (verified images).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate_id: Option<String>,
+    /// Whether the certificate chained to a trusted one.
+    #[serde(default)]
+    pub certificate_validated: bool,
+    /// Bytes of the image hashed (verified images).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes: Option<u64>,
+}
+
+impl ImageVerdict {
+    /// The answer for `verdict` about `image_id`.
+    pub fn of(image_id: &str, verdict: &crate::image::Verdict) -> ImageVerdict {
+        match verdict {
+            crate::image::Verdict::NotSigned => ImageVerdict {
+                image_id: image_id.into(),
+                result: "not_signed".into(),
+                hash_method: None,
+                key_type: None,
+                certificate_id: None,
+                certificate_validated: false,
+                bytes: None,
+            },
+            crate::image::Verdict::Verified(v) => ImageVerdict {
+                image_id: image_id.into(),
+                result: "verified".into(),
+                hash_method: Some(v.hash_method.into()),
+                key_type: Some(v.key_type.into()),
+                certificate_id: Some(v.certificate_id.clone()),
+                certificate_validated: v.certificate_validated,
+                bytes: Some(v.bytes),
+            },
+        }
+    }
+}

@@ -6,6 +6,8 @@
 
 use crate::blockdev::DeviceError;
 use crate::dm::DmError;
+use crate::image::file::FileError;
+use crate::image::{ImageError, ImageFailure};
 use crate::keymgr::KeyError;
 use crate::libvirt::LibvirtError;
 use crate::luks::LuksError;
@@ -39,6 +41,16 @@ pub const EXIT_AGENT: u8 = 10;
 pub const EXIT_LIBVIRT_UNAVAILABLE: u8 = 11;
 /// libvirt refused or failed an operation on a secret (libvirt mode).
 pub const EXIT_LIBVIRT: u8 = 12;
+/// `image verify`: the image has no signature properties.
+pub const EXIT_IMAGE_NOT_SIGNED: u8 = 13;
+/// `image verify`: the signature does not match the image.
+pub const EXIT_SIGNATURE_MISMATCH: u8 = 14;
+/// `image verify`: the signature properties are incomplete or invalid.
+pub const EXIT_IMAGE_PROPERTIES: u8 = 15;
+/// `image verify`: the signing certificate cannot vouch for the image.
+pub const EXIT_CERTIFICATE: u8 = 16;
+/// The highest exit code.
+pub const EXIT_MAX: u8 = EXIT_CERTIFICATE;
 
 macro_rules! api_codes {
     ($($variant:ident = $name:literal, $status:literal, $exit:ident, $doc:literal;)*) => {
@@ -123,6 +135,10 @@ api_codes! {
     LibvirtUnavailable = "libvirt_unavailable", 503, EXIT_LIBVIRT_UNAVAILABLE, "libvirtd cannot be reached";
     KeyManagerTimeout = "key_manager_timeout", 504, EXIT_KEY_UNAVAILABLE, "the key manager did not answer in time";
     DeviceTimeout = "device_timeout", 504, EXIT_DEVICE, "opening the device did not finish in time";
+    SignatureMismatch = "signature_mismatch", 422, EXIT_SIGNATURE_MISMATCH, "the image's signature does not match the image and its certificate";
+    InvalidImageProperties = "invalid_image_properties", 422, EXIT_IMAGE_PROPERTIES, "the image's signature properties are incomplete or invalid";
+    CertificateInvalid = "certificate_invalid", 422, EXIT_CERTIFICATE, "the signing certificate is not one, does not fit the key type, or does not chain to a trusted certificate";
+    ImageFileUnusable = "image_file_unusable", 422, EXIT_DEVICE, "the image file is missing, not a regular file, not readable by the caller, or changed while read";
 }
 
 impl ApiCode {
@@ -191,6 +207,18 @@ impl ApiCode {
         }
     }
 
+    /// The code of an image verification failure.
+    pub fn of_image(e: &ImageError) -> ApiCode {
+        match &e.failure {
+            ImageFailure::Properties(_) => ApiCode::InvalidImageProperties,
+            ImageFailure::Mismatch { .. } => ApiCode::SignatureMismatch,
+            ImageFailure::Certificate(_) => ApiCode::CertificateInvalid,
+            ImageFailure::Key { source, .. } => ApiCode::of_key(source),
+            ImageFailure::File(FileError::Unusable { .. }) => ApiCode::ImageFileUnusable,
+            ImageFailure::File(FileError::Io { .. }) => ApiCode::IoError,
+        }
+    }
+
     /// The code of a volume failure.
     pub fn of_volume(e: &VolumeError) -> ApiCode {
         ApiCode::of_failure(&e.failure)
@@ -249,7 +277,7 @@ mod tests {
                 c.name()
             );
             assert!((400..600).contains(&c.status()), "{}", c.name());
-            assert!((1..=EXIT_LIBVIRT).contains(&c.exit_code()), "{}", c.name());
+            assert!((1..=EXIT_MAX).contains(&c.exit_code()), "{}", c.name());
             assert_eq!(ApiCode::from_name(c.name()), Some(*c));
         }
         assert_eq!(ApiCode::from_name("no_such_code"), None);

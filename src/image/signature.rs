@@ -1,0 +1,352 @@
+//! Hash methods, key types and the check of an image signature against a
+//! certificate's public key, as cursive makes it: RSA-PSS with MGF1 of the
+//! image's hash and the largest salt, ECDSA and DSA with DER signatures,
+//! all over the digest of the raw image bytes. The primitives are
+//! RustCrypto's.
+
+use digest::Digest;
+use rsa::pkcs8::DecodePublicKey;
+use rsa::signature::hazmat::PrehashVerifier;
+use rsa::traits::PublicKeyParts;
+use x509_cert::der::Encode;
+use x509_cert::spki::SubjectPublicKeyInfoOwned;
+
+use super::oid;
+
+/// `img_signature_hash_method`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HashMethod {
+    /// SHA-224.
+    Sha224,
+    /// SHA-256.
+    Sha256,
+    /// SHA-384.
+    Sha384,
+    /// SHA-512.
+    Sha512,
+}
+
+impl HashMethod {
+    /// The method glance names `name`.
+    pub fn from_name(name: &str) -> Option<HashMethod> {
+        Some(match name {
+            "SHA-224" => HashMethod::Sha224,
+            "SHA-256" => HashMethod::Sha256,
+            "SHA-384" => HashMethod::Sha384,
+            "SHA-512" => HashMethod::Sha512,
+            _ => return None,
+        })
+    }
+
+    /// The name as glance spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            HashMethod::Sha224 => "SHA-224",
+            HashMethod::Sha256 => "SHA-256",
+            HashMethod::Sha384 => "SHA-384",
+            HashMethod::Sha512 => "SHA-512",
+        }
+    }
+
+    /// A fresh running hash of this method.
+    pub fn hasher(self) -> Hasher {
+        match self {
+            HashMethod::Sha224 => Hasher::Sha224(sha2::Sha224::new()),
+            HashMethod::Sha256 => Hasher::Sha256(sha2::Sha256::new()),
+            HashMethod::Sha384 => Hasher::Sha384(sha2::Sha384::new()),
+            HashMethod::Sha512 => Hasher::Sha512(sha2::Sha512::new()),
+        }
+    }
+
+    /// The digest of `data` in one go.
+    pub fn digest(self, data: &[u8]) -> Vec<u8> {
+        let mut h = self.hasher();
+        h.update(data);
+        h.finish()
+    }
+}
+
+/// A running hash of one of the [`HashMethod`]s.
+#[derive(Clone)]
+pub enum Hasher {
+    /// SHA-224.
+    Sha224(sha2::Sha224),
+    /// SHA-256.
+    Sha256(sha2::Sha256),
+    /// SHA-384.
+    Sha384(sha2::Sha384),
+    /// SHA-512.
+    Sha512(sha2::Sha512),
+}
+
+impl Hasher {
+    /// Feeds `data`.
+    pub fn update(&mut self, data: &[u8]) {
+        match self {
+            Hasher::Sha224(h) => h.update(data),
+            Hasher::Sha256(h) => h.update(data),
+            Hasher::Sha384(h) => h.update(data),
+            Hasher::Sha512(h) => h.update(data),
+        }
+    }
+
+    /// The digest.
+    pub fn finish(self) -> Vec<u8> {
+        match self {
+            Hasher::Sha224(h) => h.finalize().to_vec(),
+            Hasher::Sha256(h) => h.finalize().to_vec(),
+            Hasher::Sha384(h) => h.finalize().to_vec(),
+            Hasher::Sha512(h) => h.finalize().to_vec(),
+        }
+    }
+}
+
+/// `img_signature_key_type`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyType {
+    /// RSA with PSS padding.
+    RsaPss,
+    /// DSA.
+    Dsa,
+    /// ECDSA, named for the NIST P-384 curve.
+    EccSecp384r1,
+    /// ECDSA, named for the NIST P-521 curve.
+    EccSecp521r1,
+}
+
+impl KeyType {
+    /// The key type glance names `name`. The SECT (binary) curves of
+    /// older cursive releases are not taken: current cryptography
+    /// releases, and so cursive, no longer have them either.
+    pub fn from_name(name: &str) -> Option<KeyType> {
+        Some(match name {
+            "RSA-PSS" => KeyType::RsaPss,
+            "DSA" => KeyType::Dsa,
+            "ECC_SECP384R1" => KeyType::EccSecp384r1,
+            "ECC_SECP521R1" => KeyType::EccSecp521r1,
+            _ => return None,
+        })
+    }
+
+    /// The name as glance spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            KeyType::RsaPss => "RSA-PSS",
+            KeyType::Dsa => "DSA",
+            KeyType::EccSecp384r1 => "ECC_SECP384R1",
+            KeyType::EccSecp521r1 => "ECC_SECP521R1",
+        }
+    }
+}
+
+/// A certificate's public key, parsed.
+pub enum PublicKey {
+    /// RSA.
+    Rsa(rsa::PublicKey),
+    /// DSA.
+    Dsa(dsa::VerifyingKey),
+    /// ECDSA on P-256 (CA certificates only: no image key type names it).
+    P256(p256::ecdsa::VerifyingKey),
+    /// ECDSA on P-384.
+    P384(p384::ecdsa::VerifyingKey),
+    /// ECDSA on P-521.
+    P521(p521::ecdsa::VerifyingKey),
+}
+
+/// Why a signature does not check out.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SignatureError {
+    /// The signature is not one this key made over this digest.
+    #[error("the signature does not match")]
+    Mismatch,
+    /// The key cannot check signatures of this kind.
+    #[error("{0}")]
+    WrongKey(String),
+}
+
+impl PublicKey {
+    /// Parses a SubjectPublicKeyInfo.
+    pub fn from_spki(spki: &SubjectPublicKeyInfoOwned) -> Result<PublicKey, String> {
+        let der = spki
+            .to_der()
+            .map_err(|e| format!("the public key cannot be encoded: {e}"))?;
+        let alg = &spki.algorithm.oid;
+        let bad = |what: &str, e: &dyn std::fmt::Display| format!("invalid {what} public key: {e}");
+        if *alg == oid::RSA_ENCRYPTION || *alg == oid::RSASSA_PSS {
+            // An id-RSASSA-PSS key is an RSA key restricted to PSS; the
+            // restriction's parameters are not needed to verify.
+            let key = if *alg == oid::RSA_ENCRYPTION {
+                rsa::PublicKey::from_public_key_der(&der).map_err(|e| bad("RSA", &e))?
+            } else {
+                let bits = spki.subject_public_key.raw_bytes();
+                <rsa::PublicKey as rsa::pkcs1::DecodeRsaPublicKey>::from_pkcs1_der(bits)
+                    .map_err(|e| bad("RSA", &e))?
+            };
+            return Ok(PublicKey::Rsa(key));
+        }
+        if *alg == oid::DSA {
+            return dsa::VerifyingKey::from_public_key_der(&der)
+                .map(PublicKey::Dsa)
+                .map_err(|e| bad("DSA", &e));
+        }
+        if *alg == oid::EC_PUBLIC_KEY {
+            let curve = spki
+                .algorithm
+                .parameters
+                .as_ref()
+                .and_then(|p| p.decode_as::<x509_cert::der::asn1::ObjectIdentifier>().ok());
+            return match curve {
+                Some(c) if c == oid::SECP256R1 => {
+                    p256::ecdsa::VerifyingKey::from_public_key_der(&der)
+                        .map(PublicKey::P256)
+                        .map_err(|e| bad("P-256", &e))
+                }
+                Some(c) if c == oid::SECP384R1 => {
+                    p384::ecdsa::VerifyingKey::from_public_key_der(&der)
+                        .map(PublicKey::P384)
+                        .map_err(|e| bad("P-384", &e))
+                }
+                Some(c) if c == oid::SECP521R1 => {
+                    p521::ecdsa::VerifyingKey::from_public_key_der(&der)
+                        .map(PublicKey::P521)
+                        .map_err(|e| bad("P-521", &e))
+                }
+                Some(c) => Err(format!("an EC key on curve {c}, which is not supported")),
+                None => Err("an EC key without a named curve".into()),
+            };
+        }
+        Err(format!(
+            "a public key of algorithm {alg}, which is not supported"
+        ))
+    }
+
+    /// What the key is, for messages.
+    pub fn describe(&self) -> String {
+        match self {
+            PublicKey::Rsa(k) => format!("an RSA key of {} bits", k.n().bit_width()),
+            PublicKey::Dsa(k) => format!("a DSA key of {} bits", k.components().p().bit_width()),
+            PublicKey::P256(_) => "an EC key on P-256".into(),
+            PublicKey::P384(_) => "an EC key on P-384".into(),
+            PublicKey::P521(_) => "an EC key on P-521".into(),
+        }
+    }
+
+    /// Whether an image of key type `t` can be signed by this key. As
+    /// cursive: the key's kind decides; an `ECC_*` type takes any EC key
+    /// (cursive checks only that it is one).
+    pub fn fits(&self, t: KeyType) -> bool {
+        matches!(
+            (self, t),
+            (PublicKey::Rsa(_), KeyType::RsaPss)
+                | (PublicKey::Dsa(_), KeyType::Dsa)
+                | (
+                    PublicKey::P256(_) | PublicKey::P384(_) | PublicKey::P521(_),
+                    KeyType::EccSecp384r1 | KeyType::EccSecp521r1
+                )
+        )
+    }
+
+    /// Checks an image signature: `digest` is the image's digest by
+    /// `hash`, `sig` the decoded `img_signature`.
+    pub fn verify_image(
+        &self,
+        key_type: KeyType,
+        hash: HashMethod,
+        digest: &[u8],
+        sig: &[u8],
+    ) -> Result<(), SignatureError> {
+        if !self.fits(key_type) {
+            return Err(SignatureError::WrongKey(format!(
+                "the image's key type is {} but the certificate holds {}",
+                key_type.name(),
+                self.describe()
+            )));
+        }
+        match self {
+            PublicKey::Rsa(k) => verify_pss(k, hash, digest, sig, None),
+            _ => self.verify_prehash(digest, sig),
+        }
+    }
+
+    /// Checks a DSA or ECDSA signature (DER) over a digest.
+    pub fn verify_prehash(&self, digest: &[u8], sig: &[u8]) -> Result<(), SignatureError> {
+        let ok = match self {
+            PublicKey::Rsa(_) => {
+                return Err(SignatureError::WrongKey(
+                    "an RSA key needs a padding scheme".into(),
+                ));
+            }
+            PublicKey::Dsa(k) => dsa::Signature::try_from(sig)
+                .ok()
+                .is_some_and(|s| k.verify_prehash(digest, &s).is_ok()),
+            PublicKey::P256(k) => p256::ecdsa::DerSignature::try_from(sig)
+                .ok()
+                .is_some_and(|s| k.verify_prehash(digest, &s).is_ok()),
+            PublicKey::P384(k) => p384::ecdsa::DerSignature::try_from(sig)
+                .ok()
+                .is_some_and(|s| k.verify_prehash(digest, &s).is_ok()),
+            PublicKey::P521(k) => p521::ecdsa::DerSignature::try_from(sig)
+                .ok()
+                .is_some_and(|s| k.verify_prehash(digest, &s).is_ok()),
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(SignatureError::Mismatch)
+        }
+    }
+}
+
+/// RSA-PSS with MGF1 of `hash`. `salt`: the salt length the signature
+/// must have; `None`: any, read from the signature (cursive asks for
+/// `PSS.MAX_LENGTH`, which cryptography takes as "detect" when verifying;
+/// openssl signs with the largest by default).
+pub fn verify_pss(
+    key: &rsa::PublicKey,
+    hash: HashMethod,
+    digest: &[u8],
+    sig: &[u8],
+    salt: Option<usize>,
+) -> Result<(), SignatureError> {
+    fn check<D>(
+        key: &rsa::PublicKey,
+        salt: Option<usize>,
+        digest: &[u8],
+        sig: &[u8],
+    ) -> Result<(), SignatureError>
+    where
+        D: Digest + digest::FixedOutputReset,
+    {
+        let verifier = match salt {
+            Some(len) => rsa::pss::VerifyingKey::<D>::new_with_salt_len(key.clone(), len),
+            None => rsa::pss::VerifyingKey::<D>::new_with_auto_salt_len(key.clone()),
+        };
+        let sig = rsa::pss::Signature::try_from(sig).map_err(|_| SignatureError::Mismatch)?;
+        verifier
+            .verify_prehash(digest, &sig)
+            .map_err(|_| SignatureError::Mismatch)
+    }
+    match hash {
+        HashMethod::Sha224 => check::<sha2::Sha224>(key, salt, digest, sig),
+        HashMethod::Sha256 => check::<sha2::Sha256>(key, salt, digest, sig),
+        HashMethod::Sha384 => check::<sha2::Sha384>(key, salt, digest, sig),
+        HashMethod::Sha512 => check::<sha2::Sha512>(key, salt, digest, sig),
+    }
+}
+
+/// RSA PKCS#1 v1.5 over a digest by `hash` (certificate signatures).
+pub fn verify_pkcs1v15(
+    key: &rsa::PublicKey,
+    hash: HashMethod,
+    digest: &[u8],
+    sig: &[u8],
+) -> Result<(), SignatureError> {
+    let scheme = match hash {
+        HashMethod::Sha224 => rsa::Pkcs1v15Sign::new::<sha2::Sha224>(),
+        HashMethod::Sha256 => rsa::Pkcs1v15Sign::new::<sha2::Sha256>(),
+        HashMethod::Sha384 => rsa::Pkcs1v15Sign::new::<sha2::Sha384>(),
+        HashMethod::Sha512 => rsa::Pkcs1v15Sign::new::<sha2::Sha512>(),
+    };
+    key.verify(scheme, digest, sig)
+        .map_err(|_| SignatureError::Mismatch)
+}
