@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the demo and the test suite need on Debian 12, idempotently:
 # the Debian packages listed below (each with the reason it is here), then
-# cargo-fuzz, a venv with Keystone and Barbican, venvs with os-brick and
-# with nova, and the VM tier's kernel, QEMU and busybox (vm/install.sh).
+# cargo-fuzz, a venv with Keystone and Barbican, venvs with os-brick, with
+# nova and with cursive, and the VM tier's kernel, QEMU and busybox (vm/install.sh).
 # Safe to run again; installs only what is missing.
 #
 # A package counts as present only when dpkg-query reports it installed:
@@ -23,14 +23,14 @@ libdevmapper-dev  devicemapper-sys runs bindgen over libdevmapper's headers
 libclang-dev      bindgen loads libclang.so (libclang-cpp is not enough)
 libvirt-dev       the virt crate builds against libvirt; libvirt.so.0 at run time
 python3           test harness, benchmark, os-brick and the nova plug-in tests
-python3-venv      venvs for Keystone, Barbican, os-brick and nova
+python3-venv      venvs for Keystone, Barbican, os-brick, nova and cursive
 python3-dev       headers to build libvirt-python in the nova venv
 ca-certificates   TLS to the package registries (pip, cargo)
 cryptsetup-bin    the reference LUKS implementation, oracle of the interop tests
 qemu-utils        qemu-img and qemu-io, QEMU's LUKS driver as a second oracle
 mount             losetup for the loop devices of the host tier
 util-linux        wipefs, blkid, blkdiscard, flock, setsid
-openssl           test certificates for the key manager's TLS tests
+openssl           test certificates (TLS tests), signed images (image signature tests)
 e2fsprogs         mkfs.ext4: a signature the format guard must refuse
 xfsprogs          mkfs.xfs: a signature the format guard must refuse
 btrfs-progs       mkfs.btrfs: a signature the format guard must refuse
@@ -97,9 +97,12 @@ python3 tests/harness/openstack.py install
 
 # os-brick (pinned), the system we replace, driven in the VM tier and the
 # benchmark; nova (pinned), whose libvirt driver drives the os-brick
-# plug-in in its tests. Idempotent, no network when already installed.
+# plug-in in its tests; cursive (pinned), nova's image signature verifier,
+# the reference of the image signature tests and benchmark. Idempotent, no
+# network when already installed.
 tests/harness/pyvenv.sh osbrick install
 tests/harness/pyvenv.sh nova install
+tests/harness/pyvenv.sh cursive install
 
 # The guest kernel, QEMU and busybox for the VM tier (real dm-crypt).
 vm/install.sh

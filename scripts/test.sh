@@ -3,6 +3,8 @@
 #   unit   - cargo test --lib (no root, no tools)
 #   host   - tests/ against real cryptsetup and qemu-img/qemu-io on files,
 #            and real Keystone + Barbican on 127.0.0.1 (tests/harness)
+#   image  - image signature verdicts against cursive 0.3.1 (its own venv)
+#            with certificates in the real Barbican (tests/image_signatures)
 #   vm     - attach/detach against real dm-crypt in a QEMU guest (vm/), the
 #            host kernel having no device-mapper, and drop-in both ways with
 #            os-brick's LUKS encryptors (PyPI) in that guest
@@ -56,6 +58,9 @@ cargo clippy "${replay_tool[@]}" --all-targets -- -D warnings
 tier "unit and host tiers"
 cargo test --locked --all-targets
 cargo test "${replay_tool[@]}"
+
+tier "image signatures: luks-agent against cursive 0.3.1 (real Barbican)"
+python3 tests/image_signatures/compat.py --bin target/debug/luks-agent
 
 tier "os-brick plug-in with nova's and os-brick's own code (libvirt mode, real libvirtd)"
 cargo build --release --locked

@@ -15,8 +15,10 @@ ports.  Everything a run creates lives in the state directory given with
   openstack.py status --state DIR
   openstack.py token --state DIR [--user alice] [--project NAME]
                      [--app-credential]
-  openstack.py create-secret --state DIR --user alice --payload-hex HEX
-                             [--secret-type symmetric|passphrase] [--bits N]
+  openstack.py create-secret --state DIR --user alice
+                             (--payload-hex HEX | --payload-file PATH)
+                             [--secret-type symmetric|passphrase|certificate|
+                                            opaque] [--bits N]
   openstack.py delete-secret --state DIR --user alice --id UUID
 
 Only the Python standard library is used here; Keystone and Barbican run in
@@ -1026,29 +1028,48 @@ def cmd_token(args):
         print(user_token(cloud, args.user, args.project))
 
 
-def cmd_create_secret(args):
-    cloud = load_cloud(Path(args.state).absolute())
-    try:
-        payload = binascii.unhexlify(args.payload_hex)
-    except (binascii.Error, ValueError) as e:
-        raise HarnessError('--payload-hex: %s' % e)
-    if not payload:
-        raise HarnessError('--payload-hex: empty payload')
-    # What castellan's Barbican key manager sends for a key object:
-    # base64 payload, octet-stream, algorithm and bit length for keys.
-    body = {'name': args.name, 'secret_type': args.secret_type,
+def store_secret(cloud, token, payload, secret_type='symmetric', bits=None,
+                 name='luks-agent-test-key'):
+    """Store `payload` (bytes) in Barbican with `token`; returns the UUID.
+
+    Every payload goes as base64 with content type application/octet-stream,
+    as castellan's Barbican key manager and `openstack secret store
+    --payload-content-type application/octet-stream
+    --payload-content-encoding base64` send it (a certificate's payload is
+    its PEM text, which castellan turns into DER when it reads it back).
+    """
+    body = {'name': name, 'secret_type': secret_type,
             'payload': base64.b64encode(payload).decode(),
             'payload_content_type': 'application/octet-stream',
             'payload_content_encoding': 'base64'}
-    if args.secret_type == 'symmetric':
+    if secret_type == 'symmetric':
         body['algorithm'] = 'aes'
-        body['bit_length'] = args.bits or 8 * len(payload)
-    elif args.bits:
-        body['bit_length'] = args.bits
-    token = user_token(cloud, args.user)
+        body['bit_length'] = bits or 8 * len(payload)
+    elif bits:
+        body['bit_length'] = bits
     _, resp = http_json('POST', cloud['barbican']['endpoint'] + '/v1/secrets',
                         body, token=token, expect=(201,))
-    print(resp['secret_ref'].rstrip('/').rsplit('/', 1)[-1])
+    return resp['secret_ref'].rstrip('/').rsplit('/', 1)[-1]
+
+
+def cmd_create_secret(args):
+    cloud = load_cloud(Path(args.state).absolute())
+    if args.payload_file is not None:
+        try:
+            with open(args.payload_file, 'rb') as f:
+                payload = f.read()
+        except OSError as e:
+            raise HarnessError('--payload-file: %s' % e)
+    else:
+        try:
+            payload = binascii.unhexlify(args.payload_hex)
+        except (binascii.Error, ValueError) as e:
+            raise HarnessError('--payload-hex: %s' % e)
+    if not payload:
+        raise HarnessError('empty payload')
+    token = user_token(cloud, args.user)
+    print(store_secret(cloud, token, payload, args.secret_type, args.bits,
+                       args.name))
 
 
 def cmd_delete_secret(args):
@@ -1106,9 +1127,13 @@ def main(argv=None):
     sp = add('create-secret', cmd_create_secret,
              help='store a secret; prints its UUID')
     sp.add_argument('--user', default='alice')
-    sp.add_argument('--payload-hex', required=True)
+    payload = sp.add_mutually_exclusive_group(required=True)
+    payload.add_argument('--payload-hex')
+    payload.add_argument('--payload-file',
+                         help='the payload as it is (a certificate: its PEM)')
     sp.add_argument('--secret-type', default='symmetric',
-                    choices=('symmetric', 'passphrase'))
+                    choices=('symmetric', 'passphrase', 'certificate',
+                             'opaque'))
     sp.add_argument('--bits', type=int,
                     help='bit_length (symmetric default: 8 * payload bytes)')
     sp.add_argument('--name', default='luks-agent-test-key')

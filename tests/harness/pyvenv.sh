@@ -12,16 +12,23 @@
 # NAME   package checked  lock                          used by
 # osbrick  os-brick 7.1.1  osbrick-requirements.lock   VM drop-in test, benchmark
 # nova     nova 34.0.0     nova-requirements.lock      the os-brick plug-in tests
+# cursive  cursive 0.3.1   cursive-requirements.lock   image signature compat
+#                                                      test and benchmark
 #
 # The venv is $LUKS_AGENT_<NAME>_VENV (upper case), default
 # /var/cache/luks-agent-tests/<NAME>-venv.
 set -eu
 HERE=$(cd "$(dirname "$0")" && pwd)
 NAME=${1:-}
+# EXE: a program the venv must have; PROBE: Python that must import.
+EXE=privsep-helper
+PROBE=
 case "$NAME" in
     osbrick) PKG=os-brick PIN=7.1.1 ;;
     nova) PKG=nova PIN=34.0.0 ;;
-    *) echo "usage: $0 osbrick|nova install|check|path" >&2; exit 1 ;;
+    cursive) PKG=cursive PIN=0.3.1 EXE=python
+        PROBE='import cursive.signature_utils, cursive.certificate_utils, castellan.key_manager.barbican_key_manager' ;;
+    *) echo "usage: $0 osbrick|nova|cursive install|check|path" >&2; exit 1 ;;
 esac
 shift
 LOCK=$HERE/$NAME-requirements.lock
@@ -39,7 +46,8 @@ stamp_text() {
 
 venv_ok() {
     [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$(stamp_text)" ] || return 1
-    [ -x "$VENV/bin/python" ] && [ -x "$VENV/bin/privsep-helper" ] || return 1
+    [ -x "$VENV/bin/python" ] && [ -x "$VENV/bin/$EXE" ] || return 1
+    [ -z "$PROBE" ] || "$VENV/bin/python" -c "$PROBE" >/dev/null 2>&1 || return 1
     [ "$("$VENV/bin/python" -c "import importlib.metadata as m; print(m.version('$PKG'))" 2>/dev/null)" = "$PIN" ]
 }
 
@@ -67,7 +75,7 @@ install() {
     "$VENV/bin/python" -m pip install --disable-pip-version-check --no-input --quiet -r "$LOCK" \
         || die "pip install -r $LOCK failed"
     stamp_text >"$STAMP"
-    venv_ok || die "venv $VENV incomplete after install ($PKG $PIN, privsep-helper)"
+    venv_ok || die "venv $VENV incomplete after install ($PKG $PIN, $EXE${PROBE:+, imports})"
 }
 
 case "${1:-}" in
