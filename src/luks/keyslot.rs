@@ -182,13 +182,14 @@ pub fn store_area(
     area.cipher
         .with_key(area_key.expose())
         .encrypt(material.expose_mut(), SECTOR, 0);
-    disk.write_at(material.expose(), area.offset).map_err(|e| {
-        io_err(
-            device,
-            format!("writing keyslot area at offset {}", area.offset),
-            e,
-        )
-    })
+    disk.write_bulk_at(material.expose(), area.offset)
+        .map_err(|e| {
+            io_err(
+                device,
+                format!("writing keyslot area at offset {}", area.offset),
+                e,
+            )
+        })
 }
 
 /// Overwrites `len` bytes at `offset` with random data (keyslot wipe).
@@ -202,7 +203,7 @@ pub fn wipe_random(disk: &dyn Disk, offset: u64, len: u64) -> Result<(), LuksErr
         fill_random_fast(&mut buf[..n]).map_err(|_| LuksError::Random {
             device: device.into(),
         })?;
-        disk.write_at(&buf[..n], offset + done).map_err(|e| {
+        disk.write_bulk_at(&buf[..n], offset + done).map_err(|e| {
             io_err(
                 device,
                 format!("wiping keyslot area at offset {}", offset + done),
