@@ -779,12 +779,10 @@ fn openssl_in(dir: &Path, args: &[&str]) {
     );
 }
 
-#[test]
-fn image_verify_reads_the_file_as_the_caller() {
-    let d = Daemon::start(&format!(
-        "socket_group = \"{NOBODY}\"\nallowed_uids = [{NOBODY}]"
-    ));
-    let dir = d.dir.path();
+/// A signed 1 MiB image `image.raw` in `dir` (0644), its signing
+/// certificate imported into the local store of `config`: the image's
+/// signature properties.
+fn signed_image(dir: &Path, config: &Path) -> Value {
     std::fs::write(dir.join("image.raw"), common::garbage(1 << 20, 3)).unwrap();
     std::fs::set_permissions(
         dir.join("image.raw"),
@@ -823,7 +821,7 @@ fn image_verify_reads_the_file_as_the_caller() {
         ],
     );
     let (code, out, err) = cli(
-        &d.config(),
+        config,
         &[
             "keys",
             "import-certificate",
@@ -835,12 +833,21 @@ fn image_verify_reads_the_file_as_the_caller() {
     use base64::Engine;
     let sig = base64::engine::general_purpose::STANDARD
         .encode(std::fs::read(dir.join("sig.bin")).unwrap());
-    let props = json!({
+    json!({
         "img_signature": sig,
         "img_signature_hash_method": "SHA-256",
         "img_signature_key_type": "RSA-PSS",
         "img_signature_certificate_uuid": cert,
-    });
+    })
+}
+
+#[test]
+fn image_verify_reads_the_file_as_the_caller() {
+    let d = Daemon::start(&format!(
+        "socket_group = \"{NOBODY}\"\nallowed_uids = [{NOBODY}]"
+    ));
+    let dir = d.dir.path();
+    let props = signed_image(dir, &d.config());
     let body =
         |file: &Path| serde_json::to_vec(&json!({"file": file, "properties": props})).unwrap();
     let image = dir.join("image.raw");
@@ -886,6 +893,24 @@ fn image_verify_reads_the_file_as_the_caller() {
         "{}",
         r.json()
     );
+    // A relative path, and a magic link that would name the agent's own
+    // view of the file system, are refused for a caller.
+    let root_link = format!("/proc/self/root{}", image.display());
+    for (path, says) in [
+        ("image.raw", "not an absolute path"),
+        (root_link.as_str(), "magic link"),
+    ] {
+        let raw = request_bytes(
+            "POST",
+            "/v1/images/img-7/verify",
+            &body(Path::new(path)),
+            None,
+        );
+        let r = Answer::parse(&request_as(NOBODY, NOBODY, &d.socket, &raw));
+        r.expect(422, "image_file_unusable");
+        let message = r.json()["error"]["message"].as_str().unwrap().to_string();
+        assert!(message.contains(says), "{path}: {message}");
+    }
     // Root reads it.
     let r = d.post("/v1/images/img-7/verify", &body(&private.join("image.raw")));
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
@@ -928,4 +953,56 @@ fn image_verify_reads_the_file_as_the_caller() {
         metrics.contains("route=\"/v1/images/{id}/verify\""),
         "{metrics}"
     );
+}
+
+/// The capability bounding set of the packaged systemd unit, as
+/// `setpriv --bounding-set` takes it (`-all,+sys_admin,...`), less `drop`.
+fn unit_bounding_set(drop: &[&str]) -> String {
+    let unit = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/systemd/luks-agent.service"),
+    )
+    .unwrap();
+    let line = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("CapabilityBoundingSet="))
+        .expect("the unit sets CapabilityBoundingSet");
+    let mut set = String::from("-all");
+    for cap in line.split_whitespace().filter(|c| !drop.contains(c)) {
+        set.push_str(",+");
+        set.push_str(&cap.trim_start_matches("CAP_").to_ascii_lowercase());
+    }
+    set
+}
+
+#[test]
+fn image_verify_as_a_caller_works_within_the_units_capabilities() {
+    for (dropped, works) in [(&[][..], true), (&["CAP_SETUID", "CAP_SETGID"][..], false)] {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let socket = dir.path().join("agent.sock");
+        let config = write_local_config(
+            dir.path(),
+            &format!("socket_group = \"{NOBODY}\"\nallowed_uids = [{NOBODY}]"),
+        );
+        let props = signed_image(dir.path(), &config);
+        let mut setpriv = Command::new("setpriv");
+        setpriv.arg(format!("--bounding-set={}", unit_bounding_set(dropped)));
+        let server = Server::start_under(setpriv, &config, &socket, Duration::from_secs(20));
+        let body =
+            serde_json::to_vec(&json!({"file": dir.path().join("image.raw"), "properties": props}))
+                .unwrap();
+        let raw = request_bytes("POST", "/v1/images/img-8/verify", &body, None);
+        let r = Answer::parse(&request_as(NOBODY, NOBODY, &socket, &raw));
+        if works {
+            assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+            assert_eq!(r.json()["result"], "verified");
+        } else {
+            // The agent's own shortcoming, said as such: not "the caller
+            // may not read it".
+            r.expect(500, "io_error");
+            let message = r.json()["error"]["message"].as_str().unwrap().to_string();
+            assert!(message.contains("CAP_SETUID"), "{message}");
+        }
+        drop(server);
+    }
 }

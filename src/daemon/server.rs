@@ -745,7 +745,12 @@ async fn verify_image(st: State<AppState>, id: IdParam, req: Request<Body>) -> R
     if st.shutdown.is_stopping() {
         return ApiError::shutting_down().into_response();
     }
-    let peer = req.extensions().get::<Peer>().cloned();
+    // Every connection carries its peer; without one there is nobody to
+    // open the file as, and the agent's own rights must not stand in.
+    let Some(peer) = req.extensions().get::<Peer>().cloned() else {
+        return ApiError::new(ApiCode::Forbidden, "no peer credentials for this request")
+            .into_response();
+    };
     let body: api::ImageVerifyBody = match read_body(&st, req).await {
         Ok(b) => b,
         Err(e) => return e.into_response(),
@@ -760,10 +765,10 @@ async fn verify_image(st: State<AppState>, id: IdParam, req: Request<Body>) -> R
         Err(e) => return ApiError::new(ApiCode::InvalidRequest, e.to_string()).into_response(),
     };
     // Root may read anything anyway; anyone else reads as themselves.
-    let caller = peer.filter(|p| p.uid != 0).map(|p| image::file::Caller {
-        uid: p.uid,
-        gid: p.gid,
-        groups: p.groups.to_vec(),
+    let caller = (peer.uid != 0).then(|| image::file::Caller {
+        uid: peer.uid,
+        gid: peer.gid,
+        groups: peer.groups.to_vec(),
     });
     let auth = api::Auth::to_request_auth(body.auth.as_ref());
     let request = image::VerifyRequest {

@@ -138,11 +138,9 @@ impl Certificate {
     /// Whether this certificate issued `child`: its subject is the child's
     /// issuer and its key verifies the child's signature.
     fn issued(&self, child: &Certificate) -> bool {
-        let (subject, issuer) = (
-            self.cert.tbs_certificate().subject().to_der(),
-            child.cert.tbs_certificate().issuer().to_der(),
-        );
-        matches!((subject, issuer), (Ok(s), Ok(i)) if s == i) && self.verifies(child).is_ok()
+        name_key(self.cert.tbs_certificate().subject())
+            == name_key(child.cert.tbs_certificate().issuer())
+            && self.verifies(child).is_ok()
     }
 
     /// Checks `child`'s signature with this certificate's key.
@@ -216,6 +214,22 @@ fn pss_params(encoded: &[u8]) -> Option<(HashMethod, usize)> {
     Some((hash, params.salt_len.into()))
 }
 
+/// A name as cryptography compares names (and so cursive chains them):
+/// per relative name, the set of attribute types and values, whatever
+/// string type encodes each value (PrintableString or UTF8String).
+fn name_key(name: &x509_cert::name::Name) -> Vec<Vec<(String, Vec<u8>)>> {
+    name.iter_rdn()
+        .map(|rdn| {
+            let mut atvs: Vec<(String, Vec<u8>)> = rdn
+                .iter()
+                .map(|atv| (atv.oid.to_string(), atv.value.value().to_vec()))
+                .collect();
+            atvs.sort();
+            atvs
+        })
+        .collect()
+}
+
 /// The hash named by a hash algorithm OID.
 fn hash_of(o: &x509_cert::der::asn1::ObjectIdentifier) -> Option<HashMethod> {
     [
@@ -263,7 +277,7 @@ pub fn validate(
                 .check_dates(now)
                 .and_then(|()| t.check_can_sign_certificates());
             if let Err(e) = &ok {
-                tracing::warn!("trusted {e}; it cannot sign certificates and is left out");
+                tracing::warn!("trusted {e}; it cannot be on the chain and is left out");
             }
             ok.is_ok()
         })

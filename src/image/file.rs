@@ -1,4 +1,4 @@
-//! The image file: opened with the permissions of whoever asked (the
+//! The image file: opened with the credentials of whoever asked (the
 //! agent runs as root, its callers do not), only if it is a regular file,
 //! then hashed in one pass with a fixed buffer, so memory stays flat in
 //! the image size. A file that changes while it is read is refused: the
@@ -64,26 +64,35 @@ fn unusable(path: &Path, reason: impl Into<String>) -> FileError {
 /// kernel makes the permission checks (modes, ACLs, search permission on
 /// every directory on the way), so the caller can read through the agent
 /// exactly what it could read itself. FIFOs and devices are refused
-/// without blocking.
+/// without blocking. A caller's path must be absolute (the agent's working
+/// directory means nothing to it) and may not pass through a magic link
+/// such as `/proc/self/fd/N`, which would name the agent's own files.
 pub fn open(path: &Path, caller: Option<&Caller>) -> Result<File, FileError> {
     let file = match caller {
         None => open_here(path),
+        Some(_) if !path.is_absolute() => {
+            return Err(unusable(path, "is not an absolute path"));
+        }
         Some(c) => {
             let (path_buf, c) = (path.to_path_buf(), c.clone());
-            // File-system credentials are per thread: a thread of its own
+            // Credentials are per thread in the kernel: a thread of its own
             // takes the caller's, opens, and ends with them.
             std::thread::spawn(move || {
-                set_fs_credentials(&c)?;
-                open_here(&path_buf)
+                become_caller(&c)?;
+                open_as_caller(&path_buf)
             })
             .join()
             .map_err(|_| std::io::Error::other("the opening thread panicked"))
             .and_then(|r| r)
         }
     };
-    let file = file.map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => unusable(path, "does not exist"),
-        std::io::ErrorKind::PermissionDenied => unusable(path, "the caller may not read it"),
+    let file = file.map_err(|e| match e.raw_os_error() {
+        Some(libc::ENOENT) => unusable(path, "does not exist"),
+        Some(libc::EACCES | libc::EPERM) => unusable(path, "the caller may not read it"),
+        Some(libc::ENOTDIR) => unusable(path, "a component of the path is not a directory"),
+        Some(libc::ELOOP) => unusable(path, "too many symbolic links, or a magic link"),
+        Some(libc::EXDEV) => unusable(path, "passes through a magic link"),
+        Some(libc::ENAMETOOLONG) => unusable(path, "the path is too long"),
         _ => FileError::Io {
             path: path.display().to_string(),
             op: "opening",
@@ -101,19 +110,44 @@ pub fn open(path: &Path, caller: Option<&Caller>) -> Result<File, FileError> {
     Ok(file)
 }
 
+const OPEN_FLAGS: libc::c_int =
+    libc::O_RDONLY | libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC;
+
 fn open_here(path: &Path) -> std::io::Result<File> {
     std::fs::OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC)
+        .custom_flags(OPEN_FLAGS)
         .open(path)
 }
 
-/// Takes `c`'s groups, gid and uid for file-system checks, in this thread
-/// only.
-fn set_fs_credentials(c: &Caller) -> std::io::Result<()> {
-    // SAFETY: the raw system call (not glibc's wrapper, which would change
-    // every thread of the process) reads `len` gids from a live slice and
-    // changes only the calling thread's supplementary groups.
+/// `openat2` without magic links (`/proc/<pid>/fd/N` and the like).
+fn open_as_caller(path: &Path) -> std::io::Result<File> {
+    use nix::fcntl::{OFlag, OpenHow, ResolveFlag};
+    let how = OpenHow::new()
+        .flags(OFlag::from_bits_truncate(OPEN_FLAGS))
+        .resolve(ResolveFlag::RESOLVE_NO_MAGICLINKS);
+    nix::fcntl::openat2(nix::fcntl::AT_FDCWD, path, how)
+        .map(File::from)
+        .map_err(std::io::Error::from)
+}
+
+/// Takes `c`'s groups, gid and uid (real, effective and saved) in this
+/// thread only. With every uid not 0 the kernel also clears the thread's
+/// capabilities, so nothing of the agent's privilege is left for the open.
+/// A failure here is the agent's (missing CAP_SETUID/CAP_SETGID), not the
+/// caller's, and says so.
+fn become_caller(c: &Caller) -> std::io::Result<()> {
+    let failed = |what: &str| {
+        let e = std::io::Error::last_os_error();
+        std::io::Error::other(format!(
+            "cannot take the caller's {what} (uid {}, gid {}): {e}; the agent needs CAP_SETUID and CAP_SETGID",
+            c.uid, c.gid
+        ))
+    };
+    // The raw system calls, not glibc's wrappers: those change every
+    // thread of the process.
+    // SAFETY: setgroups reads `len` gids from a live slice; it changes
+    // only the calling thread's supplementary groups.
     let rc = unsafe {
         libc::syscall(
             libc::SYS_setgroups,
@@ -122,25 +156,17 @@ fn set_fs_credentials(c: &Caller) -> std::io::Result<()> {
         )
     };
     if rc != 0 {
-        return Err(std::io::Error::last_os_error());
+        return Err(failed("groups"));
     }
-    // setfsgid/setfsuid never fail visibly: they return the previous id.
-    // Setting twice and reading back is the documented way to check.
-    // SAFETY: plain system calls on integers, affecting this thread only.
-    let gid_ok = unsafe {
-        libc::setfsgid(c.gid);
-        libc::setfsgid(c.gid) == c.gid as libc::c_int
-    };
+    // SAFETY: a system call on integers, affecting this thread only.
+    if unsafe { libc::syscall(libc::SYS_setresgid, c.gid, c.gid, c.gid) } != 0 {
+        return Err(failed("gid"));
+    }
     // SAFETY: as above.
-    let uid_ok = unsafe {
-        libc::setfsuid(c.uid);
-        libc::setfsuid(c.uid) == c.uid as libc::c_int
-    };
-    if gid_ok && uid_ok {
-        Ok(())
-    } else {
-        Err(std::io::Error::from(std::io::ErrorKind::PermissionDenied))
+    if unsafe { libc::syscall(libc::SYS_setresuid, c.uid, c.uid, c.uid) } != 0 {
+        return Err(failed("uid"));
     }
+    Ok(())
 }
 
 /// What one pass over the file gave.

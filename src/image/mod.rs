@@ -172,18 +172,25 @@ async fn verify_inner(
         for id in req.trusted {
             match fetch_certificate(keys, auth, id).await {
                 Ok(c) => trusted.push(c),
-                // cursive leaves out a trusted certificate it cannot get;
-                // a key manager that is down is a failure, not "untrusted".
-                Err(ImageFailure::Certificate(e)) => {
-                    tracing::warn!("trusted {e}; it is left out");
-                }
+                // cursive leaves out a trusted certificate it cannot get,
+                // whatever the key manager said (not found, forbidden, not a
+                // certificate); a key manager that is down or too slow is
+                // a failure of its own, not "untrusted".
                 Err(ImageFailure::Key {
-                    source: e @ KeyError::NotFound { .. },
-                    ..
+                    source: e @ (KeyError::Unavailable { .. } | KeyError::TimedOut { .. }),
+                    certificate_id,
                 }) => {
-                    tracing::warn!("trusted certificate {id}: {e}; it is left out");
+                    return Err(ImageFailure::Key {
+                        certificate_id,
+                        source: e,
+                    });
                 }
-                Err(other) => return Err(other),
+                Err(e) => {
+                    tracing::warn!(
+                        "trusted certificate {id}: {}; it is left out",
+                        crate::text::error_chain(&e)
+                    );
+                }
             }
         }
         certificate::validate(&signer, &trusted, now)?;

@@ -94,21 +94,21 @@ pub fn parse(properties: &Map<String, Value>) -> Result<Signed, BadProperties> {
     let hash = HashMethod::from_name(hash_name).ok_or_else(|| {
         BadProperties(format!(
             "{HASH_METHOD} '{}' is none of SHA-224, SHA-256, SHA-384, SHA-512",
-            hash_name.escape_debug()
+            shown(hash_name)
         ))
     })?;
     let key_name = text(KEY_TYPE)?;
     let key_type = KeyType::from_name(key_name).ok_or_else(|| {
         BadProperties(format!(
             "{KEY_TYPE} '{}' is none of RSA-PSS, DSA, ECC_SECP384R1, ECC_SECP521R1",
-            key_name.escape_debug()
+            shown(key_name)
         ))
     })?;
     let cert = text(CERT_UUID)?;
     let certificate = KeyId::new(cert).map_err(|_| {
         BadProperties(format!(
             "{CERT_UUID} '{}' is not a key manager id",
-            cert.escape_debug()
+            shown(cert)
         ))
     })?;
     Ok(Signed::Yes(SignatureProperties {
@@ -128,9 +128,27 @@ fn decode_base64(s: &str) -> Option<Vec<u8>> {
         .chars()
         .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '/' | '='))
         .collect();
-    base64::engine::general_purpose::STANDARD
-        .decode(cleaned.as_bytes())
-        .ok()
+    // Python's decoder also takes non-zero bits after the last character.
+    let lenient = base64::engine::GeneralPurpose::new(
+        &base64::alphabet::STANDARD,
+        base64::engine::GeneralPurposeConfig::new().with_decode_allow_trailing_bits(true),
+    );
+    lenient.decode(cleaned.as_bytes()).ok()
+}
+
+/// A caller's value for messages and logs: escaped, and cut at 64
+/// characters (it may be anything of any length).
+fn shown(value: &str) -> String {
+    let mut s: String = value
+        .chars()
+        .take(64)
+        .collect::<String>()
+        .escape_debug()
+        .to_string();
+    if value.chars().count() > 64 {
+        s.push_str("...");
+    }
+    s
 }
 
 #[cfg(test)]
@@ -201,5 +219,8 @@ mod tests {
     fn base64_with_line_breaks_decodes_as_python_does() {
         assert_eq!(decode_base64("AA\nEC"), Some(vec![0, 1, 2]));
         assert_eq!(decode_base64("AAE"), None);
+        // Non-zero bits after the last character, as Python takes them.
+        assert_eq!(decode_base64("AB=="), Some(vec![0]));
+        assert!(shown(&"x".repeat(500)).len() < 80);
     }
 }

@@ -22,24 +22,40 @@ pub use error::{InvalidMaterial, KeyError};
 
 use crate::secret::{Passphrase, SecretBytes};
 
-/// The first `CERTIFICATE` block of a PEM payload, as DER: what castellan
-/// makes of a Barbican `certificate` secret (cryptography's
-/// `load_pem_x509_certificate`: text before the block and further blocks
-/// are ignored; a payload without one, DER included, is refused).
+/// The first certificate block of a PEM payload (`CERTIFICATE` or
+/// `X509 CERTIFICATE`), as DER: what castellan makes of a Barbican
+/// `certificate` secret (cryptography's `load_pem_x509_certificate`: text
+/// before the block and further blocks are ignored, the base64 may be
+/// wrapped at any width; a payload without such a block, DER included, is
+/// refused).
 pub fn certificate_from_pem(payload: &[u8]) -> Result<Vec<u8>, String> {
-    const BEGIN: &[u8] = b"-----BEGIN CERTIFICATE-----";
-    const END: &[u8] = b"-----END CERTIFICATE-----";
+    use base64::Engine;
     let find = |hay: &[u8], needle: &[u8]| hay.windows(needle.len()).position(|w| w == needle);
-    let start = find(payload, BEGIN).ok_or(
-        "the payload holds no PEM CERTIFICATE block (castellan reads certificates only as PEM)",
-    )?;
-    let end = find(&payload[start..], END)
-        .map(|e| start + e + END.len())
+    let (start, label) = ["CERTIFICATE", "X509 CERTIFICATE"]
+        .iter()
+        .filter_map(|l| find(payload, format!("-----BEGIN {l}-----").as_bytes()).map(|at| (at, *l)))
+        .min()
+        .ok_or(
+            "the payload holds no PEM CERTIFICATE block (castellan reads certificates only as PEM)",
+        )?;
+    let body_start = start + format!("-----BEGIN {label}-----").len();
+    let end_line = format!("-----END {label}-----");
+    let body_len = find(&payload[body_start..], end_line.as_bytes())
         .ok_or("the PEM CERTIFICATE block has no END line")?;
-    let (label, der) = x509_cert::der::pem::decode_vec(&payload[start..end])
-        .map_err(|e| format!("the PEM CERTIFICATE block cannot be decoded: {e}"))?;
-    if label != "CERTIFICATE" {
-        return Err(format!("the PEM block is a {label}, not a CERTIFICATE"));
+    let body: Vec<u8> = payload[body_start..body_start + body_len]
+        .iter()
+        .copied()
+        .filter(|b| !b.is_ascii_whitespace())
+        .collect();
+    let lenient = base64::engine::GeneralPurpose::new(
+        &base64::alphabet::STANDARD,
+        base64::engine::GeneralPurposeConfig::new().with_decode_allow_trailing_bits(true),
+    );
+    let der = lenient
+        .decode(&body)
+        .map_err(|e| format!("the PEM CERTIFICATE block is not base64: {e}"))?;
+    if der.is_empty() {
+        return Err("the PEM CERTIFICATE block is empty".into());
     }
     Ok(der)
 }
@@ -605,6 +621,22 @@ mod tests {
         assert!(certificate_from_pem(key.as_bytes()).is_err());
         let cut = &block(first)[..40];
         assert!(certificate_from_pem(cut.as_bytes()).is_err());
+        // Any wrap width, and the older label, as cryptography takes them.
+        let long: Vec<u8> = (0..200u8).collect();
+        let b64 = base64::engine::general_purpose::STANDARD.encode(&long);
+        let wrapped: Vec<String> = b64
+            .as_bytes()
+            .chunks(76)
+            .map(|c| String::from_utf8(c.to_vec()).unwrap())
+            .collect();
+        let pem76 = format!(
+            "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
+            wrapped.join("\n")
+        );
+        assert_eq!(certificate_from_pem(pem76.as_bytes()).unwrap(), long);
+        let x509 =
+            format!("-----BEGIN X509 CERTIFICATE-----\n{b64}\n-----END X509 CERTIFICATE-----\n");
+        assert_eq!(certificate_from_pem(x509.as_bytes()).unwrap(), long);
     }
 
     #[test]
