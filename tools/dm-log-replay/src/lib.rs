@@ -389,6 +389,9 @@ pub enum Kind {
     DurableOnly,
     /// What was durable plus a random subset of the rest, some torn.
     Subset,
+    /// Everything up to the crash except one write that was not yet
+    /// durable: what a device that reordered that one write leaves.
+    AllButOne,
 }
 
 /// One state a power cut can leave.
@@ -474,8 +477,10 @@ pub fn durable_and_optional(entries: &[Entry], after: usize) -> (Vec<usize>, Vec
 /// The crash states of a log:
 /// - after every entry (and before the first), everything so far on disk;
 /// - right before every flush, every counted mark and at the end (where
-///   the most writes are at risk), only what was durable, and
-///   `opts.subsets` random choices of the writes at risk, each chosen
+///   the most writes are at risk), only what was durable; everything but
+///   one of the writes at risk, for each of them (a write that a later one
+///   depends on, left unflushed, shows here whatever the random choice);
+///   and `opts.subsets` random choices of the writes at risk, each chosen
 ///   write torn at a random sector with probability 1/4.
 ///
 /// States that write the same entries with the same mark are listed once.
@@ -542,6 +547,17 @@ pub fn crash_states(entries: &[Entry], opts: &Options) -> Vec<CrashState> {
             only.clone(),
             format!("durable-{after}"),
         );
+        for &left_out in &optional {
+            let mut writes = only.clone();
+            writes.extend(optional.iter().filter(|&&i| i != left_out).map(whole));
+            writes.sort();
+            push(
+                Kind::AllButOne,
+                after,
+                writes,
+                format!("all-but-{left_out}-{after}"),
+            );
+        }
         for n in 0..opts.subsets {
             let mut writes = only.clone();
             for &i in &optional {

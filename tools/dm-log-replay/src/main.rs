@@ -72,6 +72,7 @@ fn run(args: &[String]) -> Result<(), String> {
                     Kind::Prefix => "prefix",
                     Kind::DurableOnly => "durable-only",
                     Kind::Subset => "subset",
+                    Kind::AllButOne => "all-but-one",
                 };
                 println!(
                     "{}\t{kind}\t{}\t{}\t{}",
