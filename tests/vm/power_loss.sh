@@ -11,8 +11,9 @@
 # dm-log-replay (tools/dm-log-replay) then lists the crash states: after
 # every logged request with all of them on disk; and at the end of each
 # stretch between two flushes or marks, only what flushes and FUA made
-# durable, and random subsets of the rest with some writes torn at a
-# sector boundary (what a disk may hold after a power cut). Every state is
+# durable, everything but one of the rest (for each of them), and random
+# subsets of the rest with some writes torn at a sector boundary (what a
+# disk may hold after a power cut). Every state is
 # written onto a copy of the device as it was before the operation, the
 # key-manager state of its last mark is put back, /run is emptied (a
 # power cut clears it), and then:
