@@ -68,22 +68,44 @@ impl LocalKeyStore {
                 "key size {bits} bits; choose 128 to 512 in whole bytes"
             )));
         }
+        let key = SecretBytes::random(bits / 8)
+            .map_err(|_| KeyError::Config("system random number generator failed".into()))?;
+        self.store_new(&self.dir, key.expose(), 0o600, "key")
+    }
+
+    /// Writes `bytes` into a new file of `dir` (the store's directory or
+    /// one below it) named by a fresh UUID, with `mode`: created with
+    /// `O_EXCL` at its final mode, written once and flushed. Its id.
+    fn store_new(
+        &self,
+        dir: &Path,
+        bytes: &[u8],
+        mode: u32,
+        what: &str,
+    ) -> Result<KeyId, KeyError> {
         crate::state_file::private_dir(&self.dir)
             .map_err(|e| Self::local_err("-", "creating key directory", &self.dir, e))?;
         self.check_dir()?;
+        if dir != self.dir {
+            match fs::create_dir(dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(Self::local_err("-", "creating", dir, e)),
+            }
+        }
         let id = KeyId::new(&uuid::Uuid::new_v4().hyphenated().to_string())?;
-        let key = SecretBytes::random(bits / 8)
-            .map_err(|_| KeyError::Config("system random number generator failed".into()))?;
-        let path = self.path_of(&id)?;
+        let path = dir.join(id.uuid_text()?);
         let mut f = OpenOptions::new()
             .write(true)
             .create_new(true)
-            .mode(0o600)
+            .mode(mode)
             .open(&path)
-            .map_err(|e| Self::local_err(id.as_str(), "creating key file", &path, e))?;
-        f.write_all(key.expose())
+            .map_err(|e| {
+                Self::local_err(id.as_str(), &format!("creating {what} file"), &path, e)
+            })?;
+        f.write_all(bytes)
             .and_then(|_| f.sync_all())
-            .map_err(|e| Self::local_err(id.as_str(), "writing key file", &path, e))?;
+            .map_err(|e| Self::local_err(id.as_str(), &format!("writing {what} file"), &path, e))?;
         Ok(id)
     }
 
@@ -100,27 +122,7 @@ impl LocalKeyStore {
             super::InvalidMaterial(format!("not an X.509 certificate: {e}"))
                 .at("-", &self.describe())
         })?;
-        crate::state_file::private_dir(&self.dir)
-            .map_err(|e| Self::local_err("-", "creating key directory", &self.dir, e))?;
-        self.check_dir()?;
-        let dir = self.certificate_dir();
-        match fs::create_dir(&dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(Self::local_err("-", "creating", &dir, e)),
-        }
-        let id = KeyId::new(&uuid::Uuid::new_v4().hyphenated().to_string())?;
-        let path = dir.join(id.uuid_text()?);
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o644)
-            .open(&path)
-            .map_err(|e| Self::local_err(id.as_str(), "creating certificate file", &path, e))?;
-        f.write_all(&der)
-            .and_then(|_| f.sync_all())
-            .map_err(|e| Self::local_err(id.as_str(), "writing certificate file", &path, e))?;
-        Ok(id)
+        self.store_new(&self.certificate_dir(), &der, 0o644, "certificate")
     }
 
     /// Reads a certificate stored by [`import_certificate`](Self::import_certificate).

@@ -120,11 +120,7 @@ impl VolumeBody {
     /// The first field, here or in `auth`, that the API does not know,
     /// and the fields it expected there.
     pub fn unknown_field(&self) -> Option<(&str, &'static [&'static str])> {
-        if let Some(f) = self.unknown.keys().next() {
-            return Some((f, Self::FIELDS));
-        }
-        let a = self.auth.as_ref()?;
-        a.unknown.keys().next().map(|f| (f.as_str(), Auth::FIELDS))
+        first_unknown(&self.unknown, Self::FIELDS, self.auth.as_ref())
     }
 
     /// The fields the API knows.
@@ -328,6 +324,23 @@ impl ImageVerifyBody {
         &["file", "properties", "trusted_certificate_ids", "auth"];
 }
 
+/// The first of a body's `unknown` fields, else the first of its `auth`
+/// object's, with the fields expected there.
+fn first_unknown<'a>(
+    unknown: &'a std::collections::BTreeMap<String, serde_json::Value>,
+    fields: &'static [&'static str],
+    auth: Option<&'a Auth>,
+) -> Option<(&'a str, &'static [&'static str])> {
+    if let Some(f) = unknown.keys().next() {
+        return Some((f, fields));
+    }
+    auth?
+        .unknown
+        .keys()
+        .next()
+        .map(|f| (f.as_str(), Auth::FIELDS))
+}
+
 /// A request body whose unknown fields are refused.
 pub trait KnownFields {
     /// The first field, here or in `auth`, that the API does not know,
@@ -343,11 +356,7 @@ impl KnownFields for VolumeBody {
 
 impl KnownFields for ImageVerifyBody {
     fn unknown_field(&self) -> Option<(&str, &'static [&'static str])> {
-        if let Some(f) = self.unknown.keys().next() {
-            return Some((f, Self::FIELDS));
-        }
-        let a = self.auth.as_ref()?;
-        a.unknown.keys().next().map(|f| (f.as_str(), Auth::FIELDS))
+        first_unknown(&self.unknown, Self::FIELDS, self.auth.as_ref())
     }
 }
 
