@@ -164,6 +164,33 @@ pub enum SignatureError {
     WrongKey(String),
 }
 
+/// The widest RSA modulus taken, in bits: OpenSSL's own limit for RSA
+/// (`OPENSSL_RSA_MAX_MODULUS_BITS`), so a key cursive can verify with is
+/// one this takes too. The rsa crate stops at 8192 unless told otherwise.
+pub const RSA_MAX_BITS: usize = 16384;
+
+/// An RSA public key from a PKCS#1 RSAPublicKey, with a modulus of
+/// `rsa::PublicKey::MIN_SIZE` (1024) to [`RSA_MAX_BITS`] bits.
+pub fn rsa_from_pkcs1(der: &[u8]) -> Result<rsa::PublicKey, String> {
+    use rsa::pkcs1::der::Decode;
+    let key = rsa::pkcs1::RsaPublicKeyRef::from_der(der).map_err(|e| e.to_string())?;
+    let uint = |v: &[u8]| {
+        let bits = u32::try_from(v.len().max(1) * 8).map_err(|_| "an integer too long")?;
+        rsa::BoxedUint::from_be_slice(v, bits).map_err(|_| "an integer too long")
+    };
+    let n = uint(key.modulus.as_bytes())?;
+    let e = uint(key.public_exponent.as_bytes())?;
+    rsa::PublicKey::new_with_size_limits(n, e, rsa::PublicKey::MIN_SIZE..=RSA_MAX_BITS).map_err(
+        |e| match e {
+            rsa::Error::ModulusTooLarge => format!("a modulus over {RSA_MAX_BITS} bits"),
+            rsa::Error::ModulusTooSmall => {
+                format!("a modulus under {} bits", rsa::PublicKey::MIN_SIZE)
+            }
+            other => other.to_string(),
+        },
+    )
+}
+
 impl PublicKey {
     /// Parses a SubjectPublicKeyInfo.
     pub fn from_spki(spki: &SubjectPublicKeyInfoOwned) -> Result<PublicKey, String> {
@@ -173,16 +200,12 @@ impl PublicKey {
         let alg = &spki.algorithm.oid;
         let bad = |what: &str, e: &dyn std::fmt::Display| format!("invalid {what} public key: {e}");
         if *alg == oid::RSA_ENCRYPTION || *alg == oid::RSASSA_PSS {
-            // An id-RSASSA-PSS key is an RSA key restricted to PSS; the
-            // restriction's parameters are not needed to verify.
-            let key = if *alg == oid::RSA_ENCRYPTION {
-                rsa::PublicKey::from_public_key_der(&der).map_err(|e| bad("RSA", &e))?
-            } else {
-                let bits = spki.subject_public_key.raw_bytes();
-                <rsa::PublicKey as rsa::pkcs1::DecodeRsaPublicKey>::from_pkcs1_der(bits)
-                    .map_err(|e| bad("RSA", &e))?
-            };
-            return Ok(PublicKey::Rsa(key));
+            // Both carry a PKCS#1 RSAPublicKey. An id-RSASSA-PSS key is an
+            // RSA key restricted to PSS; the restriction's parameters are
+            // not needed to verify.
+            return rsa_from_pkcs1(spki.subject_public_key.raw_bytes())
+                .map(PublicKey::Rsa)
+                .map_err(|e| bad("RSA", &e));
         }
         if *alg == oid::DSA {
             return dsa::VerifyingKey::from_public_key_der(&der)
@@ -321,7 +344,9 @@ pub fn verify_pss(
             Some(len) => rsa::pss::VerifyingKey::<D>::new_with_salt_len(key.clone(), len),
             None => rsa::pss::VerifyingKey::<D>::new_with_auto_salt_len(key.clone()),
         };
-        let sig = rsa::pss::Signature::try_from(sig).map_err(|_| SignatureError::Mismatch)?;
+        // `try_from` stops at the crate's default 8192 bits.
+        let sig = rsa::pss::Signature::from_bytes_with_max_len(sig, RSA_MAX_BITS.div_ceil(8))
+            .map_err(|_| SignatureError::Mismatch)?;
         verifier
             .verify_prehash(digest, &sig)
             .map_err(|_| SignatureError::Mismatch)
@@ -349,4 +374,34 @@ pub fn verify_pkcs1v15(
     };
     key.verify(scheme, digest, sig)
         .map_err(|_| SignatureError::Mismatch)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A PKCS#1 RSAPublicKey with an odd modulus of exactly `bits` bits
+    /// and e = 65537 (all the checks a public key gets look at).
+    fn pkcs1_of(bits: usize) -> Vec<u8> {
+        let mut n = vec![0xffu8; bits.div_ceil(8)];
+        n[0] = 0xff >> (n.len() * 8 - bits);
+        let key = rsa::pkcs1::RsaPublicKeyRef {
+            modulus: rsa::pkcs1::UintRef::new(&n).unwrap(),
+            public_exponent: rsa::pkcs1::UintRef::new(&[1, 0, 1]).unwrap(),
+        };
+        key.to_der().unwrap()
+    }
+
+    #[test]
+    fn rsa_keys_are_taken_from_1024_to_openssls_16384_bits() {
+        for bits in [1024, 8192, 8200, 9216, RSA_MAX_BITS] {
+            let key = rsa_from_pkcs1(&pkcs1_of(bits)).unwrap();
+            assert_eq!(key.n().bit_width() as usize, bits);
+        }
+        let err = rsa_from_pkcs1(&pkcs1_of(RSA_MAX_BITS + 8)).unwrap_err();
+        assert_eq!(err, "a modulus over 16384 bits");
+        let err = rsa_from_pkcs1(&pkcs1_of(1016)).unwrap_err();
+        assert_eq!(err, "a modulus under 1024 bits");
+        assert!(rsa_from_pkcs1(&[0x30, 0x03, 0x02, 0x01, 0x01]).is_err());
+    }
 }
