@@ -12,8 +12,8 @@ tests/harness/openstack.py (secret type `certificate`, payload the PEM, as
 * cursive 0.3.1, in its own venv (tests/harness/pyvenv.sh cursive), gives
   its verdict as nova reaches it: castellan's Barbican key manager with the
   user's token, `get_verifier`, `verify_certificate` when trusted
-  certificate ids are given, the image in 64 KiB chunks, `verify()`
-  (tests/image_signatures/cursive_driver.py);
+  certificate ids are given, the image in glanceclient's 1 MiB chunks,
+  `verify()` (tests/image_signatures/cursive_driver.py);
 * `luks-agent image verify` gives its exit code, with the same Barbican,
   the same token and the same properties.
 
@@ -61,7 +61,7 @@ HASHES = ('SHA-224', 'SHA-256', 'SHA-384', 'SHA-512')
 VERIFIED, NOT_SIGNED, MISMATCH, BAD_PROPERTIES, BAD_CERT = 0, 13, 14, 15, 16
 KM_NOT_FOUND, KM_FORBIDDEN, KM_NONSENSE, FILE_UNREADABLE = 6, 7, 9, 4
 OUR_TIMEOUT = 120
-# An image that ends inside a 64 KiB chunk: 3 MiB + 4097 bytes.
+# An image that ends inside a chunk of every feed: 3 MiB + 4097 bytes.
 IMAGE_SIZE = 3 * 1024 * 1024 + 4097
 
 # A private openssl configuration: nothing from /etc/ssl/openssl.cnf leaks
@@ -796,7 +796,7 @@ class Compat:
             users[u] = {'token': self.tokens[u],
                         'project_id': self.cloud['users'][u]['project_id']}
         job = {'auth_url': self.cloud['keystone']['auth_url'],
-               'users': users, 'chunk': 64 * 1024,
+               'users': users, 'feed': 'nova',
                'cases': [{'name': c.name, 'file': str(c.file),
                           'properties': c.properties, 'trusted': c.trusted,
                           'user': c.user} for c in self.cases]}

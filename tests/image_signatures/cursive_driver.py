@@ -10,13 +10,15 @@ system Python: it imports cursive 0.3.1, castellan and cryptography.
       `signature_utils.get_verifier(...)` with the four image properties
       (missing ones as None); with trusted certificate ids,
       `certificate_utils.verify_certificate(...)`; then the image in
-      chunks into `verifier.update()` and `verifier.verify()`. The
+      glanceclient's chunks into `verifier.update()` and
+      `verifier.verify()`. The
       certificates come from the real Barbican through castellan's Barbican
       key manager, authenticated with the caller's Keystone token in an
       oslo.context RequestContext, as in nova. Prints one JSON object per
       case on stdout.
 
   cursive_driver.py verify-file --cert PEM --file IMAGE --properties JSON
+                                [--feed nova|nova-file|cinder]
       One verification of IMAGE with the certificate loaded from a PEM file
       (no key manager: `signature_utils.get_certificate` returns it, the
       rest of `get_verifier` runs unchanged). Prints a JSON object; exit 0
@@ -39,12 +41,35 @@ from cryptography import x509
 
 PROPERTY_NAMES = ('img_signature', 'img_signature_hash_method',
                   'img_signature_key_type', 'img_signature_certificate_uuid')
-# glanceclient's chunk size, the chunks nova's verifier is fed with.
-CHUNK = 64 * 1024
+# How each caller feeds cursive's verifier (`--feed`):
+#   nova       the chunks of glanceclient's download iterator: CHUNKSIZE,
+#              1 MiB in python-glanceclient 4.13 (nova/image/glance.py,
+#              `_verify_and_write`)
+#   nova-file  nova's direct download of a `file://` location: the
+#              downloaded file object itself is iterated, which yields its
+#              lines (glance_utils.IterableWithLength(fh, ...))
+#   cinder     cinder/image/image_utils.py `_verify_image`: img_file.read(1024)
+FEEDS = ('nova', 'nova-file', 'cinder')
+CHUNK = 1024 * 1024
+CINDER_CHUNK = 1024
+
+
+def chunks(f: typing.BinaryIO, feed: str) -> typing.Iterator[bytes]:
+    """The pieces of the open image file `f` as the caller `feed` hands
+    them to `verifier.update()`."""
+    if feed == 'nova-file':
+        yield from f
+        return
+    size = CINDER_CHUNK if feed == 'cinder' else CHUNK
+    while True:
+        data = f.read(size)
+        if not data:
+            return
+        yield data
 
 
 def verify_image(context: typing.Any, properties: dict, path: str,
-                 trusted: typing.Optional[list], chunk: int = CHUNK) -> dict:
+                 trusted: typing.Optional[list], feed: str = 'nova') -> dict:
     """One image through cursive as nova drives it; returns the verdict."""
     from cursive import certificate_utils
     from cursive import signature_utils
@@ -74,10 +99,7 @@ def verify_image(context: typing.Any, properties: dict, path: str,
         stage = 'verify'
         n = 0
         with open(path, 'rb') as f:
-            while True:
-                data = f.read(chunk)
-                if not data:
-                    break
+            for data in chunks(f, feed):
                 n += len(data)
                 verifier.update(data)
         verifier.verify()
@@ -114,7 +136,7 @@ def cmd_compat(args: argparse.Namespace) -> int:
                 auth_token=u['token'], project_id=u['project_id'])
         t0 = time.monotonic()
         out = verify_image(contexts[user], case['properties'], case['file'],
-                           case.get('trusted'), job.get('chunk', CHUNK))
+                           case.get('trusted'), job.get('feed', 'nova'))
         out['name'] = case['name']
         out['seconds'] = round(time.monotonic() - t0, 3)
         print(json.dumps(out), flush=True)
@@ -134,7 +156,7 @@ def cmd_verify_file(args: argparse.Namespace) -> int:
     signature_utils.get_certificate = get_certificate
     with open(args.properties) as f:
         properties = json.load(f)
-    out = verify_image(None, properties, args.file, None, args.chunk)
+    out = verify_image(None, properties, args.file, None, args.feed)
     print(json.dumps(out))
     if out['verdict'] == 'verified':
         return 0
@@ -152,7 +174,9 @@ def main() -> int:
     sp.add_argument('--file', required=True)
     sp.add_argument('--properties', required=True,
                     help='a JSON file of the image properties')
-    sp.add_argument('--chunk', type=int, default=CHUNK)
+    sp.add_argument('--feed', choices=FEEDS, default='nova',
+                    help='feed the verifier as this caller does (default '
+                         'nova)')
     sp.set_defaults(fn=cmd_verify_file)
     args = p.parse_args()
     return args.fn(args)
