@@ -191,6 +191,70 @@ pub fn rsa_from_pkcs1(der: &[u8]) -> Result<rsa::PublicKey, String> {
     )
 }
 
+/// The widest DSA prime p taken, in bits: OpenSSL's own limit for DSA
+/// (`OPENSSL_DSA_MAX_MODULUS_BITS`).
+pub const DSA_MAX_P_BITS: usize = 10000;
+
+/// The DSA subgroup sizes taken, in bits: the three OpenSSL verifies with
+/// (its `DSA_R_BAD_Q_VALUE` otherwise).
+pub const DSA_Q_BITS: [usize; 3] = [160, 224, 256];
+
+/// A DSA public key from a SubjectPublicKeyInfo: p of 1024 to
+/// [`DSA_MAX_P_BITS`] bits, q of one of [`DSA_Q_BITS`]. The dsa crate on
+/// its own takes only FIPS 186's four (p, q) pairs, and `openssl dsaparam`
+/// makes others (1536 or 4096 bits with a 224-bit q), which cursive
+/// verifies with. The public value is checked as the crate checks it (y
+/// of order q).
+pub fn dsa_from_spki(spki: &SubjectPublicKeyInfoOwned) -> Result<dsa::VerifyingKey, String> {
+    use x509_cert::der::Decode;
+    use x509_cert::der::asn1::UintRef;
+    let params = spki
+        .algorithm
+        .parameters
+        .as_ref()
+        .ok_or("no domain parameters")?;
+    // Dss-Parms is SEQUENCE { p, q, g }: a SEQUENCE OF three INTEGERs.
+    let pqg: Vec<UintRef<'_>> = params
+        .decode_as()
+        .map_err(|e: x509_cert::der::Error| e.to_string())?;
+    let [p, q, g] = pqg.as_slice() else {
+        return Err("domain parameters that are not (p, q, g)".into());
+    };
+    let y = spki
+        .subject_public_key
+        .as_bytes()
+        .ok_or("a public key of a partial byte")?;
+    let y = UintRef::from_der(y).map_err(|e| e.to_string())?;
+    let p = dsa::BoxedUint::from_be_slice_vartime(p.as_bytes());
+    let q = dsa::BoxedUint::from_be_slice_vartime(q.as_bytes());
+    // g and y take p's precision: the crate's modular arithmetic asserts
+    // that its operands have the same number of limbs, and a short g or y
+    // (a hostile certificate's g = 2) would panic it.
+    let below_p = |v: &UintRef<'_>, what: &str| {
+        dsa::BoxedUint::from_be_slice(v.as_bytes(), p.bits_precision())
+            .ok()
+            .filter(|v| *v < p)
+            .ok_or_else(|| format!("{what} not below p"))
+    };
+    let (g, y) = (below_p(g, "a generator g")?, below_p(&y, "a public value")?);
+    let p_bits = p.bit_width() as usize;
+    let q_bits = q.bit_width() as usize;
+    if !(1024..=DSA_MAX_P_BITS).contains(&p_bits) {
+        return Err(format!(
+            "a prime p of {p_bits} bits (1024 to {DSA_MAX_P_BITS} are taken)"
+        ));
+    }
+    if !DSA_Q_BITS.contains(&q_bits) {
+        return Err(format!(
+            "a subgroup q of {q_bits} bits (160, 224 or 256 are taken)"
+        ));
+    }
+    let components = dsa::Components::from_components_unchecked(p, q, g)
+        .map_err(|_| "domain parameters out of range (p even, or g or q under 2)")?;
+    dsa::VerifyingKey::from_components(components, y)
+        .map_err(|_| "a public value that is not in the subgroup".into())
+}
+
 impl PublicKey {
     /// Parses a SubjectPublicKeyInfo.
     pub fn from_spki(spki: &SubjectPublicKeyInfoOwned) -> Result<PublicKey, String> {
@@ -208,7 +272,7 @@ impl PublicKey {
                 .map_err(|e| bad("RSA", &e));
         }
         if *alg == oid::DSA {
-            return dsa::VerifyingKey::from_public_key_der(&der)
+            return dsa_from_spki(spki)
                 .map(PublicKey::Dsa)
                 .map_err(|e| bad("DSA", &e));
         }
@@ -390,6 +454,64 @@ mod tests {
             public_exponent: rsa::pkcs1::UintRef::new(&[1, 0, 1]).unwrap(),
         };
         key.to_der().unwrap()
+    }
+
+    /// A DSA SubjectPublicKeyInfo with a p and a q of the given widths
+    /// (odd, all ones), g = 2 and y = 4: enough for the size checks.
+    fn dsa_spki(p_bits: usize, q_bits: usize, extra: bool) -> SubjectPublicKeyInfoOwned {
+        use x509_cert::der::asn1::{Any, BitString, UintRef};
+        let ones = |bits: usize| {
+            let mut v = vec![0xffu8; bits.div_ceil(8)];
+            v[0] = 0xff >> (v.len() * 8 - bits);
+            v
+        };
+        let (p, q) = (ones(p_bits), ones(q_bits));
+        let mut pqg = vec![
+            UintRef::new(&p).unwrap(),
+            UintRef::new(&q).unwrap(),
+            UintRef::new(&[2]).unwrap(),
+        ];
+        if extra {
+            pqg.push(UintRef::new(&[3]).unwrap());
+        }
+        let params = Any::encode_from(&pqg).unwrap();
+        let y = UintRef::new(&[4]).unwrap().to_der().unwrap();
+        SubjectPublicKeyInfoOwned {
+            algorithm: x509_cert::spki::AlgorithmIdentifierOwned {
+                oid: oid::DSA,
+                parameters: Some(params),
+            },
+            subject_public_key: BitString::from_bytes(&y).unwrap(),
+        }
+    }
+
+    #[test]
+    fn dsa_domain_parameters_as_openssl_takes_them() {
+        let err = |p, q, extra| dsa_from_spki(&dsa_spki(p, q, extra)).unwrap_err();
+        assert_eq!(
+            err(1016, 160, false),
+            "a prime p of 1016 bits (1024 to 10000 are taken)"
+        );
+        assert_eq!(
+            err(10008, 256, false),
+            "a prime p of 10008 bits (1024 to 10000 are taken)"
+        );
+        assert_eq!(
+            err(2048, 200, false),
+            "a subgroup q of 200 bits (160, 224 or 256 are taken)"
+        );
+        assert_eq!(
+            err(2048, 224, true),
+            "domain parameters that are not (p, q, g)"
+        );
+        // Sizes pass, and the public value is still checked: 4 has no
+        // order q modulo an all-ones p.
+        for (p, q) in [(1536, 224), (4096, 224), (10000, 256), (1024, 160)] {
+            assert_eq!(
+                err(p, q, false),
+                "a public value that is not in the subgroup"
+            );
+        }
     }
 
     #[test]

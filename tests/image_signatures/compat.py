@@ -187,7 +187,7 @@ class Material:
         (ca_dir / 'serial').write_text('1000\n')
         self.cnf = self.dir / 'openssl.cnf'
         self.cnf.write_text(OPENSSL_CNF.format(ca_dir=ca_dir))
-        self.dsaparam: typing.Optional[Path] = None
+        self.dsaparams: typing.Dict[str, Path] = {}
 
     def key(self, name: str, kind: str, size: typing.Union[int, str],
             primes: int = 2) -> Key:
@@ -201,11 +201,12 @@ class Material:
             run(['openssl', 'ecparam', '-name', str(size), '-genkey',
                  '-noout', '-out', str(p)])
         elif kind == 'dsa':
-            if self.dsaparam is None:
-                self.dsaparam = self.dir / 'dsaparam.pem'
-                run(['openssl', 'dsaparam', '-out', str(self.dsaparam),
-                     str(size)])
-            run(['openssl', 'gendsa', '-out', str(p), str(self.dsaparam)])
+            params = self.dsaparams.get(str(size))
+            if params is None:
+                params = self.dir / ('dsaparam%s.pem' % size)
+                run(['openssl', 'dsaparam', '-out', str(params), str(size)])
+                self.dsaparams[str(size)] = params
+            run(['openssl', 'gendsa', '-out', str(p), str(params)])
         else:
             raise ValueError(kind)
         return Key(name, kind, p)
@@ -467,6 +468,19 @@ class Compat:
                      props(m.sign(dk, h, img), h, 'DSA', dsa),
                      'verified', (VERIFIED,),
                      why='q is 224 bits: longer digests are truncated'))
+        # Sizes outside FIPS 186's four (p, q) pairs, which openssl makes
+        # (q of 224 bits) and OpenSSL verifies with.
+        for bits in (1536, 4096):
+            k = m.key('dsa%d' % bits, 'dsa', bits)
+            c = self.store_cert(m.self_signed('dsa%d' % bits, k))
+            s = m.sign(k, 'SHA-256', img)
+            add(Case('dsa%d-sha256' % bits, img,
+                     props(s, 'SHA-256', 'DSA', c), 'verified', (VERIFIED,)))
+            t = bytearray(s)
+            t[-1] ^= 0x01
+            add(Case('tampered-signature-dsa%d' % bits, img,
+                     props(bytes(t), 'SHA-256', 'DSA', c), 'rejected',
+                     (MISMATCH,)))
 
         # Signature encodings.
         sig = m.sign(rsa[2048].key, 'SHA-256', img)
