@@ -10,7 +10,12 @@
 #   probe/         the head and tail of devices holding the signatures the
 #                  first-use guard knows (file systems, swap, partition
 #                  tables, LVM, LUKS), made by the tools that write them,
-#                  as far as they are installed.
+#                  as far as they are installed;
+#   image_certificate/
+#                  openssl-made certificates (RSA, RSA signed with PSS,
+#                  P-256/384/521, DSA of FIPS and other sizes), each with an
+#                  image signature over the target's message by SHA-256,
+#                  and a leaf certificate followed by its CA's.
 #
 # Usage: fuzz/gen_corpus.sh   (from anywhere inside the repository)
 # Keys and salts are random, so every run produces different bytes; commit
@@ -24,6 +29,7 @@ cd "$root"
 out=fuzz/corpus/header_parse
 unlock_out=fuzz/corpus/unlock
 probe_out=fuzz/corpus/probe
+cert_out=fuzz/corpus/image_certificate
 head_bytes=65536
 
 work=$(mktemp -d)
@@ -31,8 +37,8 @@ trap 'rm -rf "$work"' EXIT
 key=$work/passphrase
 printf '%s' 'fuzz-passphrase' >"$key"
 
-mkdir -p "$out" "$unlock_out" "$probe_out"
-rm -f "$out"/* "$unlock_out"/* "$probe_out"/*
+mkdir -p "$out" "$unlock_out" "$probe_out" "$cert_out"
+rm -f "$out"/* "$unlock_out"/* "$probe_out"/* "$cert_out"/*
 
 # Creates a zeroed image of $2 MiB at $1.
 image() {
@@ -174,5 +180,53 @@ image "$img" 2
 "$agent" luks format --type luks2 --pbkdf pbkdf2 --pbkdf-force-iterations 1000 \
     --luks2-metadata-size 16384 --luks2-keyslots-size 262144 --key-file "$key" "$img"
 probe_seed "$img" luks2
+
+# image_certificate: 16-bit little-endian length, certificate DER, then a
+# signature (or a second certificate).
+cert_seed() { # NAME FIRST_DER REST
+    python3 - "$cert_out/$1" "$2" "$3" <<'PY'
+import sys
+der = open(sys.argv[2], 'rb').read()
+rest = open(sys.argv[3], 'rb').read()
+open(sys.argv[1], 'wb').write(len(der).to_bytes(2, 'little') + der + rest)
+PY
+    echo "seed $cert_out/$1"
+}
+msg=$work/message
+# The target's MESSAGE.
+printf 'luks-agent image_certificate fuzz seed\n' >"$msg"
+signed_cert() { # NAME KEY [req options...]
+    local name=$1 k=$2
+    shift 2
+    openssl req -new -x509 -key "$k" -days 3650 -subj "/CN=$name" "$@" \
+        -outform DER -out "$work/$name.der"
+    local pss=()
+    case $name in rsa*) pss=(-sigopt rsa_padding_mode:pss) ;; esac
+    openssl dgst -sha256 -sign "$k" "${pss[@]}" -out "$work/$name.sig" "$msg"
+    cert_seed "$name" "$work/$name.der" "$work/$name.sig"
+}
+openssl genrsa -out "$work/rsa.key" 2048 2>/dev/null
+signed_cert rsa2048 "$work/rsa.key"
+signed_cert rsa2048-pss-signed "$work/rsa.key" -sigopt rsa_padding_mode:pss
+for c in prime256v1 secp384r1 secp521r1; do
+    openssl ecparam -name "$c" -genkey -noout -out "$work/$c.key"
+    signed_cert "ec-$c" "$work/$c.key"
+done
+for b in 2048 1536; do
+    openssl dsaparam -out "$work/dsa$b.param" "$b" 2>/dev/null
+    openssl gendsa -out "$work/dsa$b.key" "$work/dsa$b.param" 2>/dev/null
+    signed_cert "dsa$b" "$work/dsa$b.key"
+done
+# A leaf and the CA that issued it.
+printf '[leaf]\nkeyUsage=digitalSignature\n' >"$work/ext.cnf"
+openssl req -new -x509 -key "$work/secp384r1.key" -days 3650 -subj /CN=ca \
+    -addext 'basicConstraints=critical,CA:true,pathlen:1' \
+    -addext 'keyUsage=critical,keyCertSign' -out "$work/ca.pem"
+openssl req -new -key "$work/rsa.key" -subj /CN=leaf -out "$work/leaf.csr"
+openssl x509 -req -in "$work/leaf.csr" -CA "$work/ca.pem" -CAkey "$work/secp384r1.key" \
+    -CAcreateserial -days 3650 -extfile "$work/ext.cnf" -extensions leaf \
+    -outform DER -out "$work/leaf.der" 2>/dev/null
+openssl x509 -in "$work/ca.pem" -outform DER -out "$work/ca.der"
+cert_seed chain-leaf-ca "$work/leaf.der" "$work/ca.der"
 
 du -sh fuzz/corpus
