@@ -198,7 +198,10 @@ printf 'luks-agent image_certificate fuzz seed\n' >"$msg"
 signed_cert() { # NAME KEY [req options...]
     local name=$1 k=$2
     shift 2
-    openssl req -new -x509 -key "$k" -days 3650 -subj "/CN=$name" "$@" \
+    # A CA allowed to sign certificates, so that it can be its own
+    # anchor and the chain checks reach its signature.
+    openssl req -new -x509 -key "$k" -days 3650 -subj "/CN=$name" \
+        -addext 'keyUsage=critical,keyCertSign,digitalSignature' "$@" \
         -outform DER -out "$work/$name.der"
     local pss=()
     case $name in rsa*) pss=(-sigopt rsa_padding_mode:pss) ;; esac

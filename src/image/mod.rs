@@ -165,7 +165,7 @@ async fn verify_inner(
                 source: std::io::Error::other(e),
             })??
     };
-    let signer = fetch_certificate(keys, auth, &props.certificate).await?;
+    let mut signer = fetch_certificate(keys, auth, &props.certificate).await?;
     let now = SystemTime::now();
     if !req.trusted.is_empty() {
         let mut trusted = Vec::with_capacity(req.trusted.len());
@@ -193,7 +193,19 @@ async fn verify_inner(
                 }
             }
         }
-        certificate::validate(&signer, &trusted, now)?;
+        // The chain's signature checks are big-number arithmetic (a DSA
+        // key may have a 10000-bit p): off the async workers.
+        let (checked, back) = tokio::task::spawn_blocking(move || {
+            let checked = certificate::validate(&signer, &trusted, now);
+            (checked, signer)
+        })
+        .await
+        .map_err(|e| CertificateError {
+            id: props.certificate.to_string(),
+            reason: format!("the chain check did not finish: {e}"),
+        })?;
+        checked?;
+        signer = back;
     }
     let key = signer.public_key();
     if !key.fits(props.key_type) {
@@ -207,20 +219,25 @@ async fn verify_inner(
         }
         .into());
     }
-    let (path, hash) = (req.path.to_path_buf(), props.hash);
-    let digested = tokio::task::spawn_blocking(move || file::digest(opened, &path, hash))
-        .await
-        .map_err(|e| FileError::Io {
-            path: req.path.display().to_string(),
-            op: "reading",
-            source: std::io::Error::other(e),
-        })??;
-    match key.verify_image(
-        props.key_type,
-        props.hash,
-        &digested.digest,
-        &props.signature,
-    ) {
+    let (path, hash, key_type) = (req.path.to_path_buf(), props.hash, props.key_type);
+    let signature = props.signature.clone();
+    let signer_id = signer.id.clone();
+    // The hash, and then the signature check, on a blocking thread.
+    let (digested, checked) = tokio::task::spawn_blocking(move || {
+        let digested = file::digest(opened, &path, hash)?;
+        let checked =
+            signer
+                .public_key()
+                .verify_image(key_type, hash, &digested.digest, &signature);
+        Ok::<_, FileError>((digested, checked))
+    })
+    .await
+    .map_err(|e| FileError::Io {
+        path: req.path.display().to_string(),
+        op: "reading",
+        source: std::io::Error::other(e),
+    })??;
+    match checked {
         Ok(()) => Ok(Verdict::Verified(Verified {
             hash_method: props.hash.name(),
             key_type: props.key_type.name(),
@@ -232,7 +249,7 @@ async fn verify_inner(
             certificate_id: props.certificate.to_string(),
         }),
         Err(SignatureError::WrongKey(reason)) => Err(CertificateError {
-            id: signer.id.clone(),
+            id: signer_id,
             reason,
         }
         .into()),

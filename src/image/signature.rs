@@ -165,8 +165,10 @@ pub enum SignatureError {
 }
 
 /// The widest RSA modulus taken, in bits: OpenSSL's own limit for RSA
-/// (`OPENSSL_RSA_MAX_MODULUS_BITS`), so a key cursive can verify with is
-/// one this takes too. The rsa crate stops at 8192 unless told otherwise.
+/// (`OPENSSL_RSA_MAX_MODULUS_BITS`). The rsa crate stops at 8192 unless
+/// told otherwise. Narrower than what OpenSSL (and so cursive) takes:
+/// moduli under 1024 bits and public exponents over 2^33 - 1, which the
+/// rsa crate refuses.
 pub const RSA_MAX_BITS: usize = 16384;
 
 /// An RSA public key from a PKCS#1 RSAPublicKey, with a modulus of
@@ -199,12 +201,14 @@ pub const DSA_MAX_P_BITS: usize = 10000;
 /// (its `DSA_R_BAD_Q_VALUE` otherwise).
 pub const DSA_Q_BITS: [usize; 3] = [160, 224, 256];
 
-/// A DSA public key from a SubjectPublicKeyInfo: p of 1024 to
-/// [`DSA_MAX_P_BITS`] bits, q of one of [`DSA_Q_BITS`]. The dsa crate on
-/// its own takes only FIPS 186's four (p, q) pairs, and `openssl dsaparam`
-/// makes others (1536 or 4096 bits with a 224-bit q), which cursive
-/// verifies with. The public value is checked as the crate checks it (y
-/// of order q).
+/// A DSA public key from a SubjectPublicKeyInfo: p of 1024 (our floor;
+/// OpenSSL has none) to [`DSA_MAX_P_BITS`] bits, q of one of
+/// [`DSA_Q_BITS`]. The dsa crate on its own takes only FIPS 186's four
+/// (p, q) pairs, and `openssl dsaparam` makes others (1536 or 4096 bits
+/// with a 224-bit q), which cursive verifies with. g and y must both be
+/// of order q (at least 2, and 1 when raised to q modulo p): a g of 1 or
+/// of small order would let one signature verify over many digests.
+/// OpenSSL does not check g.
 pub fn dsa_from_spki(spki: &SubjectPublicKeyInfoOwned) -> Result<dsa::VerifyingKey, String> {
     use x509_cert::der::Decode;
     use x509_cert::der::asn1::UintRef;
@@ -249,8 +253,12 @@ pub fn dsa_from_spki(spki: &SubjectPublicKeyInfoOwned) -> Result<dsa::VerifyingK
             "a subgroup q of {q_bits} bits (160, 224 or 256 are taken)"
         ));
     }
-    let components = dsa::Components::from_components_unchecked(p, q, g)
+    let components = dsa::Components::from_components_unchecked(p, q, g.clone())
         .map_err(|_| "domain parameters out of range (p even, or g or q under 2)")?;
+    // The crate's check of a public value is the check g needs too.
+    if dsa::VerifyingKey::from_components(components.clone(), g).is_err() {
+        return Err("a generator g that is not of order q".into());
+    }
     dsa::VerifyingKey::from_components(components, y)
         .map_err(|_| "a public value that is not in the subgroup".into())
 }
@@ -504,14 +512,93 @@ mod tests {
             err(2048, 224, true),
             "domain parameters that are not (p, q, g)"
         );
-        // Sizes pass, and the public value is still checked: 4 has no
-        // order q modulo an all-ones p.
+        // Sizes pass, and g is still checked: 2 has no order q modulo an
+        // all-ones p.
         for (p, q) in [(1536, 224), (4096, 224), (10000, 256), (1024, 160)] {
-            assert_eq!(
-                err(p, q, false),
-                "a public value that is not in the subgroup"
-            );
+            assert_eq!(err(p, q, false), "a generator g that is not of order q");
         }
+    }
+
+    /// `openssl dsaparam 1536` + `gendsa` + `req -x509`: p of 1536 bits,
+    /// q of 224 (not one of FIPS 186's pairs).
+    const DSA1536_CERT: &str = "-----BEGIN CERTIFICATE-----\n\
+MIIDpjCCA1SgAwIBAgIUUrz776pTM9W6slW8h+9CDDYzAYwwCwYJYIZIAWUDBAMC\n\
+MBcxFTATBgNVBAMMDGRzYTE1MzYtdGVzdDAgFw0yNjEyMDUxMDM4NDhaGA8yMTI2\n\
+MTExMTEwMzg0OFowFzEVMBMGA1UEAwwMZHNhMTUzNi10ZXN0MIICfzCCAbQGByqG\n\
+SM44BAEwggGnAoHBAIpxs5nuxnPGfofGOiwiMuzVL34QjkmWUk4L0SAL29Z4H5qC\n\
+1ZEKkWq2RxtOBAMFVz8t35aYfxTiVKrh6y7ylpojPRDNn1o5Mdqu2hKemQnq323c\n\
+T38haiHEZWW/xhEREoaYXYxzq9wcD+0xKMCkB9nxje5M+Q7z/yvbzrGGxS6EtbVT\n\
+oqRd70eQClx/lVexWPDuYUcaucnl4hIfBlmjE1bGFO3gmXN8kbWym1+8aFS7bWY1\n\
+21k7e3k71D+kVBTM9QIdAJh/46IAPeCS1KvgzjEORqe/ho2/WVFpYCCSQ10CgcEA\n\
+ga+VeQ3ULOgBklXWzQUMu/mEFQBJvvhs9kZ0pqmHduRVwHX2e4E7zWSGXhtcRbXV\n\
+mly884IAyRYx7FUJttu39qfHClXTLjeXtcsaYTtKluW+/h7xJkMjA+zMpYUhQNwG\n\
+zwMYTqtH4w6msnm/rj0cTaes/i3FReBm8YEhCxJrPyxKjhFUPKXDuyffBBJtTHw7\n\
+9QGs9Y4GuhaZxt1dj3TiIqCUifOE5hc/Syo0QfCR7hti3PQCtIGbT7u4/wjMnZVz\n\
+A4HEAAKBwHLR5MQnB4wPGbnwM/u56KIbY/IdtaMTKquj8ub7UeP8GxCnDo9roHPT\n\
+dqP3MTb8d3Dg1wR6VxP0lLvL7I78geRCkCxQKMT463GYJnBTDyPZjeG5OotKmOBd\n\
+cM0+EOhsYADejBDXYZUE37FIlxt8vXevuCaram4ZdT0yR3Js+tEhYLs7BQzKQbue\n\
+LC3BVIZ42bWJTSMnXkMfgVj+RkvRf2gp4oGVEp/7L2eV9wDmZZaOeMmmJm7zBVl2\n\
+dlHzLetAFKNTMFEwHQYDVR0OBBYEFC4Q8lDLacG2F4v+K1sfmBwLRpoXMB8GA1Ud\n\
+IwQYMBaAFC4Q8lDLacG2F4v+K1sfmBwLRpoXMA8GA1UdEwEB/wQFMAMBAf8wCwYJ\n\
+YIZIAWUDBAMCAz8AMDwCHDzV6WW8zwm02cKtQmbwGBa7/GcF7SVjE3TpmzcCHHUS\n\
+C/2PgufmZK46woTCcLWMGHgKBkubHiMVymg=\n\
+-----END CERTIFICATE-----";
+
+    #[test]
+    fn dsa_keys_outside_fips_sizes_are_taken_and_their_g_and_y_checked() {
+        use x509_cert::der::DecodePem;
+        use x509_cert::der::asn1::{Any, BitString, UintRef};
+        let cert = x509_cert::Certificate::from_pem(DSA1536_CERT).unwrap();
+        let spki = cert.tbs_certificate().subject_public_key_info().clone();
+        let key = dsa_from_spki(&spki).unwrap();
+        assert_eq!(key.components().p().bit_width(), 1536);
+        assert_eq!(key.components().q().bit_width(), 224);
+
+        let pqg: Vec<UintRef<'_>> = spki
+            .algorithm
+            .parameters
+            .as_ref()
+            .unwrap()
+            .decode_as()
+            .unwrap();
+        let with = |g: &[u8], y: Option<&[u8]>| {
+            let mut s = spki.clone();
+            let params = [pqg[0], pqg[1], UintRef::new(g).unwrap()];
+            s.algorithm.parameters = Some(Any::encode_from(&params.to_vec()).unwrap());
+            if let Some(y) = y {
+                let y = UintRef::new(y).unwrap().to_der().unwrap();
+                s.subject_public_key = BitString::from_bytes(&y).unwrap();
+            }
+            dsa_from_spki(&s).map(|_| ())
+        };
+        let g = pqg[2].as_bytes().to_vec();
+        assert_eq!(with(&g, None), Ok(()));
+        assert_eq!(
+            with(&[1], None).unwrap_err(),
+            "a generator g that is not of order q"
+        );
+        assert_eq!(
+            with(&[2], None).unwrap_err(),
+            "a generator g that is not of order q"
+        );
+        assert_eq!(
+            with(&g, Some(&[4])).unwrap_err(),
+            "a public value that is not in the subgroup"
+        );
+        // g = p - 1 has order 2.
+        let mut p_minus_1 = pqg[0].as_bytes().to_vec();
+        *p_minus_1.last_mut().unwrap() -= 1;
+        assert_eq!(
+            with(&p_minus_1, None).unwrap_err(),
+            "a generator g that is not of order q"
+        );
+        // A g or y wider than p is refused, not a panic.
+        let wide = vec![0xffu8; pqg[0].as_bytes().len() + 1];
+        assert_eq!(with(&wide, None).unwrap_err(), "a generator g not below p");
+        assert_eq!(
+            with(&g, Some(&wide)).unwrap_err(),
+            "a public value not below p"
+        );
     }
 
     #[test]
