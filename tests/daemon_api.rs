@@ -1006,3 +1006,40 @@ fn image_verify_as_a_caller_works_within_the_units_capabilities() {
         drop(server);
     }
 }
+
+#[test]
+fn image_verify_in_flight_is_answered_shutting_down_when_the_agent_stops() {
+    let mut d = Daemon::start("");
+    let dir = d.dir.path().to_path_buf();
+    let props = signed_image(&dir, &d.config());
+    // A sparse 64 GiB file: tens of seconds of hashing on any CPU, so the
+    // verdict cannot come before the stop does.
+    let big = dir.join("big.raw");
+    std::fs::File::create(&big)
+        .unwrap()
+        .set_len(64 << 30)
+        .unwrap();
+    let body = serde_json::to_vec(&json!({"file": big, "properties": props})).unwrap();
+    let socket = d.socket.clone();
+    let asked = std::thread::spawn(move || {
+        request(&socket, "POST", "/v1/images/img-9/verify", &body, None)
+    });
+    // The verify is in flight once the agent counts two requests: it and
+    // the one asking.
+    let in_flight = |d: &Daemon| -> u64 {
+        let m = d.get("/metrics");
+        String::from_utf8_lossy(&m.body)
+            .lines()
+            .find_map(|l| l.strip_prefix("luks_agent_requests_in_flight "))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("the metrics count requests in flight")
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while in_flight(&d) < 2 {
+        assert!(Instant::now() < deadline, "the verify never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(d.stop().success());
+    let r = asked.join().unwrap();
+    r.expect(503, "shutting_down");
+}

@@ -8,6 +8,7 @@ use std::fs::File;
 use std::io::Read;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::signature::HashMethod;
 
@@ -179,8 +180,14 @@ pub struct Digested {
 
 /// Hashes the whole of `file` with `hash`. The file must not change
 /// while it is read: its size, modification and change times after the
-/// last read must be those of before the first.
-pub fn digest(mut file: File, path: &Path, hash: HashMethod) -> Result<Digested, FileError> {
+/// last read must be those of before the first. Setting `abandon` stops
+/// the pass within one chunk (the caller went away, or the agent stops).
+pub fn digest(
+    mut file: File,
+    path: &Path,
+    hash: HashMethod,
+    abandon: &AtomicBool,
+) -> Result<Digested, FileError> {
     let io = |op: &'static str| {
         move |source| FileError::Io {
             path: path.display().to_string(),
@@ -210,6 +217,7 @@ pub fn digest(mut file: File, path: &Path, hash: HashMethod) -> Result<Digested,
     }
     let mut hasher = hash.hasher();
     let mut bytes = 0u64;
+    let mut abandoned = false;
     let read_result = std::thread::scope(|scope| {
         let file = &mut file;
         let reader = scope.spawn(move || -> std::io::Result<()> {
@@ -228,6 +236,12 @@ pub fn digest(mut file: File, path: &Path, hash: HashMethod) -> Result<Digested,
             Ok(())
         });
         while let Ok((buf, n)) = full_rx.recv() {
+            if abandon.load(Ordering::Relaxed) {
+                // The buffer is dropped and empty_tx below: the reader's
+                // next wait for an empty buffer ends it.
+                abandoned = true;
+                break;
+            }
             hasher.update(&buf[..n]);
             bytes += n as u64;
             // The reader may have stopped; a buffer it no longer wants is
@@ -240,6 +254,12 @@ pub fn digest(mut file: File, path: &Path, hash: HashMethod) -> Result<Digested,
             .unwrap_or_else(|_| Err(std::io::Error::other("the reading thread panicked")))
     });
     read_result.map_err(io("reading"))?;
+    if abandoned {
+        return Err(io("reading")(std::io::Error::new(
+            std::io::ErrorKind::Interrupted,
+            "abandoned: nobody waits for the verdict any more",
+        )));
+    }
     let after = file.metadata().map_err(io("reading the metadata of"))?;
     let stamp = |m: &std::fs::Metadata| {
         (
@@ -257,4 +277,30 @@ pub fn digest(mut file: File, path: &Path, hash: HashMethod) -> Result<Digested,
         digest: hasher.finish(),
         bytes,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pass_over_the_file_stops_once_abandoned() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("image");
+        std::fs::write(&path, vec![7u8; 3 * CHUNK]).unwrap();
+        let digest = |abandon: bool| {
+            let f = File::open(&path).unwrap();
+            super::digest(f, &path, HashMethod::Sha256, &AtomicBool::new(abandon))
+        };
+        let whole = digest(false).unwrap();
+        assert_eq!(whole.bytes, 3 * CHUNK as u64);
+        match digest(true) {
+            Err(FileError::Io { op, source, .. }) => {
+                assert_eq!(op, "reading");
+                assert_eq!(source.kind(), std::io::ErrorKind::Interrupted);
+            }
+            Err(other) => panic!("{other}"),
+            Ok(_) => panic!("an abandoned pass gave a digest"),
+        }
+    }
 }

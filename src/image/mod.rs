@@ -12,6 +12,8 @@ pub mod properties;
 pub mod signature;
 
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::SystemTime;
 
 use serde_json::{Map, Value};
@@ -222,9 +224,13 @@ async fn verify_inner(
     let (path, hash, key_type) = (req.path.to_path_buf(), props.hash, props.key_type);
     let signature = props.signature.clone();
     let signer_id = signer.id.clone();
+    // A dropped future (the agent stops, or the connection is gone) stops
+    // the blocking pass over the file within a chunk.
+    let abandon = AbandonOnDrop::default();
+    let flag = abandon.0.clone();
     // The hash, and then the signature check, on a blocking thread.
     let (digested, checked) = tokio::task::spawn_blocking(move || {
-        let digested = file::digest(opened, &path, hash)?;
+        let digested = file::digest(opened, &path, hash, &flag)?;
         let checked =
             signer
                 .public_key()
@@ -253,6 +259,16 @@ async fn verify_inner(
             reason,
         }
         .into()),
+    }
+}
+
+/// Set when dropped: the pass over the file whose future this is stops.
+#[derive(Default)]
+struct AbandonOnDrop(Arc<AtomicBool>);
+
+impl Drop for AbandonOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
     }
 }
 
