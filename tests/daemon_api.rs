@@ -1043,3 +1043,59 @@ fn image_verify_in_flight_is_answered_shutting_down_when_the_agent_stops() {
     let r = asked.join().unwrap();
     r.expect(503, "shutting_down");
 }
+
+#[test]
+fn image_verify_runs_at_most_one_pass_per_cpu_and_the_rest_wait() {
+    let mut d = Daemon::start("");
+    let dir = d.dir.path().to_path_buf();
+    let props = signed_image(&dir, &d.config());
+    let big = dir.join("big.raw");
+    std::fs::File::create(&big)
+        .unwrap()
+        .set_len(64 << 30)
+        .unwrap();
+    let body = serde_json::to_vec(&json!({"file": big, "properties": props})).unwrap();
+    // The agent's limit: one pass per CPU, at most 8.
+    let cap = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(8);
+    let asked: Vec<_> = (0..cap + 2)
+        .map(|i| {
+            let (socket, body) = (d.socket.clone(), body.clone());
+            std::thread::spawn(move || {
+                request(
+                    &socket,
+                    "POST",
+                    &format!("/v1/images/img-{i}/verify"),
+                    &body,
+                    None,
+                )
+            })
+        })
+        .collect();
+    let pid = d.server.pid();
+    let readers = || {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+            .filter(|c| c.trim() == "image-read")
+            .count()
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut most = 0;
+    while most < cap {
+        assert!(Instant::now() < deadline, "{most} passes ran, never {cap}");
+        most = most.max(readers());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Every request in flight, and still no more than `cap` passes.
+    for _ in 0..25 {
+        let n = readers();
+        assert!(n <= cap, "{n} passes over files at once, more than {cap}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(d.stop().success());
+    for a in asked {
+        a.join().unwrap().expect(503, "shutting_down");
+    }
+}

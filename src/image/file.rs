@@ -170,6 +170,10 @@ fn become_caller(c: &Caller) -> std::io::Result<()> {
     Ok(())
 }
 
+/// The name of the thread that reads a file while another hashes it (one
+/// per pass over a file, for the process's thread list).
+pub const READER_THREAD: &str = "image-read";
+
 /// What one pass over the file gave.
 pub struct Digested {
     /// The digest.
@@ -220,21 +224,23 @@ pub fn digest(
     let mut abandoned = false;
     let read_result = std::thread::scope(|scope| {
         let file = &mut file;
-        let reader = scope.spawn(move || -> std::io::Result<()> {
-            while let Ok(mut buf) = empty_rx.recv() {
-                let n = loop {
-                    match file.read(&mut buf) {
-                        Ok(n) => break n,
-                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                        Err(e) => return Err(e),
+        let reader = std::thread::Builder::new()
+            .name(READER_THREAD.into())
+            .spawn_scoped(scope, move || -> std::io::Result<()> {
+                while let Ok(mut buf) = empty_rx.recv() {
+                    let n = loop {
+                        match file.read(&mut buf) {
+                            Ok(n) => break n,
+                            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                            Err(e) => return Err(e),
+                        }
+                    };
+                    if n == 0 || full_tx.send((buf, n)).is_err() {
+                        return Ok(());
                     }
-                };
-                if n == 0 || full_tx.send((buf, n)).is_err() {
-                    return Ok(());
                 }
-            }
-            Ok(())
-        });
+                Ok(())
+            })?;
         while let Ok((buf, n)) = full_rx.recv() {
             if abandon.load(Ordering::Relaxed) {
                 // The buffer is dropped and empty_tx below: the reader's

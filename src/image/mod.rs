@@ -12,11 +12,12 @@ pub mod properties;
 pub mod signature;
 
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, LazyLock};
 use std::time::SystemTime;
 
 use serde_json::{Map, Value};
+use tokio::sync::Semaphore;
 
 use crate::keymgr::{KeyError, KeyId, KeyManager, RequestAuth};
 use certificate::{Certificate, CertificateError};
@@ -228,8 +229,15 @@ async fn verify_inner(
     // the blocking pass over the file within a chunk.
     let abandon = AbandonOnDrop::default();
     let flag = abandon.0.clone();
+    // Waiting here holds no buffers; the permit goes with the pass and
+    // ends with it, even when this future is dropped first.
+    let pass = Arc::clone(&PASSES)
+        .acquire_owned()
+        .await
+        .expect("the semaphore of passes is never closed");
     // The hash, and then the signature check, on a blocking thread.
     let (digested, checked) = tokio::task::spawn_blocking(move || {
+        let _pass = pass;
         let digested = file::digest(opened, &path, hash, &flag)?;
         let checked =
             signer
@@ -261,6 +269,17 @@ async fn verify_inner(
         .into()),
     }
 }
+
+/// Passes over image files at once, per process. Hashing is bound by the
+/// CPU, so more than one per CPU only adds memory (two 4 MiB buffers
+/// each) and takes CPU time from volume operations; the others wait.
+pub fn max_passes() -> usize {
+    std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(8)
+}
+
+static PASSES: LazyLock<Arc<Semaphore>> = LazyLock::new(|| Arc::new(Semaphore::new(max_passes())));
 
 /// Set when dropped: the pass over the file whose future this is stops.
 #[derive(Default)]
