@@ -1007,19 +1007,24 @@ fn image_verify_as_a_caller_works_within_the_units_capabilities() {
     }
 }
 
-#[test]
-fn image_verify_in_flight_is_answered_shutting_down_when_the_agent_stops() {
-    let mut d = Daemon::start("");
-    let dir = d.dir.path().to_path_buf();
-    let props = signed_image(&dir, &d.config());
-    // A sparse 64 GiB file: tens of seconds of hashing on any CPU, so the
-    // verdict cannot come before the stop does.
+/// A verify request body for a sparse 64 GiB file in the agent's
+/// directory, with a real signature's properties: tens of seconds of
+/// hashing on any CPU, so no verdict comes before the test is done.
+fn long_verify_body(d: &Daemon) -> Vec<u8> {
+    let dir = d.dir.path();
+    let props = signed_image(dir, &d.config());
     let big = dir.join("big.raw");
     std::fs::File::create(&big)
         .unwrap()
         .set_len(64 << 30)
         .unwrap();
-    let body = serde_json::to_vec(&json!({"file": big, "properties": props})).unwrap();
+    serde_json::to_vec(&json!({"file": big, "properties": props})).unwrap()
+}
+
+#[test]
+fn image_verify_in_flight_is_answered_shutting_down_when_the_agent_stops() {
+    let mut d = Daemon::start("");
+    let body = long_verify_body(&d);
     let socket = d.socket.clone();
     let asked = std::thread::spawn(move || {
         request(&socket, "POST", "/v1/images/img-9/verify", &body, None)
@@ -1047,14 +1052,7 @@ fn image_verify_in_flight_is_answered_shutting_down_when_the_agent_stops() {
 #[test]
 fn image_verify_runs_at_most_one_pass_per_cpu_and_the_rest_wait() {
     let mut d = Daemon::start("");
-    let dir = d.dir.path().to_path_buf();
-    let props = signed_image(&dir, &d.config());
-    let big = dir.join("big.raw");
-    std::fs::File::create(&big)
-        .unwrap()
-        .set_len(64 << 30)
-        .unwrap();
-    let body = serde_json::to_vec(&json!({"file": big, "properties": props})).unwrap();
+    let body = long_verify_body(&d);
     // The agent's limit: one pass per CPU, at most 8.
     let cap = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
