@@ -18,6 +18,7 @@ use super::signature::{self, HashMethod, PublicKey, SignatureError};
 const MAX_CHAIN: usize = 16;
 
 /// A parsed certificate and where it came from.
+#[derive(Clone)]
 pub struct Certificate {
     /// The key manager id it was fetched by (for messages).
     pub id: String,

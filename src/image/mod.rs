@@ -168,7 +168,7 @@ async fn verify_inner(
                 source: std::io::Error::other(e),
             })??
     };
-    let mut signer = fetch_certificate(keys, auth, &props.certificate).await?;
+    let signer = fetch_certificate(keys, auth, &props.certificate).await?;
     let now = SystemTime::now();
     if !req.trusted.is_empty() {
         let mut trusted = Vec::with_capacity(req.trusted.len());
@@ -198,17 +198,13 @@ async fn verify_inner(
         }
         // The chain's signature checks are big-number arithmetic (a DSA
         // key may have a 10000-bit p): off the async workers.
-        let (checked, back) = tokio::task::spawn_blocking(move || {
-            let checked = certificate::validate(&signer, &trusted, now);
-            (checked, signer)
-        })
-        .await
-        .map_err(|e| CertificateError {
-            id: props.certificate.to_string(),
-            reason: format!("the chain check did not finish: {e}"),
-        })?;
-        checked?;
-        signer = back;
+        let leaf = signer.clone();
+        tokio::task::spawn_blocking(move || certificate::validate(&leaf, &trusted, now))
+            .await
+            .map_err(|e| CertificateError {
+                id: props.certificate.to_string(),
+                reason: format!("the chain check did not finish: {e}"),
+            })??;
     }
     let key = signer.public_key();
     if !key.fits(props.key_type) {

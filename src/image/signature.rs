@@ -140,6 +140,7 @@ impl KeyType {
 }
 
 /// A certificate's public key, parsed.
+#[derive(Clone)]
 pub enum PublicKey {
     /// RSA.
     Rsa(rsa::PublicKey),
@@ -266,9 +267,6 @@ pub fn dsa_from_spki(spki: &SubjectPublicKeyInfoOwned) -> Result<dsa::VerifyingK
 impl PublicKey {
     /// Parses a SubjectPublicKeyInfo.
     pub fn from_spki(spki: &SubjectPublicKeyInfoOwned) -> Result<PublicKey, String> {
-        let der = spki
-            .to_der()
-            .map_err(|e| format!("the public key cannot be encoded: {e}"))?;
         let alg = &spki.algorithm.oid;
         let bad = |what: &str, e: &dyn std::fmt::Display| format!("invalid {what} public key: {e}");
         if *alg == oid::RSA_ENCRYPTION || *alg == oid::RSASSA_PSS {
@@ -285,6 +283,9 @@ impl PublicKey {
                 .map_err(|e| bad("DSA", &e));
         }
         if *alg == oid::EC_PUBLIC_KEY {
+            let der = spki
+                .to_der()
+                .map_err(|e| format!("the public key cannot be encoded: {e}"))?;
             let curve = spki
                 .algorithm
                 .parameters
